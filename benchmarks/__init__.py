@@ -1,0 +1,1 @@
+"""Benchmark plug-ins (installed as ``opdkit.benchmarks``): builders returning :class:`opdkit.benchmark.Benchmark`."""

@@ -1,0 +1,51 @@
+"""What a benchmark plug-in returns: a plain description the eval runner consumes.
+
+A benchmark builder (registered with ``@benchmarks.register(name)``) takes its YAML/CLI
+parameters as keyword arguments and returns a :class:`Benchmark`. The runner
+(:mod:`opdkit.evaluate`) generates ``samples_per_prompt`` images for every prompt record, calls
+``score`` on batches, stores one JSONL record per image, and calls ``summarize`` on all records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# (images (B, 3, H, W) float in [0, 1], prompt records) -> {"score": (B,), other name: (B,)}
+ScoreFn = Callable[[torch.Tensor, list[dict[str, Any]]], dict[str, torch.Tensor]]
+# per-image records (each has the prompt record's keys plus its scores) -> metrics
+SummarizeFn = Callable[[list[dict[str, Any]]], dict[str, float]]
+
+
+@dataclass
+class Benchmark:
+    """A fixed prompt set plus a fixed scoring protocol.
+
+    Attributes:
+        name: registry name, e.g. ``"shapes-geneval"``.
+        world: ``"shapes"`` or ``"sd3"``; a model of another world is refused by the runner.
+        prompts: prompt records (each at least ``{"prompt": str, "tag": str}``).
+        samples_per_prompt: images generated per prompt (GenEval: 4).
+        score: scores a batch of images; must return key ``"score"``.
+        summarize: turns all per-image records into metrics; key ``"overall"`` is the headline.
+        sampler: default sampler settings for this benchmark (steps, cfg, resolution ...).
+        protocol: protocol name and version, e.g. ``"geneval-official/1"``.
+        engine: detector or scoring engine used, e.g. ``"shapes-detector"``.
+        higher_is_better: direction of every metric.
+        family: leaderboard column group, e.g. ``"GenEval"``.
+    """
+
+    name: str
+    world: str
+    prompts: list[dict[str, Any]]
+    samples_per_prompt: int
+    score: ScoreFn
+    summarize: SummarizeFn
+    sampler: dict[str, Any] = field(default_factory=dict)
+    protocol: str = ""
+    engine: str = ""
+    higher_is_better: bool = True
+    family: str = ""

@@ -1,0 +1,249 @@
+"""The ``opdkit`` command line (Typer + rich).
+
+Heavy imports (torch, diffusers) live inside the commands so ``opdkit --help`` stays fast.
+User errors (:class:`opdkit.errors.OpdkitError`) print one line per problem and exit 1; a
+traceback means a bug in opdkit.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from opdkit.errors import OpdkitError
+
+app = typer.Typer(
+    name="opdkit",
+    help="Post-train text-to-image flow-matching models: Flow-GRPO teachers, Flow-OPD distillation, benchmarks.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+KINDS = ("reward", "teacher", "router", "regularizer", "benchmark", "model")
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def user_errors(fn: F) -> F:
+    """Turn :class:`OpdkitError` into one red line per problem on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except OpdkitError as exc:
+            console = _console(stderr=True)
+            for line in str(exc).splitlines() or [type(exc).__name__]:
+                console.print(f"[bold red]error:[/] {line}", markup=True, highlight=False)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            _console(stderr=True).print("[yellow]interrupted[/]: partial results are kept; rerun with --resume")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a recipe key, typed by the schema: --set train.lr=3e-4 (repeatable)."),
+]
+
+
+def _run_recipe(recipe_path: str, overrides: list[str] | None, out: Path | None, resume: bool, require: str | None) -> None:
+    from opdkit.recipe import load_recipe
+
+    loaded = load_recipe(recipe_path, overrides or [])
+    method = loaded.recipe.method
+    if require is not None and method != require:
+        raise OpdkitError(
+            f"{loaded.path}: method is {method!r}; `opdkit distill` runs only recipes with method 'opd' "
+            f"(use `opdkit train` for {method!r})"
+        )
+    out_dir = out if out is not None else Path("runs") / loaded.path.stem
+    if method == "pretrain":
+        from opdkit.pretrain import run
+    elif method == "grpo":
+        from opdkit.grpo import run  # type: ignore[no-redef]
+    else:
+        from opdkit.opd import run  # type: ignore[no-redef]
+    run(loaded, out_dir, resume=resume)
+
+
+@app.command()
+@user_errors
+def train(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML file, or a shipped recipe name such as shapes/grpo_geneval.")],
+    set_: SetOption = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: runs/<recipe name>).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's last checkpoint.")] = False,
+) -> None:
+    """Train from a recipe (method pretrain, grpo or opd)."""
+    _run_recipe(recipe, set_, out, resume, require=None)
+
+
+@app.command()
+@user_errors
+def distill(
+    recipe: Annotated[str, typer.Argument(help="An OPD recipe (method: opd).")],
+    set_: SetOption = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: runs/<recipe name>).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's last checkpoint.")] = False,
+) -> None:
+    """Distil several teachers into one student by on-policy distillation (Flow-OPD)."""
+    _run_recipe(recipe, set_, out, resume, require="opd")
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    bench: Annotated[str, typer.Option("--bench", "-b", help="Benchmark name (see `opdkit list benchmark`).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name (e.g. shapes-base), pipeline directory, or run directory.")],
+    samples: Annotated[int | None, typer.Option("--samples", help="Images per prompt (default: the benchmark's).")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Only the first K prompts: a quick look.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Results directory.")] = Path("results"),
+    seed: Annotated[int, typer.Option("--seed", help="Base seed; image i of prompt p uses a seed derived from it.")] = 0,
+    steps: Annotated[int | None, typer.Option("--steps", help="Sampler steps (default: the benchmark's).")] = None,
+    cfg: Annotated[float | None, typer.Option("--cfg", help="Guidance scale (default: the benchmark's).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images generated per forward batch.")] = 32,
+    name: Annotated[str | None, typer.Option("--name", help="Model name in results (default: derived from --model).")] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="Benchmark parameter KEY=VALUE (repeatable).")
+    ] = None,
+) -> None:
+    """Generate images for a benchmark's prompts, score them, and write results/<model>/<bench>.json."""
+    from opdkit.evaluate import run_eval
+
+    params = _parse_params(param or [])
+    run_eval(
+        bench=bench,
+        model=model,
+        out_dir=out,
+        samples=samples,
+        limit=limit,
+        seed=seed,
+        steps=steps,
+        cfg=cfg,
+        batch_size=batch_size,
+        name=name,
+        bench_params=params,
+    )
+
+
+def _parse_params(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise OpdkitError(f"--param {item}: expected KEY=VALUE")
+        params[key] = yaml.safe_load(raw) if raw else None
+    return params
+
+
+@app.command()
+@user_errors
+def leaderboard(
+    results_dir: Annotated[Path, typer.Argument(help="Directory of results/<model>/<bench>.json files.")] = Path("results"),
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write FILE.md or FILE.html.")] = None,
+) -> None:
+    """Render one table of every model's benchmark results (terminal, Markdown or HTML)."""
+    from opdkit.leaderboard import run_leaderboard
+
+    run_leaderboard(results_dir, out)
+
+
+@app.command("list")
+@user_errors
+def list_(
+    kind: Annotated[
+        str | None, typer.Argument(help="One of: reward, teacher, router, regularizer, benchmark, model, recipe.")
+    ] = None,
+) -> None:
+    """List registered plug-ins (and shipped recipes) with where they come from."""
+    from rich.table import Table
+
+    from opdkit.registry import REGISTRIES
+
+    wanted = kind.rstrip("s") if kind else None
+    if wanted is not None and wanted not in REGISTRIES and wanted != "recipe":
+        raise OpdkitError(f"unknown kind {kind!r}; expected one of: {', '.join((*KINDS, 'recipe'))}")
+    table = Table(title="opdkit plug-ins" if wanted != "recipe" else "shipped recipes")
+    for column in ("name", "kind", "source", "description"):
+        table.add_column(column)
+    if wanted in (None, "recipe"):
+        from opdkit.recipes import shipped_recipes
+
+        for name in shipped_recipes():
+            table.add_row(name, "recipe", "shipped", _recipe_description(name))
+    for registry_kind in KINDS:
+        if wanted not in (None, registry_kind):
+            continue
+        entries = REGISTRIES[registry_kind].entries()
+        if not entries:
+            table.add_row("-", registry_kind, "-", "(none registered)")
+        for entry in entries:
+            table.add_row(entry.name, entry.kind, entry.source, entry.doc)
+    _console().print(table)
+
+
+def _recipe_description(name: str) -> str:
+    import yaml
+
+    from opdkit.recipes import shipped_recipe
+
+    path = shipped_recipe(name)
+    try:
+        data = yaml.safe_load(path.read_text()) if path else {}
+    except yaml.YAMLError:
+        return "(invalid YAML)"
+    return str(data.get("description", "")).strip().splitlines()[0] if isinstance(data, dict) and data.get("description") else ""
+
+
+@app.command()
+def validate(
+    recipes: Annotated[list[str], typer.Argument(help="Recipe files or shipped recipe names.")],
+    set_: SetOption = None,
+) -> None:
+    """Check recipes without loading any model: exit 0, or one line per problem and exit 1."""
+    from opdkit.recipe import load_recipe
+
+    console, errors = _console(), _console(stderr=True)
+    failed = False
+    for recipe in recipes:
+        try:
+            loaded = load_recipe(recipe, set_ or [])
+        except OpdkitError as exc:
+            failed = True
+            for line in str(exc).splitlines():
+                errors.print(f"[bold red]error:[/] {line}", markup=True, highlight=False)
+            continue
+        console.print(f"[green]ok[/] {loaded.path} ({loaded.recipe.method})")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.callback()
+def _root() -> None:
+    """opdkit: Flow-GRPO teachers, Flow-OPD distillation and benchmarks for flow-matching T2I models."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="opdkit")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,489 @@
+"""Recipe schema and loading: YAML -> validated :class:`Recipe`, in two stages, no model loaded.
+
+Stage 1 is the pydantic schema (unknown keys rejected, types checked, cross-field rules such as
+"method opd needs teachers and a router"). Stage 2 binds every plug-in's ``params`` against its
+builder's signature (:func:`opdkit.registry.check_builder_params`) without calling it.
+
+Every problem becomes one line ``FILE:LINE: key.path: what was expected``; ``--set`` overrides
+(``train.lr=3e-4``, ``rewards.0.weight=2``) are applied before validation and typed by the schema,
+and problems they cause are reported against the ``--set`` argument instead of a file line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from opdkit.errors import OpdkitError, RecipeError
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PluginSpec(_Strict):
+    """A plug-in named by registry name, ``module:function`` or ``./file.py:function``."""
+
+    type: str = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelSpec(PluginSpec):
+    """The policy's base model. ``path`` is passed to the builder as its ``path`` argument."""
+
+    type: str = "shapes"
+    path: str | None = None
+
+    def builder_params(self) -> dict[str, Any]:
+        return {**self.params, **({"path": self.path} if self.path is not None else {})}
+
+
+def _finite(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {value}")
+    return value
+
+
+class RewardSpec(PluginSpec):
+    """One term of the weighted reward R = sum_k weight_k * r_k."""
+
+    weight: float = 1.0
+    name: str | None = None  # logging name; defaults to ``type``
+
+    @field_validator("weight")
+    @classmethod
+    def _weight_finite(cls, v: float) -> float:
+        return _finite(v, "weight")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.type.rsplit(":", 1)[-1]
+
+
+class TeacherSpec(PluginSpec):
+    """A teacher for one task; ``name`` is what the router maps prompts to."""
+
+    name: str = Field(min_length=1)
+    path: str | None = None
+
+    def builder_params(self) -> dict[str, Any]:
+        return {**self.params, **({"path": self.path} if self.path is not None else {})}
+
+
+class RegularizerSpec(PluginSpec):
+    weight: float = 0.04
+
+    @field_validator("weight")
+    @classmethod
+    def _weight_finite(cls, v: float) -> float:
+        return _finite(v, "weight")
+
+
+class PromptsSpec(_Strict):
+    """Where prompts come from: a built-in set (``shapes``) or a JSONL/TXT file path."""
+
+    dataset: str = "shapes"
+    split: Literal["train", "test"] = "train"
+    tags: list[str] | None = None  # keep only records whose task tag is listed
+    tag: str | None = None  # task tag given to records that carry none (plain .txt prompt files)
+    limit: int | None = Field(default=None, ge=1)
+
+
+class SamplerSpec(_Strict):
+    """Sampling settings. sigma runs from 1 (noise) to 0 (image)."""
+
+    steps: int = Field(default=10, ge=1)
+    eval_steps: int | None = Field(default=None, ge=1)
+    noise_level: float = Field(default=0.7, ge=0.0)
+    cfg: float = Field(default=4.5, ge=0.0)
+    resolution: int = Field(default=512, ge=8)
+    shift: float | None = Field(default=None, gt=0.0)  # None: the model's scheduler shift
+    train_window: tuple[int, int] | None = None  # [start, stop) of the steps trained on
+
+    @model_validator(mode="after")
+    def _window_inside(self) -> SamplerSpec:
+        if self.train_window is not None:
+            start, stop = self.train_window
+            if not 0 <= start < stop <= self.steps:
+                raise ValueError(f"train_window [{start}, {stop}) must satisfy 0 <= start < stop <= steps ({self.steps})")
+        return self
+
+
+class LoraSpec(_Strict):
+    rank: int = Field(default=32, ge=1)
+    alpha: float = Field(default=64.0, gt=0.0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+class EmaSpec(_Strict):
+    decay: float = Field(default=0.9, gt=0.0, lt=1.0)
+    every: int = Field(default=8, ge=1)
+
+
+class TrainSpec(_Strict):
+    """Optimisation settings. ``batch_size`` counts prompts; each gets ``group_size`` samples."""
+
+    seed: int  # required: every recipe names its seed
+    lr: float = Field(default=1e-4, gt=0.0)
+    batch_size: int = Field(default=8, ge=1)
+    group_size: int = Field(default=8, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    inner_epochs: int = Field(default=1, ge=1)
+    max_steps: int = Field(default=100, ge=1)
+    max_minutes: float | None = Field(default=None, gt=0.0)
+    lora: LoraSpec | None = None  # None: full fine-tuning
+    ema: EmaSpec | None = None
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    weight_decay: float = Field(default=1e-4, ge=0.0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0.0)
+    warmup_steps: int = Field(default=0, ge=0)
+    # GRPO / OPD
+    clip_range: float = Field(default=1e-4, gt=0.0)
+    adv_clip: float = Field(default=5.0, gt=0.0)
+    adv_std: Literal["group", "batch"] = "batch"
+    kl_beta: float = Field(default=0.0, ge=0.0)
+    kl_scaling: Literal["flow_grpo", "exact"] = "flow_grpo"
+    loss_mode: Literal["kl_only", "mixed", "direct"] = "kl_only"  # opd only
+    detach_kl: bool = True  # opd: KL used as an advantage carries no gradient of its own
+    # pretrain
+    cond_dropout: float = Field(default=0.1, ge=0.0, le=1.0)
+    # run directory
+    checkpoint_every: int = Field(default=50, ge=1)
+    log_every: int = Field(default=1, ge=1)
+    sample_every: int = Field(default=0, ge=0)  # image grid every N steps; 0: never
+
+    @field_validator("lr", "weight_decay", "kl_beta")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        return _finite(v, "value")
+
+
+class EvalSpec(_Strict):
+    benchmarks: list[str] = Field(default_factory=list)
+    every: int = Field(default=0, ge=0)  # 0: only after training
+    samples_per_prompt: int | None = Field(default=None, ge=1)
+    limit: int | None = Field(default=None, ge=1)
+
+
+class Recipe(_Strict):
+    """A whole run: which method, on which model, with which plug-ins."""
+
+    method: Literal["grpo", "opd", "pretrain"]
+    description: str = ""
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    prompts: PromptsSpec = Field(default_factory=PromptsSpec)
+    rewards: list[RewardSpec] = Field(default_factory=list)
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    train: TrainSpec
+    teachers: list[TeacherSpec] = Field(default_factory=list)
+    router: PluginSpec | None = None
+    regularizers: list[RegularizerSpec] = Field(default_factory=list)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @model_validator(mode="after")
+    def _method_needs(self) -> Recipe:
+        if self.method == "grpo" and not self.rewards:
+            raise ValueError("method grpo needs at least one entry in 'rewards'")
+        if self.method == "opd":
+            if not self.teachers:
+                raise ValueError("method opd needs at least one entry in 'teachers'")
+            if self.router is None:
+                raise ValueError("method opd needs a 'router'")
+        names = [t.name for t in self.teachers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"teacher names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+class LoadedRecipe:
+    """A validated recipe plus where it came from (for error messages and the run directory)."""
+
+    def __init__(self, recipe: Recipe, path: Path, overrides: list[str]) -> None:
+        self.recipe = recipe
+        self.path = path
+        self.overrides = overrides
+
+
+def resolve_recipe_path(name: str | Path) -> Path:
+    """A file path, or the name of a shipped recipe (``shapes/pretrain`` or ``shapes/pretrain.yaml``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    from opdkit.recipes import shipped_recipe
+
+    shipped = shipped_recipe(str(name))
+    if shipped is not None:
+        return shipped
+    raise RecipeError(f"{name}: no such recipe file (nor a shipped recipe of that name; see `opdkit list recipes`)")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_plugins: bool = True) -> LoadedRecipe:
+    """Read, override, and validate a recipe; raise :class:`RecipeError` listing every problem.
+
+    Each problem is one line of the error's message, in the form ``FILE:LINE: key.path: reason``.
+    """
+    overrides = list(overrides or [])
+    path = resolve_recipe_path(path)
+    text = _read_text(path)
+    data, lines = _parse_yaml(text, path)
+    set_paths: dict[tuple[str | int, ...], str] = {}
+    for item in overrides:
+        key_path, value = _parse_override(item)
+        _apply_override(data, key_path, value, item)
+        set_paths[key_path] = item
+
+    def where(loc: tuple[str | int, ...]) -> str:
+        for n in range(len(loc), 0, -1):
+            if loc[:n] in set_paths:
+                return f"--set {set_paths[loc[:n]]}"
+        for n in range(len(loc), -1, -1):
+            if loc[:n] in lines:
+                return f"{path}:{lines[loc[:n]]}"
+        return str(path)
+
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems = [_format_pydantic_error(err, where) for err in exc.errors()]
+        raise RecipeError("\n".join(problems)) from None
+    if check_plugins:
+        problems = check_recipe_plugins(recipe, where)
+        if problems:
+            raise RecipeError("\n".join(problems))
+    return LoadedRecipe(recipe, path, overrides)
+
+
+def check_recipe_plugins(recipe: Recipe, where: Any = None) -> list[str]:
+    """Stage 2: every plug-in resolves and its params bind to its builder's signature."""
+    from opdkit.registry import (
+        benchmarks,
+        check_builder_params,
+        models,
+        regularizers,
+        rewards,
+        routers,
+        teachers,
+    )
+
+    where = where or (lambda loc: "recipe")
+    problems: list[str] = []
+
+    def check(registry: Any, spec_type: str, params: dict[str, Any], loc: tuple[str | int, ...]) -> None:
+        key = ".".join(str(p) for p in loc)
+        try:
+            builder = registry.get(spec_type)
+        except OpdkitError as exc:
+            problems.append(f"{where((*loc, 'type'))}: {key}.type: {exc}")
+            return
+        try:
+            check_builder_params(builder, params, f"{registry.kind} {spec_type!r}")
+        except OpdkitError as exc:
+            problems.append(f"{where((*loc, 'params'))}: {key}.params: {exc}")
+
+    check(models, recipe.model.type, recipe.model.builder_params(), ("model",))
+    for i, spec in enumerate(recipe.rewards):
+        check(rewards, spec.type, spec.params, ("rewards", i))
+    for i, spec in enumerate(recipe.teachers):
+        check(teachers, spec.type, spec.builder_params(), ("teachers", i))
+    if recipe.router is not None:
+        check(routers, recipe.router.type, recipe.router.params, ("router",))
+    for i, spec in enumerate(recipe.regularizers):
+        check(regularizers, spec.type, spec.params, ("regularizers", i))
+    for i, name in enumerate(recipe.eval.benchmarks):
+        try:
+            benchmarks.get(name)
+        except OpdkitError as exc:
+            problems.append(f"{where(('eval', 'benchmarks', i))}: eval.benchmarks.{i}: {exc}")
+    from opdkit.prompts import check_prompt_source
+
+    try:
+        check_prompt_source(recipe.prompts)
+    except OpdkitError as exc:
+        problems.append(f"{where(('prompts', 'dataset'))}: prompts.dataset: {exc}")
+    return problems
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (written into every run directory)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read recipe: {exc}") from None
+
+
+def _parse_yaml(text: str, path: Path) -> tuple[dict[str, Any], dict[tuple[str | int, ...], int]]:
+    """Parse with ``yaml.safe_load`` and record the 1-based line of every key path."""
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{path}{line}: invalid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}:1: a recipe must be a YAML mapping of sections, got {type(data).__name__}")
+    lines: dict[tuple[str | int, ...], int] = {}
+
+    def walk(n: yaml.Node, loc: tuple[str | int, ...]) -> None:
+        lines[loc] = n.start_mark.line + 1
+        if isinstance(n, yaml.MappingNode):
+            for key_node, value_node in n.value:
+                key = key_node.value
+                lines[(*loc, key)] = key_node.start_mark.line + 1
+                walk(value_node, (*loc, key))
+                lines[(*loc, key)] = key_node.start_mark.line + 1
+        elif isinstance(n, yaml.SequenceNode):
+            for i, item in enumerate(n.value):
+                walk(item, (*loc, i))
+
+    if node is not None:
+        walk(node, ())
+    return data, lines
+
+
+def _parse_override(item: str) -> tuple[tuple[str | int, ...], Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {item}: expected KEY.PATH=VALUE, e.g. train.lr=3e-4")
+    parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+    if any(p == "" for p in parts):
+        raise RecipeError(f"--set {item}: empty component in key path {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return tuple(parts), value
+
+
+def _apply_override(data: dict[str, Any], key_path: tuple[str | int, ...], value: Any, item: str) -> None:
+    """Set ``data[key_path] = value`` after checking the path exists in the schema."""
+    model: Any = Recipe
+    node: Any = data
+    for depth, part in enumerate(key_path):
+        last = depth == len(key_path) - 1
+        shown = ".".join(str(p) for p in key_path[: depth + 1])
+        if model is dict:  # free-form params: anything goes below here
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {item}: {shown} is not a mapping")
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+            continue
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                size = len(node) if isinstance(node, list) else 0
+                raise RecipeError(f"--set {item}: index {part} out of range in {shown.rsplit('.', 1)[0]} ({size} entries)")
+            if last:
+                node[part] = value
+                return
+            node = node[part]
+            model = _item_model(model)
+            continue
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            known = sorted(fields) if fields else []
+            close = difflib.get_close_matches(str(part), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            parent = ".".join(str(p) for p in key_path[:depth]) or "the recipe"
+            raise RecipeError(f"--set {item}: unknown key {part!r} in {parent}{hint}")
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {item}: {shown} has no parent mapping")
+        if last:
+            node[part] = value
+            return
+        annotation = fields[part].annotation
+        model = _field_model(annotation)
+        if model is list:
+            node = node.setdefault(part, [])
+            model = _item_model(annotation)
+        else:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            node = child
+
+
+def _field_model(annotation: Any) -> Any:
+    """The pydantic model (or ``dict``/``list``) an annotation walks into."""
+    origin = get_origin(annotation)
+    if origin is list:
+        return list
+    if origin is dict:
+        return dict
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):  # Optional[Model]
+        found = _field_model(arg)
+        if found is not None and found is not type(None):
+            return found
+    return None
+
+
+def _item_model(annotation: Any) -> Any:
+    args = get_args(annotation)
+    for arg in args:
+        if get_origin(arg) is list:
+            return _item_model(arg)
+    return _field_model(args[0]) if args else None
+
+
+def _format_pydantic_error(err: Any, where: Any) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    key = ".".join(str(p) for p in loc) or "(recipe)"
+    kind = err["type"]
+    msg = err["msg"]
+    if kind == "extra_forbidden":
+        parent_loc = loc[:-1]
+        model = _model_at(parent_loc)
+        known = sorted(model.model_fields) if model is not None else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        msg = f"unknown key{hint} (allowed: {', '.join(known)})" if known else "unknown key"
+    elif kind == "missing":
+        msg = "required key is missing"
+    elif "input" in err and kind not in ("value_error", "assertion_error"):
+        msg = f"{msg} (got {err['input']!r})"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    return f"{where(loc)}: {key}: {msg}"
+
+
+def _model_at(loc: tuple[str | int, ...]) -> Any:
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return None
+        annotation = fields[part].annotation
+        found = _field_model(annotation)
+        model = _item_model(annotation) if found is list else found
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
