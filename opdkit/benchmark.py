@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # (images (B, 3, H, W) float in [0, 1], prompt records) -> {"score": (B,), other name: (B,)}
-ScoreFn = Callable[[torch.Tensor, list[dict[str, Any]]], dict[str, torch.Tensor]]
+ScoreFn = Callable[["torch.Tensor", list[dict[str, Any]]], dict[str, "torch.Tensor"]]
 # per-image records (each has the prompt record's keys plus its scores) -> metrics
 SummarizeFn = Callable[[list[dict[str, Any]]], dict[str, float]]
 

@@ -36,6 +36,13 @@ def _console(stderr: bool = False) -> Any:
     return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
+def _plain(text: object) -> str:
+    """``text`` escaped for rich markup: user input such as ``lr: "[/fast]"`` is shown verbatim."""
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
 def user_errors(fn: F) -> F:
     """Turn :class:`OpdkitError` into one red line per problem on stderr and exit code 1."""
 
@@ -46,7 +53,7 @@ def user_errors(fn: F) -> F:
         except OpdkitError as exc:
             console = _console(stderr=True)
             for line in str(exc).splitlines() or [type(exc).__name__]:
-                console.print(f"[bold red]error:[/] {line}", markup=True, highlight=False)
+                console.print(f"[bold red]error:[/] {_plain(line)}", markup=True, highlight=False)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             _console(stderr=True).print("[yellow]interrupted[/]: partial results are kept; rerun with --resume")
@@ -187,7 +194,7 @@ def list_(
         from opdkit.recipes import shipped_recipes
 
         for name in shipped_recipes():
-            table.add_row(name, "recipe", "shipped", _recipe_description(name))
+            table.add_row(_plain(name), "recipe", "shipped", _plain(_recipe_description(name)))
     for registry_kind in KINDS:
         if wanted not in (None, registry_kind):
             continue
@@ -195,7 +202,7 @@ def list_(
         if not entries:
             table.add_row("-", registry_kind, "-", "(none registered)")
         for entry in entries:
-            table.add_row(entry.name, entry.kind, entry.source, entry.doc)
+            table.add_row(_plain(entry.name), entry.kind, _plain(entry.source), _plain(entry.doc))
     _console().print(table)
 
 
@@ -228,9 +235,9 @@ def validate(
         except OpdkitError as exc:
             failed = True
             for line in str(exc).splitlines():
-                errors.print(f"[bold red]error:[/] {line}", markup=True, highlight=False)
+                errors.print(f"[bold red]error:[/] {_plain(line)}", markup=True, highlight=False)
             continue
-        console.print(f"[green]ok[/] {loaded.path} ({loaded.recipe.method})")
+        console.print(f"[green]ok[/] {_plain(loaded.path)} ({loaded.recipe.method})")
     if failed:
         raise typer.Exit(1)
 

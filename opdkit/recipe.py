@@ -6,7 +6,7 @@ builder's signature (:func:`opdkit.registry.check_builder_params`) without calli
 
 Every problem becomes one line ``FILE:LINE: key.path: what was expected``; ``--set`` overrides
 (``train.lr=3e-4``, ``rewards.0.weight=2``) are applied before validation and typed by the schema,
-and problems they cause are reported against the ``--set`` argument instead of a file line.
+and problems they cause are reported as ``FILE: --set ARG: key.path: reason`` instead of a file line.
 """
 
 from __future__ import annotations
@@ -45,6 +45,18 @@ class ModelSpec(PluginSpec):
 
     def builder_params(self) -> dict[str, Any]:
         return {**self.params, **({"path": self.path} if self.path is not None else {})}
+
+
+class KeyedValueError(ValueError):
+    """A cross-field problem that belongs to one key: ``loc`` is relative to the validated model.
+
+    Pydantic reports a model validator's error at the model itself; the loader appends ``loc`` so
+    the message names the offending key (and its YAML line) instead of the whole section.
+    """
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
 
 
 def _finite(value: float, what: str) -> float:
@@ -114,7 +126,10 @@ class SamplerSpec(_Strict):
         if self.train_window is not None:
             start, stop = self.train_window
             if not 0 <= start < stop <= self.steps:
-                raise ValueError(f"train_window [{start}, {stop}) must satisfy 0 <= start < stop <= steps ({self.steps})")
+                raise KeyedValueError(
+                    ("train_window",),
+                    f"[{start}, {stop}) must satisfy 0 <= start < stop <= steps ({self.steps})",
+                )
         return self
 
 
@@ -193,16 +208,19 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _method_needs(self) -> Recipe:
         if self.method == "grpo" and not self.rewards:
-            raise ValueError("method grpo needs at least one entry in 'rewards'")
+            raise KeyedValueError(("rewards",), "method grpo needs at least one entry in 'rewards'")
         if self.method == "opd":
             if not self.teachers:
-                raise ValueError("method opd needs at least one entry in 'teachers'")
+                raise KeyedValueError(("teachers",), "method opd needs at least one entry in 'teachers'")
             if self.router is None:
-                raise ValueError("method opd needs a 'router'")
-        names = [t.name for t in self.teachers]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"teacher names must be unique, repeated: {', '.join(dupes)}")
+                raise KeyedValueError(("router",), "method opd needs a 'router' (e.g. router: {type: tag})")
+        seen: set[str] = set()
+        for i, teacher in enumerate(self.teachers):
+            if teacher.name in seen:
+                raise KeyedValueError(
+                    ("teachers", i, "name"), f"teacher names must be unique, {teacher.name!r} is repeated"
+                )
+            seen.add(teacher.name)
         return self
 
 
@@ -244,14 +262,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_plug
     data, lines = _parse_yaml(text, path)
     set_paths: dict[tuple[str | int, ...], str] = {}
     for item in overrides:
-        key_path, value = _parse_override(item)
-        _apply_override(data, key_path, value, item)
+        try:
+            key_path, value = _parse_override(item)
+            _apply_override(data, key_path, value, item)
+        except RecipeError as exc:  # name the recipe too: `validate` may be given several
+            raise RecipeError(f"{path}: {exc}") from None
         set_paths[key_path] = item
 
     def where(loc: tuple[str | int, ...]) -> str:
         for n in range(len(loc), 0, -1):
             if loc[:n] in set_paths:
-                return f"--set {set_paths[loc[:n]]}"
+                return f"{path}: --set {set_paths[loc[:n]]}"
         for n in range(len(loc), -1, -1):
             if loc[:n] in lines:
                 return f"{path}:{lines[loc[:n]]}"
@@ -353,8 +374,14 @@ def _parse_yaml(text: str, path: Path) -> tuple[dict[str, Any], dict[tuple[str |
     def walk(n: yaml.Node, loc: tuple[str | int, ...]) -> None:
         lines[loc] = n.start_mark.line + 1
         if isinstance(n, yaml.MappingNode):
+            seen: dict[str, int] = {}
             for key_node, value_node in n.value:
                 key = key_node.value
+                line = key_node.start_mark.line + 1
+                if key in seen and key != "<<":  # safe_load would silently keep the last one
+                    shown = ".".join(str(p) for p in (*loc, key))
+                    raise RecipeError(f"{path}:{line}: {shown}: duplicate key (first given on line {seen[key]})")
+                seen[key] = line
                 lines[(*loc, key)] = key_node.start_mark.line + 1
                 walk(value_node, (*loc, key))
                 lines[(*loc, key)] = key_node.start_mark.line + 1
@@ -403,8 +430,7 @@ def _apply_override(data: dict[str, Any], key_path: tuple[str | int, ...], value
             if last:
                 node[part] = value
                 return
-            node = node[part]
-            model = _item_model(model)
+            node = node[part]  # ``model`` already is the item model of the list walked into
             continue
         fields = getattr(model, "model_fields", None)
         if fields is None or part not in fields:
@@ -456,6 +482,9 @@ def _item_model(annotation: Any) -> Any:
 
 def _format_pydantic_error(err: Any, where: Any) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    error = (err.get("ctx") or {}).get("error")
+    if isinstance(error, KeyedValueError):
+        loc = (*loc, *error.loc)
     key = ".".join(str(p) for p in loc) or "(recipe)"
     kind = err["type"]
     msg = err["msg"]

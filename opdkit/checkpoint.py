@@ -1,0 +1,104 @@
+"""Training checkpoints without pickle: module weights and optimizer state as safetensors, the rest JSON.
+
+A checkpoint directory holds ``<module>.safetensors`` for every trained module (only the
+parameters that require grad, so a LoRA run stores only its adapters), ``optimizer.safetensors``
+(the optimizer's tensors, flattened as ``state.<param index>.<name>``) and ``trainer_state.json``
+(step, optimizer hyper-parameters, anything JSON the trainer adds). All writes are atomic; the run
+directory's ``latest.json`` is switched only after the whole directory is written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from opdkit.errors import OpdkitError
+from opdkit.rundir import atomic_write_json, save_safetensors_atomic
+
+if TYPE_CHECKING:
+    import torch
+
+
+def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters of ``module`` that require grad (all of them for full fine-tuning)."""
+    return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def save_training_state(
+    directory: str | Path,
+    modules: dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> None:
+    """Write a complete checkpoint into ``directory`` (created)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, module in modules.items():
+        save_safetensors_atomic(trainable_state_dict(module), directory / f"{name}.safetensors")
+    for name, tensors in (extra_tensors or {}).items():
+        save_safetensors_atomic(tensors, directory / f"{name}.safetensors")
+    payload = dict(state)
+    if optimizer is not None:
+        tensors, groups = _flatten_optimizer(optimizer)
+        save_safetensors_atomic(tensors, directory / "optimizer.safetensors")
+        payload["optimizer_param_groups"] = groups
+    atomic_write_json(directory / "trainer_state.json", payload)
+
+
+def load_training_state(
+    directory: str | Path,
+    modules: dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer | None,
+) -> dict[str, Any]:
+    """Restore modules (strictly: every saved key must exist) and optimizer; return the JSON state."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    state_path = directory / "trainer_state.json"
+    if not state_path.is_file():
+        raise OpdkitError(f"{directory}: incomplete checkpoint (no trainer_state.json)")
+    state = json.loads(state_path.read_text())
+    for name, module in modules.items():
+        path = directory / f"{name}.safetensors"
+        if not path.is_file():
+            raise OpdkitError(f"{directory}: checkpoint lacks {path.name}")
+        saved = load_file(str(path))
+        params = dict(module.named_parameters())
+        missing = sorted(set(saved) - set(params))
+        if missing:
+            raise OpdkitError(f"{path}: keys not in the model: {', '.join(missing[:5])}")
+        import torch
+
+        with torch.no_grad():
+            for key, value in saved.items():
+                params[key].copy_(value)
+    if optimizer is not None:
+        groups = state.pop("optimizer_param_groups", None)
+        if groups is None:
+            raise OpdkitError(f"{state_path}: no optimizer state")
+        tensors = load_file(str(directory / "optimizer.safetensors"))
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, groups))
+    return state
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for index, per_param in sd["state"].items():
+        for key, value in per_param.items():
+            import torch
+
+            tensors[f"state.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, groups
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    fixed = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
+    return {"state": state, "param_groups": fixed}

@@ -1,0 +1,81 @@
+"""Shared fixtures: a valid minimal recipe on disk, and a way to forget modules a test imported."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# A valid GRPO recipe that loads no model: every line below is referred to by key, never by number.
+MINIMAL_RECIPE = """\
+method: grpo
+description: minimal recipe written by the test-suite
+model:
+  type: shapes
+prompts:
+  dataset: shapes
+rewards:
+  - type: shapes_geneval
+    weight: 1.0
+    params:
+      strict: false
+sampler:
+  steps: 4
+  resolution: 32
+train:
+  seed: 0
+  lr: 1.0e-4
+  batch_size: 2
+"""
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture
+def shapes_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make sure the model registry knows ``shapes`` (the recipes' default model).
+
+    While the built-in shapes model is not registered yet, a stub builder stands in for it; the
+    stub is removed again after the test, so the global registry is left as it was.
+    """
+    from opdkit.registry import models
+
+    if "shapes" in models.names():  # also imports the built-ins, so the stub cannot clash later
+        return
+
+    def shapes(path: str | None = None) -> None:
+        """Stand-in for the built-in shapes model (test stub)."""
+
+    monkeypatch.setattr(models, "_builders", {**models._builders, "shapes": shapes})
+    monkeypatch.setattr(models, "_sources", {**models._sources, "shapes": "builtin"})
+
+
+@pytest.fixture
+def minimal_recipe_text() -> str:
+    """The text of a valid minimal GRPO recipe (tests edit it into malformed ones)."""
+    return MINIMAL_RECIPE
+
+
+@pytest.fixture
+def minimal_recipe(tmp_path: Path, shapes_model: None) -> Path:
+    """A valid recipe file ``tmp_path/recipe.yaml``; its text is :data:`MINIMAL_RECIPE`."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(MINIMAL_RECIPE, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def forget_modules() -> Iterator[Callable[[str], None]]:
+    """``forget_modules(prefix)``: drop modules named ``prefix``/``prefix.*`` from sys.modules after the test."""
+    prefixes: list[str] = []
+    yield prefixes.append
+    for name in list(sys.modules):
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            del sys.modules[name]
