@@ -174,6 +174,7 @@ class TrainSpec(_Strict):
     cond_dropout: float = Field(default=0.1, ge=0.0, le=1.0)
     # run directory
     checkpoint_every: int = Field(default=50, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)  # newest checkpoints kept on disk
     log_every: int = Field(default=1, ge=1)
     sample_every: int = Field(default=0, ge=0)  # image grid every N steps; 0: never
 

@@ -1,0 +1,223 @@
+"""``opdkit eval``: generate a benchmark's images, score them, and write results.
+
+Files under ``<out>/<model name>/``::
+
+    <bench>.jsonl        one record per image: prompt index, sample index, seed, prompt, tag, scores
+    <bench>/NNNNN_S.png  every generated image (prompt NNNNN, sample S)
+    <bench>.json         the summary: model, bench, protocol, engine, n, seed, metrics, stderr ...
+    <bench>.grid.png     a captioned grid of the first images with their scores
+    <bench>.settings.json  the generation settings; a resumed eval must match them
+
+Resumable: images already recorded in ``<bench>.jsonl`` are neither regenerated nor rescored.
+Each image's initial noise comes from its own seed (derived from ``--seed``, the prompt index and
+the sample index), so results do not depend on batch size or on where a run was interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from opdkit.errors import OpdkitError
+from opdkit.registry import benchmarks, models
+from opdkit.rundir import append_jsonl, atomic_write_json, read_jsonl
+
+if TYPE_CHECKING:
+    import torch
+
+    from opdkit.benchmark import Benchmark
+    from opdkit.models.flow_model import FlowModel
+
+
+def image_seed(base_seed: int, prompt_index: int, sample_index: int) -> int:
+    """Seed of one image's initial noise: stable across batch sizes and resumes."""
+    return (base_seed * 1_000_003 + prompt_index * 1_009 + sample_index) % (2**63 - 1)
+
+
+def resolve_model(spec: str) -> tuple[FlowModel, str]:
+    """A model from a registered name (``shapes-base``), a pipeline directory, or a run directory.
+
+    Returns the model and the name results are filed under.
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "model" / "model_index.json").is_file():  # a pretrain run directory
+            path = path / "model"
+        if (path / "model_index.json").is_file():
+            from opdkit.models.flow_model import load_flow_model
+
+            name = path.parent.name if path.name == "model" else path.name
+            return load_flow_model(path), name
+        raise OpdkitError(f"--model {spec}: {str(path)!r} is not a pipeline directory (no model_index.json)")
+    if spec in models.names():
+        return models.build(spec), spec
+    if "/" in spec or spec.startswith("."):
+        raise OpdkitError(f"--model {spec}: no such directory")
+    raise OpdkitError(f"--model {spec}: {models.unknown_message(spec)}; or give a pipeline/run directory")
+
+
+def check_world(bench: Benchmark, model_world: str, model_name: str) -> None:
+    """Refuse a model of the wrong world with one line pointing at the right benchmark."""
+    if bench.world == model_world:
+        return
+    twin = f"shapes-{bench.name}" if model_world == "shapes" else bench.name.removeprefix("shapes-")
+    hint = f"; use --bench {twin}" if twin in benchmarks.names() else ""
+    raise OpdkitError(
+        f"benchmark {bench.name!r} scores {bench.world}-world models, but {model_name!r} is a "
+        f"{model_world}-world model{hint}"
+    )
+
+
+def generate(
+    model: FlowModel,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int,
+    cfg: float,
+    resolution: int,
+    shift: float | None = None,
+) -> torch.Tensor:
+    """ODE-sample one image per (prompt, seed): (B, 3, H, W) float in [0, 1]."""
+    import torch
+
+    from opdkit.sampling import sample_ode
+
+    shape = model.latent_shape(resolution)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    with torch.no_grad():
+        x0 = sample_ode(model, prompts, steps=steps, cfg=cfg, shift=shift, noise=noise.to(model.device, model.dtype))
+        return model.decode(x0).float().clamp(0, 1).cpu()
+
+
+def run_eval(
+    bench: str,
+    model: str,
+    out_dir: str | Path = "results",
+    samples: int | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    steps: int | None = None,
+    cfg: float | None = None,
+    batch_size: int = 32,
+    name: str | None = None,
+    bench_params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run one benchmark on one model; returns the summary written to ``<bench>.json``."""
+    import numpy as np
+    import torch
+
+    benchmark: Benchmark = benchmarks.build(bench, bench_params or {})
+    flow_model, default_name = resolve_model(model)
+    model_name = name or default_name
+    check_world(benchmark, flow_model.world, model_name)
+
+    records = benchmark.prompts[:limit] if limit is not None else benchmark.prompts
+    n_samples = samples or benchmark.samples_per_prompt
+    sampler = dict(benchmark.sampler)
+    settings = {
+        "bench": benchmark.name,
+        "seed": seed,
+        "samples_per_prompt": n_samples,
+        "steps": steps or sampler.get("steps", 40),
+        "cfg": cfg if cfg is not None else sampler.get("cfg", 4.5),
+        "resolution": sampler.get("resolution", 512),
+        "shift": sampler.get("shift"),
+        "protocol": benchmark.protocol,
+    }
+    root = Path(out_dir) / model_name
+    root.mkdir(parents=True, exist_ok=True)
+    image_dir = root / benchmark.name
+    records_path = root / f"{benchmark.name}.jsonl"
+    settings_path = root / f"{benchmark.name}.settings.json"
+    if settings_path.is_file():
+        previous = json.loads(settings_path.read_text())
+        if previous != settings:
+            changed = sorted(k for k in settings if previous.get(k) != settings[k])
+            raise OpdkitError(
+                f"{settings_path}: earlier results used other settings ({', '.join(changed)}); "
+                "delete that directory or pass another --out"
+            )
+    atomic_write_json(settings_path, settings)
+
+    done = {(r["prompt_index"], r["sample_index"]) for r in read_jsonl(records_path)}
+    todo = [(i, s) for i in range(len(records)) for s in range(n_samples) if (i, s) not in done]
+
+    from PIL import Image
+
+    from opdkit.progress import progress_bar
+
+    total = len(records) * n_samples
+    t0 = time.perf_counter()
+    with progress_bar(f"eval {benchmark.name} / {model_name}", total=total, completed=total - len(todo)) as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            chunk_records = [records[i] for i, _ in chunk]
+            seeds = [image_seed(seed, i, s) for i, s in chunk]
+            images = generate(
+                flow_model,
+                [r["prompt"] for r in chunk_records],
+                seeds,
+                steps=settings["steps"],
+                cfg=settings["cfg"],
+                resolution=settings["resolution"],
+                shift=settings["shift"],
+            )
+            scores = benchmark.score(images, chunk_records)
+            pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            image_dir.mkdir(parents=True, exist_ok=True)
+            for j, ((i, s), record) in enumerate(zip(chunk, chunk_records, strict=True)):
+                file = image_dir / f"{i:05d}_{s}.png"
+                Image.fromarray(pixels[j]).save(file)
+                row = {
+                    "prompt_index": i,
+                    "sample_index": s,
+                    "seed": seeds[j],
+                    "image": str(file.relative_to(root)),
+                    **{k: v for k, v in record.items()},
+                    **{k: float(v[j]) for k, v in scores.items()},
+                }
+                append_jsonl(records_path, row)
+            bar.update(total - len(todo) + start + len(chunk))
+    seconds = time.perf_counter() - t0
+
+    rows = [r for r in read_jsonl(records_path) if r["prompt_index"] < len(records) and r["sample_index"] < n_samples]
+    metrics = benchmark.summarize(rows)
+    main = np.array([r["score"] for r in rows], dtype=np.float64)
+    summary = {
+        "model": model_name,
+        "model_source": model,
+        "bench": benchmark.name,
+        "family": benchmark.family,
+        "protocol": benchmark.protocol,
+        "engine": benchmark.engine,
+        "world": benchmark.world,
+        "n_prompts": len(records),
+        "n_images": len(rows),
+        "limit": limit,
+        "seed": seed,
+        "sampler": {k: settings[k] for k in ("steps", "cfg", "resolution", "shift")},
+        "metrics": metrics,
+        "higher_is_better": benchmark.higher_is_better,
+        "stderr": float(main.std(ddof=1) / math.sqrt(len(main))) if len(main) > 1 else None,
+        "generation_seconds_this_run": round(seconds, 2),
+    }
+    atomic_write_json(root / f"{benchmark.name}.json", summary)
+    _write_grid(root, benchmark.name, rows)
+    return summary
+
+
+def _write_grid(root: Path, bench: str, rows: list[dict[str, Any]], count: int = 32) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from opdkit.grid import save_grid
+
+    shown = sorted(rows, key=lambda r: (r["prompt_index"], r["sample_index"]))
+    # one sample of as many different prompts as fit, so the grid shows the range of the set
+    first = [r for r in shown if r["sample_index"] == 0][:count] or shown[:count]
+    images = np.stack([np.asarray(Image.open(root / r["image"]).convert("RGB")) for r in first])
+    captions = [f"{r['prompt']}\nscore {r['score']:.2f}" for r in first]
+    save_grid(images, captions, root / f"{bench}.grid.png")

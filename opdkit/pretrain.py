@@ -1,0 +1,122 @@
+"""``method: pretrain`` — flow-matching pretraining on rendered (prompt, image) pairs.
+
+This is how the shapes world's base model is made (``recipes/shapes/pretrain.yaml``). Each step
+draws ``train.batch_size`` prompt records, renders ground truth for them, and regresses the
+velocity target v = eps - x0 at x_sigma = (1 - sigma) x0 + sigma eps, with sigma drawn
+logit-normal (SD3's training density). The text encoder trains with the transformer (it starts
+random); ``train.cond_dropout`` of the prompts are replaced by "" so classifier-free guidance works.
+
+Everything random in step ``k`` comes from generators seeded by (seed, k), so a resumed run
+repeats exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from opdkit.checkpoint import load_training_state, save_training_state
+from opdkit.errors import OpdkitError
+from opdkit.prompts import load_prompts
+from opdkit.recipe import dump_recipe
+from opdkit.registry import models
+from opdkit.rundir import RunDir
+
+if TYPE_CHECKING:
+    from opdkit.recipe import LoadedRecipe
+
+
+def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path:
+    """Pretrain; returns the directory of the final model (``<out_dir>/model``)."""
+    import numpy as np
+    import torch
+
+    recipe = loaded.recipe
+    train = recipe.train
+    rundir = RunDir(out_dir)
+    rundir.prepare(dump_recipe(recipe), resume)
+    torch.manual_seed(train.seed)
+
+    model = models.build(recipe.model.type, recipe.model.builder_params())
+    if model.world != "shapes":
+        raise OpdkitError(f"{loaded.path}: method pretrain renders shapes-world images; model {recipe.model.type!r} is {model.world!r}")
+    from opdkit.shapes.render import render_batch
+
+    records = load_prompts(recipe.prompts)
+    modules: dict[str, torch.nn.Module] = {"transformer": model.transformer}
+    for i, encoder in enumerate(model.text_encoders):
+        modules[f"text_encoder_{i}"] = encoder
+    for module in modules.values():
+        module.train()
+        module.requires_grad_(True)
+    params = [p for m in modules.values() for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+
+    def lr_at(step: int) -> float:
+        warm = min(1.0, step / train.warmup_steps) if train.warmup_steps else 1.0
+        return train.lr * warm
+
+    start = 0
+    elapsed_before = 0.0
+    latest = rundir.latest()
+    if resume and latest is not None:
+        state = load_training_state(latest[1], modules, optimizer)
+        start = int(state["step"])
+        elapsed_before = float(state.get("elapsed_s", 0.0))
+        rundir.truncate_metrics(start)
+    resolution = recipe.sampler.resolution
+
+    def save(step: int, elapsed: float) -> None:
+        save_training_state(rundir.checkpoint_dir(step), modules, optimizer, {"step": step, "elapsed_s": elapsed})
+        rundir.commit_checkpoint(step, keep=train.keep_checkpoints)
+
+    from opdkit.progress import progress_bar
+
+    t0 = time.perf_counter()
+    step = start
+    with progress_bar(f"pretrain {loaded.path.stem}", total=train.max_steps, completed=start) as bar:
+        while step < train.max_steps:
+            step += 1
+            rng = np.random.default_rng([train.seed, step])
+            batch = [records[i] for i in rng.integers(0, len(records), size=train.batch_size)]
+            images = render_batch(batch, seed=int(rng.integers(2**31)), size=resolution)
+            x0 = model.encode_images(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)
+            drop = rng.random(len(batch)) < train.cond_dropout
+            prompts = ["" if d else r["prompt"] for r, d in zip(batch, drop, strict=True)]
+            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            sigma = torch.sigmoid(torch.randn(len(batch), generator=gen))  # logit-normal(0, 1)
+            eps = torch.randn(x0.shape, generator=gen)
+            s = sigma.view(-1, 1, 1, 1)
+            x_t = (1.0 - s) * x0 + s * eps
+            with torch.enable_grad():
+                cond = model.encode_prompts(prompts, grad=True)
+                v = model.velocity(x_t, sigma, cond)
+                loss = torch.nn.functional.mse_loss(v.float(), (eps - x0).float())
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+                if train.max_grad_norm is not None
+                else torch.tensor(float("nan"))
+            )
+            optimizer.step()
+            elapsed = elapsed_before + time.perf_counter() - t0
+            value = loss.item()
+            if not math.isfinite(value):
+                raise OpdkitError(f"{loaded.path}: loss became {value} at step {step}; lower train.lr")
+            if step % train.log_every == 0 or step == train.max_steps:
+                rundir.log({"step": step, "loss": value, "grad_norm": float(grad_norm), "lr": lr_at(step), "seconds": round(elapsed, 3)})
+            bar.update(step, loss=value)
+            out_of_time = train.max_minutes is not None and elapsed >= 60.0 * train.max_minutes
+            if step % train.checkpoint_every == 0 or step == train.max_steps or out_of_time:
+                save(step, elapsed)
+            if out_of_time:
+                break
+
+    final = rundir.root / "model"
+    model.save_pretrained(final)
+    return final
