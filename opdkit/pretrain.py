@@ -120,3 +120,29 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
     final = rundir.root / "model"
     model.save_pretrained(final)
     return final
+
+
+def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
+    """Write a pretrain checkpoint (default: the latest) as a loadable pipeline directory.
+
+    Used to pick the base model among a run's checkpoints (e.g. stop early to keep it imperfect).
+    """
+    from opdkit.recipe import load_recipe
+
+    rundir = RunDir(run_dir)
+    loaded = load_recipe(rundir.root / "recipe.yaml")
+    model = models.build(loaded.recipe.model.type, loaded.recipe.model.builder_params())
+    modules = {"transformer": model.transformer}
+    for i, encoder in enumerate(model.text_encoders):
+        modules[f"text_encoder_{i}"] = encoder
+    if step is None:
+        latest = rundir.latest()
+        if latest is None:
+            raise OpdkitError(f"{rundir.root}: no checkpoint yet")
+        directory = latest[1]
+    else:
+        directory = rundir.checkpoint_dir(step)
+    load_training_state(directory, modules, None)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    return out

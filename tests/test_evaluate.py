@@ -1,0 +1,82 @@
+"""The eval runner end to end on a fresh tiny shapes model: records, summary, grid, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from opdkit.errors import OpdkitError
+from opdkit.evaluate import image_seed, run_eval
+from opdkit.rundir import read_jsonl
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from opdkit.models.shapes import shapes_vocabulary
+    from opdkit.models.tiny import ShapesModelConfig, build_shapes_pipeline
+
+    out = tmp_path_factory.mktemp("tiny-shapes")
+    config = ShapesModelConfig(patch_size=4, num_layers=1, num_heads=2, head_dim=8, text_hidden_size=16, text_projection_dim=16)
+    return build_shapes_pipeline(out, shapes_vocabulary(), config, seed=0)
+
+
+def test_eval_writes_records_summary_and_grid(tiny_shapes_dir: Path, tmp_path: Path) -> None:
+    summary = run_eval("shapes-geneval", str(tiny_shapes_dir), out_dir=tmp_path, limit=3, samples=2, steps=2, batch_size=4)
+    root = tmp_path / tiny_shapes_dir.name
+    rows = read_jsonl(root / "shapes-geneval.jsonl")
+    assert len(rows) == 6 and summary["n_images"] == 6
+    assert {(r["prompt_index"], r["sample_index"]) for r in rows} == {(i, s) for i in range(3) for s in range(2)}
+    assert all(r["seed"] == image_seed(0, r["prompt_index"], r["sample_index"]) for r in rows)
+    assert all((root / r["image"]).is_file() for r in rows)
+    saved = json.loads((root / "shapes-geneval.json").read_text())
+    assert saved["metrics"] == summary["metrics"]
+    assert 0.0 <= saved["metrics"]["overall"] <= 1.0
+    for key in ("model", "bench", "protocol", "engine", "n_images", "seed", "higher_is_better", "stderr"):
+        assert key in saved
+    assert (root / "shapes-geneval.grid.png").stat().st_size > 0
+
+
+def test_eval_resume_generates_only_missing_images(tiny_shapes_dir: Path, tmp_path: Path) -> None:
+    run_eval("shapes-ocr", str(tiny_shapes_dir), out_dir=tmp_path, limit=2, samples=1, steps=2, batch_size=8)
+    root = tmp_path / tiny_shapes_dir.name
+    first = read_jsonl(root / "shapes-ocr.jsonl")
+    image = root / first[0]["image"]
+    stamp = image.stat().st_mtime_ns
+    summary = run_eval("shapes-ocr", str(tiny_shapes_dir), out_dir=tmp_path, limit=4, samples=1, steps=2, batch_size=8)
+    rows = read_jsonl(root / "shapes-ocr.jsonl")
+    assert len(rows) == 4 and summary["n_images"] == 4
+    assert rows[:2] == first  # earlier records kept as they were
+    assert image.stat().st_mtime_ns == stamp  # and their images were not regenerated
+
+
+def test_same_seed_same_images_regardless_of_batch(tiny_shapes_dir: Path, tmp_path: Path) -> None:
+    a = run_eval("shapes-quality", str(tiny_shapes_dir), out_dir=tmp_path / "a", limit=3, samples=1, steps=2, batch_size=1)
+    b = run_eval("shapes-quality", str(tiny_shapes_dir), out_dir=tmp_path / "b", limit=3, samples=1, steps=2, batch_size=3)
+    ra = read_jsonl(tmp_path / "a" / tiny_shapes_dir.name / "shapes-quality.jsonl")
+    rb = read_jsonl(tmp_path / "b" / tiny_shapes_dir.name / "shapes-quality.jsonl")
+    assert [r["score"] for r in ra] == pytest.approx([r["score"] for r in rb], abs=1e-6)
+    assert a["metrics"]["overall"] == pytest.approx(b["metrics"]["overall"], abs=1e-6)
+
+
+def test_changed_settings_refuse_to_mix_results(tiny_shapes_dir: Path, tmp_path: Path) -> None:
+    run_eval("shapes-ocr", str(tiny_shapes_dir), out_dir=tmp_path, limit=1, samples=1, steps=2)
+    with pytest.raises(OpdkitError, match="other settings \\(steps\\)"):
+        run_eval("shapes-ocr", str(tiny_shapes_dir), out_dir=tmp_path, limit=1, samples=1, steps=3)
+
+
+def test_wrong_world_is_refused_with_one_line(tmp_path: Path) -> None:
+    from opdkit.models.tiny import build_tiny_sd3_pipeline
+
+    sd3_dir = build_tiny_sd3_pipeline(tmp_path / "tiny-sd3")
+    with pytest.raises(OpdkitError, match="scores shapes-world models, but 'tiny-sd3' is a sd3-world model") as err:
+        run_eval("shapes-geneval", str(sd3_dir), out_dir=tmp_path / "res", limit=1)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_model_and_bench_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(OpdkitError, match="unknown model 'shapes-bsae'; did you mean 'shapes-base'"):
+        run_eval("shapes-geneval", "shapes-bsae", out_dir=tmp_path)
+    with pytest.raises(OpdkitError, match="unknown benchmark 'shapes-genevel'; did you mean 'shapes-geneval'"):
+        run_eval("shapes-genevel", "shapes-base", out_dir=tmp_path)

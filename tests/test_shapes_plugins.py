@@ -1,0 +1,63 @@
+"""The shapes-world reward and benchmark plug-ins, built through the registry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from opdkit.registry import benchmarks, rewards
+from opdkit.shapes.prompts import load_split
+from opdkit.shapes.render import render_batch
+
+
+def as_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+
+
+@pytest.fixture(scope="module")
+def test_records() -> list[dict]:
+    records = load_split("test")
+    by_tag: dict[str, list[dict]] = {}
+    for r in records:
+        by_tag.setdefault(r["tag"], []).append(r)
+    return [r for rs in by_tag.values() for r in rs[:3]]
+
+
+def test_rewards_are_perfect_on_ground_truth_and_low_on_blank(test_records: list[dict]) -> None:
+    geneval = [r for r in test_records if r["tag"] != "ocr"]
+    signs = [r for r in test_records if r["tag"] == "ocr"]
+    clean = as_tensor(render_batch(geneval, seed=1))
+    out = rewards.build("shapes_geneval")(clean, [r["prompt"] for r in geneval], geneval)
+    assert set(out) == {"score", "partial", "strict"}
+    assert out["score"].shape == (len(geneval),)
+    assert torch.all(out["strict"] == 1.0) and torch.all(out["partial"] == 1.0)
+    strict = rewards.build("shapes_geneval", {"strict": True})(clean, [r["prompt"] for r in geneval], geneval)
+    assert torch.equal(strict["score"], strict["strict"])
+
+    ocr = rewards.build("shapes_ocr")
+    assert torch.all(ocr(as_tensor(render_batch(signs, seed=2)), [r["prompt"] for r in signs], signs)["score"] == 1.0)
+    blank = torch.zeros(len(signs), 3, 32, 32)
+    assert torch.all(ocr(blank, [r["prompt"] for r in signs], signs)["score"] == 0.0)
+    assert torch.all(rewards.build("shapes_geneval")(torch.zeros(len(geneval), 3, 32, 32), [], geneval)["strict"] == 0.0)
+
+
+def test_quality_reward_prefers_clean_images(test_records: list[dict]) -> None:
+    clean = as_tensor(render_batch(test_records, seed=3))
+    noisy = (clean + 0.2 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    quality = rewards.build("shapes_quality")
+    q_clean = quality(clean, [], test_records)["score"]
+    q_noisy = quality(noisy, [], test_records)["score"]
+    assert q_clean.min() >= 0.9 and torch.all(q_noisy < q_clean) and q_noisy.max() <= 1.0
+
+
+@pytest.mark.parametrize(("name", "tags"), [("shapes-geneval", 6), ("shapes-ocr", 1), ("shapes-quality", 7)])
+def test_benchmarks_score_ground_truth_perfectly(name: str, tags: int) -> None:
+    bench = benchmarks.build(name)
+    assert bench.world == "shapes" and bench.samples_per_prompt == 4
+    assert len({r["tag"] for r in bench.prompts}) == tags
+    records = bench.prompts[:: max(1, len(bench.prompts) // 24)]
+    scores = bench.score(as_tensor(render_batch(records, seed=4)), records)
+    rows = [{**r, "score": float(s)} for r, s in zip(records, scores["score"], strict=True)]
+    metrics = bench.summarize(rows)
+    assert metrics["overall"] >= (0.9 if name == "shapes-quality" else 1.0)
