@@ -133,7 +133,7 @@ def eval_(
     from opdkit.evaluate import run_eval
 
     params = _parse_params(param or [])
-    run_eval(
+    summary = run_eval(
         bench=bench,
         model=model,
         out_dir=out,
@@ -146,6 +146,16 @@ def eval_(
         name=name,
         bench_params=params,
     )
+    from rich.table import Table
+
+    table = Table(title=f"{summary['bench']} · {summary['model']} ({summary['n_images']} images, {summary['engine']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary["metrics"].items():
+        table.add_row(key, f"{value:.4f}")
+    console = _console()
+    console.print(table)
+    console.print(f"results: {out / summary['model'] / (summary['bench'] + '.json')}", markup=False)
 
 
 def _parse_params(items: list[str]) -> dict[str, Any]:
@@ -247,8 +257,25 @@ def _root() -> None:
     """opdkit: Flow-GRPO teachers, Flow-OPD distillation and benchmarks for flow-matching T2I models."""
 
 
+def quiet_libraries() -> None:
+    """Keep the terminal for opdkit's own progress: no per-file bars or notices from HF libraries.
+
+    Set before transformers/diffusers are imported (they read these at import time); a user's
+    own settings win. ``OPDKIT_VERBOSE=1`` leaves the libraries as they are.
+    """
+    import os
+
+    if os.environ.get("OPDKIT_VERBOSE"):
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def main() -> None:
     """Console-script entry point."""
+    quiet_libraries()
     app(prog_name="opdkit")
 
 
