@@ -172,6 +172,29 @@ def _parse_params(items: list[str]) -> dict[str, Any]:
 
 @app.command()
 @user_errors
+def merge(
+    adapters: Annotated[list[str], typer.Argument(help="LoRA adapter files or GRPO run directories (their final adapter).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Merged adapter file (.safetensors).")],
+    method: Annotated[str, typer.Option("--method", help="mean, weighted or ties (all on the weight deltas B@A).")] = "mean",
+    weights: Annotated[str | None, typer.Option("--weights", help="Comma-separated weights for 'weighted'/'ties'.")] = None,
+    rank: Annotated[int | None, typer.Option("--rank", help="Compress to this rank by truncated SVD (default: exact).")] = None,
+    density: Annotated[float, typer.Option("--density", help="TIES: fraction of entries kept per delta.")] = 0.2,
+) -> None:
+    """Merge LoRA teachers into one adapter on their weight deltas (OPD cold start)."""
+    from opdkit.merge import merge_files
+
+    parsed = None
+    if weights is not None:
+        try:
+            parsed = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise OpdkitError(f"--weights {weights}: expected comma-separated numbers") from None
+    path = merge_files(adapters, out, method=method, weights=parsed, rank=rank, density=density)
+    _console().print(f"wrote {path}", markup=False)
+
+
+@app.command()
+@user_errors
 def leaderboard(
     results_dir: Annotated[Path, typer.Argument(help="Directory of results/<model>/<bench>.json files.")] = Path("results"),
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write FILE.md or FILE.html.")] = None,

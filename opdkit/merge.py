@@ -1,0 +1,209 @@
+"""Cold start for OPD: merge several LoRA teachers into one student adapter, on the weight deltas.
+
+A LoRA adapter changes a linear layer by ``delta = (alpha / r) * B @ A`` with ``A (r, in)`` and
+``B (out, r)``. Averaging A and B separately (as Flow-OPD's code does) gives
+``mean(B) @ mean(A)``, which is NOT the mean of the deltas (cross terms B_i @ A_j appear). Here
+merges act on the deltas themselves:
+
+- ``mean`` / ``weighted``: ``sum_k w_k delta_k``. Represented EXACTLY by concatenation:
+  ``A = [A_1; ...; A_K]`` and ``B = [w_1 s_1 B_1, ..., w_K s_K B_K]`` (s_k = alpha_k / r_k) with
+  rank ``sum r_k`` and scale 1; pass ``rank`` to compress it by truncated SVD instead.
+- ``ties``: TIES-merging (Yadav et al. 2023) per delta matrix: keep the ``density`` largest-
+  magnitude entries of each delta, elect a sign per entry from the sum, average the kept entries
+  that agree with it; then a truncated SVD back to LoRA factors (rank default: max r_k).
+
+Files are read and written in opdkit's LoRA format (safetensors + metadata, see
+:meth:`opdkit.models.flow_model.FlowModel.save_lora`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from opdkit.errors import OpdkitError
+
+if TYPE_CHECKING:
+    import torch
+
+LORA_FORMAT = "opdkit-lora/1"
+MERGE_METHODS = ("mean", "weighted", "ties")
+
+
+class LoraFile:
+    """A LoRA adapter in memory: ``A``/``B`` factors per target module, scale alpha / r."""
+
+    def __init__(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int, alpha: float,
+                 target_modules: list[str], dropout: float = 0.0) -> None:
+        self.factors = factors  # module prefix -> (A (r, in), B (out, r))
+        self.rank = rank
+        self.alpha = alpha
+        self.target_modules = target_modules
+        self.dropout = dropout
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self, module: str) -> torch.Tensor:
+        """``(out, in)`` weight change of one module."""
+        a, b = self.factors[module]
+        return self.scale * (b.double() @ a.double())
+
+
+def find_adapter(path: str | Path) -> Path:
+    """An adapter file, or the final adapter of a training run directory."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        candidates = sorted(path.glob("final/*.safetensors")) + sorted(path.glob("*.safetensors"))
+        for candidate in candidates:
+            if _metadata(candidate).get("format") == LORA_FORMAT:
+                return candidate
+        raise OpdkitError(f"{path}: no opdkit LoRA adapter (final/*.safetensors) in this directory")
+    raise OpdkitError(f"{path}: no such adapter file or run directory")
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as exc:
+        raise OpdkitError(f"{path}: not a readable safetensors file: {type(exc).__name__}") from None
+
+
+def read_lora(path: str | Path) -> LoraFile:
+    """Read an opdkit LoRA file (keys ``<module>.lora_A.weight`` / ``<module>.lora_B.weight``)."""
+    from safetensors.torch import load_file
+
+    path = find_adapter(path)
+    meta = _metadata(path)
+    if meta.get("format") != LORA_FORMAT:
+        raise OpdkitError(f"{path}: not an opdkit LoRA file (metadata format {meta.get('format')!r})")
+    tensors = load_file(str(path))
+    factors: dict[str, tuple[Any, Any]] = {}
+    for key in tensors:
+        if key.endswith(".lora_A.weight"):
+            module = key[: -len(".lora_A.weight")]
+            b_key = f"{module}.lora_B.weight"
+            if b_key not in tensors:
+                raise OpdkitError(f"{path}: {key} has no matching {b_key}")
+            factors[module] = (tensors[key], tensors[b_key])
+    if not factors:
+        raise OpdkitError(f"{path}: holds no lora_A/lora_B weights")
+    return LoraFile(factors, int(meta["rank"]), float(meta["alpha"]), json.loads(meta["target_modules"]),
+                    float(meta.get("dropout", 0.0)))
+
+
+def write_lora(lora: LoraFile, path: str | Path) -> Path:
+    """Write ``lora`` in opdkit's format, atomically."""
+    from opdkit.rundir import save_safetensors_atomic
+
+    tensors = {}
+    for module, (a, b) in lora.factors.items():
+        tensors[f"{module}.lora_A.weight"] = a.float()
+        tensors[f"{module}.lora_B.weight"] = b.float()
+    meta = {
+        "format": LORA_FORMAT,
+        "rank": str(lora.rank),
+        "alpha": str(lora.alpha),
+        "dropout": str(lora.dropout),
+        "target_modules": json.dumps(sorted(lora.target_modules)),
+    }
+    save_safetensors_atomic(tensors, path, metadata=meta)
+    return Path(path)
+
+
+def ties_merge(deltas: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:
+    """TIES-merge ``(out, in)`` deltas: trim to ``density``, elect signs, disjoint weighted mean."""
+    import torch
+
+    trimmed = []
+    for delta, weight in zip(deltas, weights, strict=True):
+        flat = delta.abs().flatten()
+        keep = max(1, round(density * flat.numel()))
+        threshold = torch.topk(flat, keep).values.min()
+        trimmed.append(weight * torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta)))
+    stack = torch.stack(trimmed)
+    sign = torch.sign(stack.sum(dim=0))
+    agree = (torch.sign(stack) == sign) & (stack != 0)
+    count = agree.sum(dim=0).clamp_min(1)
+    return (stack * agree).sum(dim=0) / count
+
+
+def _factorize(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factors (A (r, in), B (out, r)) of ``delta`` with scale 1 (truncated SVD)."""
+    import torch
+
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    r = min(rank, s.numel())
+    root = s[:r].sqrt()
+    b = u[:, :r] * root
+    a = root[:, None] * vh[:r]
+    if r < rank:  # pad with zero directions so every module has the same rank
+        a = torch.cat([a, torch.zeros(rank - r, a.shape[1], dtype=a.dtype)])
+        b = torch.cat([b, torch.zeros(b.shape[0], rank - r, dtype=b.dtype)], dim=1)
+    return a, b
+
+
+def merge_loras(
+    loras: list[LoraFile],
+    method: str = "mean",
+    weights: list[float] | None = None,
+    rank: int | None = None,
+    density: float = 0.2,
+) -> LoraFile:
+    """Merge adapters on their weight deltas (see the module docstring). Returns a new adapter."""
+    import torch
+
+    if method not in MERGE_METHODS:
+        raise OpdkitError(f"merge method {method!r} unknown; expected one of {', '.join(MERGE_METHODS)}")
+    if not loras:
+        raise OpdkitError("merge needs at least one adapter")
+    if weights is None:
+        weights = [1.0 / len(loras)] * len(loras)
+    elif method == "mean":
+        raise OpdkitError("merge method 'mean' takes no weights; use 'weighted'")
+    if len(weights) != len(loras):
+        raise OpdkitError(f"merge: {len(weights)} weights for {len(loras)} adapters")
+    modules = set(loras[0].factors)
+    for lora in loras[1:]:
+        if set(lora.factors) != modules:
+            raise OpdkitError("merge: adapters target different modules; they must share target modules")
+    if not 0.0 < density <= 1.0:
+        raise OpdkitError(f"merge: density must be in (0, 1], got {density}")
+    targets = sorted({t for lora in loras for t in lora.target_modules})
+    merged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if method != "ties" and rank is None:
+        for module in sorted(modules):
+            a = torch.cat([lora.factors[module][0].double() for lora in loras], dim=0)
+            b = torch.cat([w * lora.scale * lora.factors[module][1].double() for w, lora in zip(weights, loras, strict=True)], dim=1)
+            merged[module] = (a, b)
+        total = sum(lora.rank for lora in loras)
+        return LoraFile(merged, total, float(total), targets)
+    out_rank = rank or max(lora.rank for lora in loras)
+    for module in sorted(modules):
+        deltas = [lora.delta(module) for lora in loras]
+        if method == "ties":
+            delta = ties_merge(deltas, weights, density)
+        else:
+            delta = sum(w * d for w, d in zip(weights, deltas, strict=True))
+        merged[module] = _factorize(delta, out_rank)
+    return LoraFile(merged, out_rank, float(out_rank), targets)
+
+
+def merge_files(
+    inputs: list[str | Path],
+    out: str | Path,
+    method: str = "mean",
+    weights: list[float] | None = None,
+    rank: int | None = None,
+    density: float = 0.2,
+) -> Path:
+    """Read adapters (files or run directories), merge them, write the result; returns its path."""
+    merged = merge_loras([read_lora(p) for p in inputs], method, weights, rank, density)
+    return write_lora(merged, out)
