@@ -3,7 +3,9 @@
 This is how the shapes world's base model is made (``recipes/shapes/pretrain.yaml``). Each step
 draws ``train.batch_size`` prompt records, renders ground truth for them, and regresses the
 velocity target v = eps - x0 at x_sigma = (1 - sigma) x0 + sigma eps, with sigma drawn
-logit-normal (SD3's training density). The text encoder trains with the transformer (it starts
+logit-normal (SD3's training density) and then shifted like the sampling schedule
+(``train.sigma_shift``, default the model's shift), so the high-noise steps that decide the
+layout are trained as often as they are sampled. The text encoder trains with the transformer (it starts
 random); ``train.cond_dropout`` of the prompts are replaced by "" so classifier-free guidance works.
 
 Everything random in step ``k`` comes from generators seeded by (seed, k), so a resumed run
@@ -23,6 +25,7 @@ from opdkit.prompts import load_prompts
 from opdkit.recipe import dump_recipe
 from opdkit.registry import models
 from opdkit.rundir import RunDir
+from opdkit.sampling import shift_sigmas
 
 if TYPE_CHECKING:
     from opdkit.recipe import LoadedRecipe
@@ -67,6 +70,7 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
         elapsed_before = float(state.get("elapsed_s", 0.0))
         rundir.truncate_metrics(start)
     resolution = recipe.sampler.resolution
+    sigma_shift = train.sigma_shift if train.sigma_shift is not None else model.shift
 
     def save(step: int, elapsed: float) -> None:
         save_training_state(rundir.checkpoint_dir(step), modules, optimizer, {"step": step, "elapsed_s": elapsed})
@@ -86,7 +90,8 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
             drop = rng.random(len(batch)) < train.cond_dropout
             prompts = ["" if d else r["prompt"] for r, d in zip(batch, drop, strict=True)]
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            sigma = torch.sigmoid(torch.randn(len(batch), generator=gen))  # logit-normal(0, 1)
+            # logit-normal(0, 1), shifted toward high noise like the sampling schedule
+            sigma = shift_sigmas(torch.sigmoid(torch.randn(len(batch), generator=gen)), sigma_shift)
             eps = torch.randn(x0.shape, generator=gen)
             s = sigma.view(-1, 1, 1, 1)
             x_t = (1.0 - s) * x0 + s * eps

@@ -70,6 +70,7 @@ class RewardSpec(PluginSpec):
 
     weight: float = 1.0
     name: str | None = None  # logging name; defaults to ``type``
+    tags: list[str] | None = None  # score only prompts with these task tags (0 for the others)
 
     @field_validator("weight")
     @classmethod
@@ -108,6 +109,7 @@ class PromptsSpec(_Strict):
     tags: list[str] | None = None  # keep only records whose task tag is listed
     tag: str | None = None  # task tag given to records that carry none (plain .txt prompt files)
     limit: int | None = Field(default=None, ge=1)
+    balance_tags: bool = False  # grpo/opd: draw each step's prompts evenly over the task tags
 
 
 class SamplerSpec(_Strict):
@@ -152,7 +154,8 @@ class TrainSpec(_Strict):
     lr: float = Field(default=1e-4, gt=0.0)
     batch_size: int = Field(default=8, ge=1)
     group_size: int = Field(default=8, ge=1)
-    grad_accum: int = Field(default=1, ge=1)
+    grad_accum: int = Field(default=1, ge=1)  # grpo/opd: micro-batches per optimizer update
+    micro_batch: int | None = Field(default=None, ge=1)  # grpo/opd: images per forward; None: all
     inner_epochs: int = Field(default=1, ge=1)
     max_steps: int = Field(default=100, ge=1)
     max_minutes: float | None = Field(default=None, gt=0.0)
@@ -172,6 +175,10 @@ class TrainSpec(_Strict):
     detach_kl: bool = True  # opd: KL used as an advantage carries no gradient of its own
     # pretrain
     cond_dropout: float = Field(default=0.1, ge=0.0, le=1.0)
+    # pretrain: training sigmas are logit-normal(0, 1) then shifted like the sampling schedule
+    # (sigma' = k s / (1 + (k - 1) s)); None uses the model's shift. Without it the high-noise
+    # steps where layout is decided are almost never trained (P(sigma > 0.9) ~ 1.4%).
+    sigma_shift: float | None = Field(default=None, gt=0.0)
     # run directory
     checkpoint_every: int = Field(default=50, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)  # newest checkpoints kept on disk
