@@ -25,6 +25,19 @@ def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
 
 
+def load_module_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy ``{parameter name: tensor}`` into ``module``'s parameters; KeyError names unknown keys."""
+    import torch
+
+    params = dict(module.named_parameters())
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise KeyError(", ".join(unknown[:5]))
+    with torch.no_grad():
+        for key, value in tensors.items():
+            params[key].copy_(value)
+
+
 def save_training_state(
     directory: str | Path,
     modules: dict[str, torch.nn.Module],
@@ -64,16 +77,10 @@ def load_training_state(
         path = directory / f"{name}.safetensors"
         if not path.is_file():
             raise OpdkitError(f"{directory}: checkpoint lacks {path.name}")
-        saved = load_file(str(path))
-        params = dict(module.named_parameters())
-        missing = sorted(set(saved) - set(params))
-        if missing:
-            raise OpdkitError(f"{path}: keys not in the model: {', '.join(missing[:5])}")
-        import torch
-
-        with torch.no_grad():
-            for key, value in saved.items():
-                params[key].copy_(value)
+        try:
+            load_module_state(module, load_file(str(path)))
+        except KeyError as exc:
+            raise OpdkitError(f"{path}: keys not in the model: {exc.args[0]}") from None
     if optimizer is not None:
         groups = state.pop("optimizer_param_groups", None)
         if groups is None:

@@ -14,13 +14,15 @@ repeats exactly what an uninterrupted one would have done.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from opdkit.checkpoint import load_training_state, save_training_state
+from opdkit.checkpoint import load_module_state, load_training_state, save_training_state
 from opdkit.errors import OpdkitError
+from opdkit.policy import EMA
 from opdkit.prompts import load_prompts
 from opdkit.recipe import dump_recipe
 from opdkit.registry import models
@@ -54,8 +56,11 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
     for module in modules.values():
         module.train()
         module.requires_grad_(True)
-    params = [p for m in modules.values() for p in m.parameters()]
+    named = [(f"{key}.{name}", p) for key, m in modules.items() for name, p in m.named_parameters()]
+    params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    # An EMA of the weights samples far cleaner than the raw weights of a small, high-lr model.
+    ema = EMA([n for n, _ in named], params, train.ema.decay, train.ema.every) if train.ema else None
 
     def lr_at(step: int) -> float:
         warm = min(1.0, step / train.warmup_steps) if train.warmup_steps else 1.0
@@ -66,6 +71,12 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
     latest = rundir.latest()
     if resume and latest is not None:
         state = load_training_state(latest[1], modules, optimizer)
+        if ema is not None and (latest[1] / "ema.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            ema.load_state_dict(load_file(str(latest[1] / "ema.safetensors")))
+        elif ema is not None:  # EMA switched on for a resumed run: start it from the weights
+            ema = EMA([n for n, _ in named], params, ema.decay, ema.every)
         start = int(state["step"])
         elapsed_before = float(state.get("elapsed_s", 0.0))
         rundir.truncate_metrics(start)
@@ -73,7 +84,10 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
     sigma_shift = train.sigma_shift if train.sigma_shift is not None else model.shift
 
     def save(step: int, elapsed: float) -> None:
-        save_training_state(rundir.checkpoint_dir(step), modules, optimizer, {"step": step, "elapsed_s": elapsed})
+        extra = {"ema": ema.state_dict()} if ema is not None else None
+        save_training_state(
+            rundir.checkpoint_dir(step), modules, optimizer, {"step": step, "elapsed_s": elapsed}, extra_tensors=extra
+        )
         rundir.commit_checkpoint(step, keep=train.keep_checkpoints)
 
     from opdkit.progress import progress_bar
@@ -109,6 +123,8 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
                 else torch.tensor(float("nan"))
             )
             optimizer.step()
+            if ema is not None:
+                ema.update(params, step)
             elapsed = elapsed_before + time.perf_counter() - t0
             value = loss.item()
             if not math.isfinite(value):
@@ -123,7 +139,8 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
                 break
 
     final = rundir.root / "model"
-    model.save_pretrained(final)
+    with ema.applied(params) if ema is not None else contextlib.nullcontext():
+        model.save_pretrained(final)
     return final
 
 
@@ -148,6 +165,12 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | None
     else:
         directory = rundir.checkpoint_dir(step)
     load_training_state(directory, modules, None)
+    if (directory / "ema.safetensors").is_file():  # the EMA weights are the model to use
+        from safetensors.torch import load_file
+
+        shadow = load_file(str(directory / "ema.safetensors"))
+        for key, module in modules.items():
+            load_module_state(module, {k[len(key) + 1 :]: v for k, v in shadow.items() if k.startswith(f"{key}.")})
     out = Path(out_dir)
     model.save_pretrained(out)
     return out
