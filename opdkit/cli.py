@@ -198,11 +198,15 @@ def merge(
 def leaderboard(
     results_dir: Annotated[Path, typer.Argument(help="Directory of results/<model>/<bench>.json files.")] = Path("results"),
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write FILE.md or FILE.html.")] = None,
+    runs: Annotated[
+        Path | None,
+        typer.Option("--runs", help="Training runs whose reward/KL curves the HTML shows (default: runs/ beside RESULTS_DIR)."),
+    ] = None,
 ) -> None:
     """Render one table of every model's benchmark results (terminal, Markdown or HTML)."""
     from opdkit.leaderboard import run_leaderboard
 
-    run_leaderboard(results_dir, out)
+    run_leaderboard(results_dir, out, runs_dir=runs)
 
 
 @app.command("list")

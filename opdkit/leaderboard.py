@@ -1,20 +1,36 @@
 """``opdkit leaderboard``: one table of every model's results, in the terminal, Markdown or HTML.
 
-Reads ``<results>/<model>/<bench>.json`` summaries written by ``opdkit eval``. Columns are grouped
-by benchmark family (GenEval per tag first, then OCR, then everything else); the best value of
-each column is bold; arrows give each column's direction.
+Reads ``<results>/<model>/<bench>.json`` summaries written by ``opdkit eval``. One table per world
+(SD3, shapes: a model is only ever scored on its own world's benchmarks), one row per model;
+wide columns grouped by benchmark family: each GenEval-family benchmark gets Overall, Single,
+Two, Counting, Colors, Position and Attr. binding; then OCR-family benchmarks; then every other
+benchmark's headline metric. The best value of each column is bold (when two or more models
+have one); arrows give each column's direction; the detector/engine and protocol of every
+benchmark are listed under the table; a value computed on a subset (``--limit``) carries a ``†``.
+
+The HTML page is self-contained (inline CSS, images as data URIs): the table, the engines, the
+sample grid of every (model, benchmark), and reward/KL curves of the training runs found beside
+the results (``runs/`` next to the results directory, or ``--runs DIR``: any directory holding a
+``metrics.jsonl``). Curves need matplotlib (extra ``plots``); without it the page says so.
 """
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from opdkit.errors import OpdkitError
-from opdkit.rundir import atomic_write_text
+from opdkit.rundir import atomic_write_text, read_jsonl
+
+Results = dict[str, dict[str, dict[str, Any]]]
+"""``{model: {bench: summary}}``, as read by :func:`load_results`."""
 
 GENEVAL_COLUMNS: tuple[tuple[str, str], ...] = (
     ("overall", "Overall"),
@@ -25,22 +41,33 @@ GENEVAL_COLUMNS: tuple[tuple[str, str], ...] = (
     ("position", "Position"),
     ("color_attr", "Attr. binding"),
 )
+"""GenEval metric keys (as :func:`opdkit.scoring.geneval.summarize` names them) and column titles."""
+
+FAMILY_ORDER = {"GenEval": 0, "OCR": 1}
+SUBSET_MARK = "†"
 
 
 @dataclass(frozen=True)
 class Column:
+    """One leaderboard column: a metric of a benchmark."""
+
     bench: str
     metric: str
     title: str
     higher_is_better: bool
+    family: str = ""
+
+    @property
+    def arrow(self) -> str:
+        return "↑" if self.higher_is_better else "↓"
 
 
-def load_results(results_dir: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
+def load_results(results_dir: str | Path) -> Results:
     """``{model: {bench: summary}}`` from every ``<model>/<bench>.json`` under ``results_dir``."""
     root = Path(results_dir)
     if not root.is_dir():
         raise OpdkitError(f"{root}: no such results directory (run `opdkit eval` first)")
-    table: dict[str, dict[str, dict[str, Any]]] = {}
+    table: Results = {}
     for path in sorted(root.glob("*/*.json")):
         if path.name.endswith(".settings.json"):
             continue
@@ -50,13 +77,14 @@ def load_results(results_dir: str | Path) -> dict[str, dict[str, dict[str, Any]]
             raise OpdkitError(f"{path}: not a valid result file: {exc.msg}") from None
         if not isinstance(summary, dict) or "bench" not in summary or "metrics" not in summary:
             continue
+        summary = {**summary, "_dir": path.parent.name}  # where its grid lives
         table.setdefault(str(summary.get("model", path.parent.name)), {})[summary["bench"]] = summary
     if not table:
         raise OpdkitError(f"{root}: holds no result files (<model>/<bench>.json)")
     return table
 
 
-def columns_for(results: dict[str, dict[str, dict[str, Any]]]) -> list[Column]:
+def columns_for(results: Results) -> list[Column]:
     """GenEval-family benchmarks get per-tag columns; every other benchmark its ``overall``."""
     benches: dict[str, dict[str, Any]] = {}
     for per_model in results.values():
@@ -64,126 +92,414 @@ def columns_for(results: dict[str, dict[str, dict[str, Any]]]) -> list[Column]:
             benches.setdefault(bench, summary)
 
     def order(item: tuple[str, dict[str, Any]]) -> tuple[int, str]:
-        family = item[1].get("family", "")
-        return ({"GenEval": 0, "OCR": 1}.get(family, 2), item[0])
+        return (FAMILY_ORDER.get(str(item[1].get("family", "")), 2), item[0])
 
     cols: list[Column] = []
     for bench, summary in sorted(benches.items(), key=order):
         hib = bool(summary.get("higher_is_better", True))
-        if summary.get("family") == "GenEval":
-            cols += [Column(bench, key, f"{bench} {title}" if key == "overall" else title, hib) for key, title in GENEVAL_COLUMNS]
+        family = str(summary.get("family", ""))
+        if family == "GenEval":
+            cols += [
+                Column(bench, key, f"{bench} {title}" if key == "overall" else title, hib, family)
+                for key, title in GENEVAL_COLUMNS
+            ]
         else:
-            cols.append(Column(bench, "overall", bench, hib))
+            cols.append(Column(bench, "overall", bench, hib, family))
     return cols
 
 
-def _cell(results: dict[str, dict[str, dict[str, Any]]], model: str, col: Column) -> float | None:
+def _cell(results: Results, model: str, col: Column) -> float | None:
     value = results.get(model, {}).get(col.bench, {}).get("metrics", {}).get(col.metric)
-    return float(value) if isinstance(value, (int, float)) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
-def _best(results: dict[str, dict[str, dict[str, Any]]], col: Column) -> float | None:
+def _best(results: Results, col: Column) -> float | None:
+    """The best value of a column, or None when fewer than two models have one (nothing to rank)."""
     values = [v for m in results if (v := _cell(results, m, col)) is not None]
-    if not values:
+    if len(values) < 2:
         return None
     return max(values) if col.higher_is_better else min(values)
 
 
-def _engines(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, str]:
-    return {b: s.get("engine", "") for per in results.values() for b, s in per.items()}
+def _is_subset(results: Results, model: str, bench: str) -> bool:
+    return results.get(model, {}).get(bench, {}).get("limit") is not None
 
 
-def to_markdown(results: dict[str, dict[str, dict[str, Any]]]) -> str:
+def _text(results: Results, model: str, col: Column) -> tuple[str, bool]:
+    """(formatted value with a subset mark, is it the column's best)."""
+    value = _cell(results, model, col)
+    if value is None:
+        return "-", False
+    mark = SUBSET_MARK if _is_subset(results, model, col.bench) else ""
+    best = _best(results, col)
+    return f"{value:.3f}{mark}", best is not None and value == best
+
+
+def bench_notes(results: Results) -> dict[str, list[str]]:
+    """Per benchmark, one line per distinct (protocol, engine): what scored it and for which models.
+
+    Two engines for one benchmark mean its numbers are not comparable across those models; the
+    notes say so by listing the models of each.
+    """
+    seen: dict[str, dict[tuple[str, str], list[str]]] = {}
+    for model, per_model in sorted(results.items()):
+        for bench, s in per_model.items():
+            key = (str(s.get("protocol", "")), str(s.get("engine", "")))
+            seen.setdefault(bench, {}).setdefault(key, []).append(model)
+    notes: dict[str, list[str]] = {}
+    for bench, variants in sorted(seen.items()):
+        lines = []
+        for (protocol, engine), models in variants.items():
+            text = ", ".join(x for x in (f"engine {engine}" if engine else "", f"protocol {protocol}" if protocol else "") if x)
+            if len(variants) > 1:
+                text += f" (models: {', '.join(models)})"
+            lines.append(text or "no engine recorded")
+        notes[bench] = lines
+    return notes
+
+
+def _any_subset(results: Results) -> bool:
+    return any(_is_subset(results, m, b) for m in results for b in results[m])
+
+
+WORLD_TITLES = {"sd3": "SD3 world", "shapes": "Shapes world"}
+
+
+def split_by_world(results: Results) -> list[tuple[str, Results]]:
+    """``[(world, results of that world)]``, SD3 first: one table per world.
+
+    A model is evaluated only on benchmarks of its own world (the runner refuses others), so
+    separate tables keep every row dense instead of one very wide, mostly empty table.
+    """
+    worlds: dict[str, Results] = {}
+    for model, per_model in results.items():
+        for bench, summary in per_model.items():
+            worlds.setdefault(str(summary.get("world", "")), {}).setdefault(model, {})[bench] = summary
+    order = {"sd3": 0, "shapes": 1}
+    return sorted(worlds.items(), key=lambda kv: (order.get(kv[0], 2), kv[0]))
+
+
+def _world_title(world: str) -> str:
+    return WORLD_TITLES.get(world, f"{world} world" if world else "Results")
+
+
+# ------------------------------------------------------------------------------------------
+# Markdown and terminal
+# ------------------------------------------------------------------------------------------
+
+
+def _markdown_table(results: Results) -> list[str]:
     cols = columns_for(results)
-    head = ["Model", *[f"{c.title} {'↑' if c.higher_is_better else '↓'}" for c in cols]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = ["Model", *[f"{c.title} {c.arrow}" for c in cols]]
+    align = ["---", *["---:" for _ in cols]]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"]
     for model in sorted(results):
-        cells = [model]
+        cells = [model.replace("|", "\\|")]
         for col in cols:
-            value, best = _cell(results, model, col), _best(results, col)
-            text = "-" if value is None else f"{value:.3f}"
-            cells.append(f"**{text}**" if value is not None and value == best and len(results) > 1 else text)
+            text, best = _text(results, model, col)
+            cells.append(f"**{text}**" if best else text)
         lines.append("| " + " | ".join(cells) + " |")
-    engines = _engines(results)
-    notes = ", ".join(f"{b}: {e}" for b, e in sorted(engines.items()) if e)
-    if notes:
-        lines += ["", f"Engines: {notes}."]
+    return lines
+
+
+def to_markdown(results: Results) -> str:
+    """GitHub-flavoured Markdown: one table per world (headed when there are several), then notes."""
+    worlds = split_by_world(results)
+    lines: list[str] = []
+    for world, part in worlds:
+        if len(worlds) > 1:
+            lines += [f"### {_world_title(world)}", ""]
+        lines += [*_markdown_table(part), ""]
+    for bench, notes in bench_notes(results).items():
+        lines.append(f"- `{bench}`: " + "; ".join(notes))
+    if _any_subset(results):
+        lines.append(f"- {SUBSET_MARK} computed on a subset of the prompts (`--limit`): a quick look, not the full protocol.")
     return "\n".join(lines) + "\n"
 
 
-def to_html(results: dict[str, dict[str, dict[str, Any]]], results_dir: Path) -> str:
-    """A self-contained page (inline CSS, images embedded as data URIs)."""
-    import base64
+def print_table(results: Results, title: str) -> None:
+    """The leaderboard as rich tables in the terminal (best values bold), one per world.
+
+    A world's table is split when it does not fit the terminal: one table per GenEval-family
+    benchmark and one for all other benchmarks, each listing only the models with results there.
+    """
+    from rich.console import Console
+
+    console = Console()
+    worlds = split_by_world(results)
+    for world, part in worlds:
+        _print_world(console, part, f"{title}: {_world_title(world)}" if len(worlds) > 1 else title)
+    for bench, notes in bench_notes(results).items():
+        console.print(f"{bench}: {'; '.join(notes)}", markup=False, highlight=False)
+    if _any_subset(results):
+        console.print(f"{SUBSET_MARK} subset of the prompts (--limit)", markup=False, highlight=False)
+
+
+def _print_world(console: Any, results: Results, title: str) -> None:
+    from rich.markup import escape
+    from rich.table import Table
 
     cols = columns_for(results)
-    rows = []
+    model_width = max(len(m) for m in results)
+    # cell text is at most 6 characters ("0.123†"); rich adds 3 per column for padding and rules
+    needed = model_width + 4 + sum(max(len(f"{c.title} {c.arrow}"), 6) + 3 for c in cols)
+    if needed <= console.width:
+        parts = [cols]
+    else:
+        parts = [[c for c in cols if c.bench == b] for b in dict.fromkeys(c.bench for c in cols if c.family == "GenEval")]
+        parts.append([c for c in cols if c.family != "GenEval"])
+    for i, part in enumerate(p for p in parts if p):
+        table = Table(title=title if i == 0 else None)
+        table.add_column("Model", no_wrap=True)
+        for col in part:
+            table.add_column(escape(f"{col.title} {col.arrow}"), justify="right")
+        for model in sorted(results):
+            cells = [_text(results, model, col) for col in part]
+            if all(text == "-" for text, _ in cells):
+                continue
+            table.add_row(escape(model), *[f"[bold]{text}[/]" if best else text for text, best in cells])
+        console.print(table)
+
+
+# ------------------------------------------------------------------------------------------
+# Training curves
+# ------------------------------------------------------------------------------------------
+
+_KL_KEY = re.compile(r"(^|[/_])kl($|[/_])")
+
+
+def find_runs(runs_dir: str | Path) -> list[Path]:
+    """Run directories (holding ``metrics.jsonl``) directly under ``runs_dir`` or one level deeper."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    found = {p.parent for pattern in ("*/metrics.jsonl", "*/*/metrics.jsonl") for p in root.glob(pattern)}
+    return sorted(found)
+
+
+def curve_series(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Reward, KL and (when neither is logged, e.g. pretraining) loss series of one run.
+
+    Returns ``{"reward": {key: [(step, value)]}, "kl": {...}, "loss": {...}}``: reward keys are
+    ``reward`` and per-reward ``reward/<name>/mean``; KL keys are ``kl`` and any ``kl``-named
+    component (``kl/teacher``, ``mar_kl``, ...), standard deviations excluded.
+    """
+    panels: dict[str, dict[str, list[tuple[float, float]]]] = {"reward": {}, "kl": {}, "loss": {}}
+    for i, row in enumerate(rows):
+        step = row.get("step", i)
+        if not isinstance(step, int | float):
+            continue
+        for key, value in row.items():
+            if key == "step" or isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                continue
+            if "std" in key:
+                continue
+            if key == "reward" or (key.startswith("reward/") and key.endswith("/mean")):
+                panel = "reward"
+            elif _KL_KEY.search(key):
+                panel = "kl"
+            elif key == "loss":
+                panel = "loss"
+            else:
+                continue
+            panels[panel].setdefault(key, []).append((float(step), float(value)))
+    if panels["reward"] or panels["kl"]:
+        panels.pop("loss")
+    return {name: series for name, series in panels.items() if series}
+
+
+def plot_run(run: Path) -> str | None:
+    """A PNG data URI with the run's reward and KL (or loss) curves; None if nothing to plot.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render to memory
+    import matplotlib.pyplot as plt
+
+    panels = curve_series(read_jsonl(run / "metrics.jsonl"))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.2), squeeze=False)
+    for ax, (name, series) in zip(axes[0], panels.items(), strict=True):
+        for key, points in series.items():
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, label=key, linewidth=1.4)
+        ax.set_title({"reward": "reward (mean)", "kl": "KL", "loss": "loss"}[name])
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+# ------------------------------------------------------------------------------------------
+# HTML
+# ------------------------------------------------------------------------------------------
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em; color: #222; }
+h1 { margin-bottom: 0.2em; } .meta { color: #666; margin-top: 0; }
+table.board { border-collapse: collapse; font-variant-numeric: tabular-nums; }
+.board th, .board td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; white-space: nowrap; }
+.board thead th { background: #f3f3f3; } .board thead tr.groups th { background: #e6ecf5; text-align: center; }
+.board tbody th { text-align: left; } .board td.best { font-weight: bold; background: #e8f5e9; }
+.board td.missing { color: #aaa; }
+ul.notes { color: #444; } figure { display: inline-block; margin: 0.8em; vertical-align: top; }
+figcaption { font-weight: 600; margin-bottom: 0.3em; } img { max-width: 640px; border: 1px solid #ddd; }
+p.note { color: #8a5a00; background: #fff7e0; padding: 0.5em 0.8em; display: inline-block; }
+"""
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _cell_title(summary: dict[str, Any], col: Column) -> str:
+    sampler = summary.get("sampler") or {}
+    parts = [f"{summary.get('n_images', '?')} images"]
+    if summary.get("stderr") is not None and col.metric == "overall":
+        parts.append(f"stderr {summary['stderr']:.3f}")
+    if sampler:
+        parts.append(f"{sampler.get('steps')} steps, CFG {sampler.get('cfg')}, {sampler.get('resolution')} px")
+    if summary.get("limit") is not None:
+        parts.append(f"first {summary['limit']} prompts only")
+    return "; ".join(parts)
+
+
+def _html_table(results: Results) -> str:
+    cols = columns_for(results)
+    groups: list[tuple[str, int]] = []
+    for col in cols:
+        same = col.family.lower() == col.bench.lower()
+        label = col.family if same else (f"{col.family} · {col.bench}" if col.family else col.bench)
+        if groups and groups[-1][0] == label:
+            groups[-1] = (label, groups[-1][1] + 1)
+        else:
+            groups.append((label, 1))
+    group_row = "".join(f'<th colspan="{n}">{html.escape(label)}</th>' for label, n in groups)
+    title_row = "".join(
+        f'<th title="{"higher" if c.higher_is_better else "lower"} is better">'
+        f"{html.escape(c.title.removeprefix(c.bench + ' ') if c.family == 'GenEval' else 'Score')} {c.arrow}</th>"
+        for c in cols
+    )
+    body = []
     for model in sorted(results):
         cells = [f"<th>{html.escape(model)}</th>"]
         for col in cols:
-            value, best = _cell(results, model, col), _best(results, col)
-            text = "-" if value is None else f"{value:.3f}"
-            cls = ' class="best"' if value is not None and value == best and len(results) > 1 else ""
-            cells.append(f"<td{cls}>{text}</td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    head = "".join(f"<th>{html.escape(c.title)} {'↑' if c.higher_is_better else '↓'}</th>" for c in cols)
+            text, best = _text(results, model, col)
+            summary = results[model].get(col.bench)
+            classes = "best" if best else ("missing" if text == "-" else "")
+            title = f' title="{html.escape(_cell_title(summary, col))}"' if summary and text != "-" else ""
+            cells.append(f'<td class="{classes}"{title}>{html.escape(text)}</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (
+        f'<table class="board"><thead>\n<tr class="groups"><th rowspan="2">Model</th>{group_row}</tr>\n'
+        f"<tr>{title_row}</tr>\n</thead><tbody>\n{''.join(body)}\n</tbody></table>"
+    )
+
+
+def to_html(results: Results, results_dir: Path, runs_dir: Path | None = None) -> str:
+    """A self-contained page: one table per world, engines, training curves and sample grids."""
+    worlds = split_by_world(results)
+    tables = "\n".join(
+        (f"<h2>{html.escape(_world_title(world))}</h2>\n" if len(worlds) > 1 else "") + _html_table(part)
+        for world, part in worlds
+    )
+
+    notes = "".join(
+        f"<li><b>{html.escape(bench)}</b>: {html.escape('; '.join(lines))}</li>" for bench, lines in bench_notes(results).items()
+    )
+    if _any_subset(results):
+        notes += f"<li>{SUBSET_MARK} computed on a subset of the prompts (<code>--limit</code>): a quick look, not the full protocol.</li>"
+
+    curves = _curves_html(runs_dir)
+
     grids = []
     for model in sorted(results):
         for bench in sorted(results[model]):
-            grid = results_dir / model / f"{bench}.grid.png"
+            folder = results[model][bench].get("_dir", model)
+            grid = results_dir / folder / f"{bench}.grid.png"
             if grid.is_file():
-                data = base64.b64encode(grid.read_bytes()).decode()
                 grids.append(
-                    f'<figure><figcaption>{html.escape(model)} · {html.escape(bench)}</figcaption>'
-                    f'<img alt="{html.escape(model)} {html.escape(bench)} samples" src="data:image/png;base64,{data}"></figure>'
+                    f"<figure><figcaption>{html.escape(model)} · {html.escape(bench)}</figcaption>"
+                    f'<img alt="{html.escape(model)} {html.escape(bench)} samples" src="{_data_uri(grid)}"></figure>'
                 )
-    engines = ", ".join(f"{html.escape(b)}: {html.escape(e)}" for b, e in sorted(_engines(results).items()) if e)
+    samples = "".join(grids) or '<p class="note">No sample grids found.</p>'
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>opdkit leaderboard</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
-table {{ border-collapse: collapse; }} th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
-thead th {{ background: #f0f0f0; }} tbody th {{ text-align: left; }} td.best {{ font-weight: bold; background: #e8f5e9; }}
-figure {{ display: inline-block; margin: 1em; }} img {{ max-width: 560px; }}
-</style></head><body>
+<style>{_CSS}</style></head><body>
 <h1>opdkit leaderboard</h1>
-<table><thead><tr><th>Model</th>{head}</tr></thead><tbody>
-{"".join(rows)}
-</tbody></table>
-<p>Engines: {engines}</p>
+<p class="meta">{len(results)} models · results from {html.escape(str(results_dir))} · best value per column in bold</p>
+{tables}
+<h2>Protocols and engines</h2>
+<ul class="notes">{notes}</ul>
+<h2>Training curves</h2>
+{curves}
 <h2>Samples</h2>
-{"".join(grids)}
+{samples}
 </body></html>
 """
 
 
-def run_leaderboard(results_dir: str | Path, out: str | Path | None = None) -> str:
-    """Print the table in the terminal and optionally write Markdown or HTML; returns Markdown."""
+def _curves_html(runs_dir: Path | None) -> str:
+    if runs_dir is None:
+        return '<p class="note">No runs directory given or found beside the results.</p>'
+    runs = find_runs(runs_dir)
+    if not runs:
+        return f'<p class="note">No training runs (directories with metrics.jsonl) under {html.escape(str(runs_dir))}.</p>'
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return (
+            f'<p class="note">{len(runs)} training runs found, curves skipped: matplotlib is not installed '
+            '(<code>pip install -e ".[plots]"</code>).</p>'
+        )
+    figures = []
+    for run in runs:
+        uri = plot_run(run)
+        if uri is not None:
+            figures.append(
+                f'<figure><figcaption>{html.escape(run.name)}</figcaption><img alt="{html.escape(run.name)} curves" src="{uri}"></figure>'
+            )
+    return "".join(figures) or '<p class="note">The runs found log no reward, KL or loss.</p>'
+
+
+def run_leaderboard(results_dir: str | Path, out: str | Path | None = None, runs_dir: str | Path | None = None) -> str:
+    """Print the table in the terminal and optionally write Markdown or HTML; returns the Markdown.
+
+    Args:
+        results_dir: directory of ``<model>/<bench>.json`` files.
+        out: ``FILE.md`` or ``FILE.html`` to write as well.
+        runs_dir: training runs to plot in the HTML; default ``runs/`` beside ``results_dir``
+            when it exists.
+    """
     from rich.console import Console
-    from rich.table import Table
 
     results_dir = Path(results_dir)
+    if runs_dir is not None and not Path(runs_dir).is_dir():
+        raise OpdkitError(f"--runs {runs_dir}: no such directory")
     results = load_results(results_dir)
-    cols = columns_for(results)
-    table = Table(title=f"opdkit leaderboard ({results_dir})")
-    table.add_column("Model")
-    for col in cols:
-        table.add_column(f"{col.title} {'↑' if col.higher_is_better else '↓'}", justify="right")
-    for model in sorted(results):
-        cells = [model]
-        for col in cols:
-            value, best = _cell(results, model, col), _best(results, col)
-            text = "-" if value is None else f"{value:.3f}"
-            cells.append(f"[bold]{text}[/]" if value is not None and value == best and len(results) > 1 else text)
-        table.add_row(*cells)
-    Console().print(table)
+    print_table(results, f"opdkit leaderboard ({results_dir})")
     markdown = to_markdown(results)
     if out is not None:
         out = Path(out)
         if out.suffix == ".md":
             atomic_write_text(out, markdown)
         elif out.suffix in (".html", ".htm"):
-            atomic_write_text(out, to_html(results, results_dir))
+            if runs_dir is None:
+                beside = results_dir.resolve().parent / "runs"
+                runs_dir = beside if beside.is_dir() else None
+            atomic_write_text(out, to_html(results, results_dir, Path(runs_dir) if runs_dir is not None else None))
         else:
             raise OpdkitError(f"--out {out}: expected a .md or .html file name")
-        Console(stderr=True).print(f"wrote {out}")
+        Console(stderr=True).print(f"wrote {out}", markup=False)
     return markdown
