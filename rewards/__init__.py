@@ -6,4 +6,7 @@ whose ``"score"`` entry is the reward and whose other entries are logged sub-sco
 Submodules keep heavy imports inside their builders.
 """
 
+from opdkit.rewards import geneval as geneval
+from opdkit.rewards import ocr as ocr
+from opdkit.rewards import preference as preference
 from opdkit.rewards import shapes as shapes
