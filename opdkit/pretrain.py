@@ -50,6 +50,12 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
     from opdkit.shapes.render import render_batch
 
     records = load_prompts(recipe.prompts)
+    by_tag: list[list[dict]] | None = None
+    if recipe.prompts.balance_tags:
+        grouped: dict[str, list[dict]] = {}
+        for record in records:
+            grouped.setdefault(str(record.get("tag")), []).append(record)
+        by_tag = [grouped[t] for t in sorted(grouped)]
     modules: dict[str, torch.nn.Module] = {"transformer": model.transformer}
     for i, encoder in enumerate(model.text_encoders):
         modules[f"text_encoder_{i}"] = encoder
@@ -98,7 +104,11 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
         while step < train.max_steps:
             step += 1
             rng = np.random.default_rng([train.seed, step])
-            batch = [records[i] for i in rng.integers(0, len(records), size=train.batch_size)]
+            if by_tag is not None:  # every task tag equally often, whatever its share of prompts
+                tags = rng.integers(0, len(by_tag), size=train.batch_size)
+                batch = [by_tag[t][int(rng.integers(0, len(by_tag[t])))] for t in tags]
+            else:
+                batch = [records[i] for i in rng.integers(0, len(records), size=train.batch_size)]
             images = render_batch(batch, seed=int(rng.integers(2**31)), size=resolution)
             x0 = model.encode_images(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)
             drop = rng.random(len(batch)) < train.cond_dropout
