@@ -71,6 +71,31 @@ PROMPT_SETS: dict[str, PromptSet] = {
         count=None,
         samples_per_prompt=1,
     ),
+    # Flow-GRPO's training prompt sets (the sd35m recipes train on them).
+    "geneval-train": PromptSet(
+        name="geneval-train",
+        title="Flow-GRPO GenEval training metadata",
+        cache_name="prompts/geneval_train_metadata.jsonl",
+        source="flow_grpo's dataset/geneval/train_metadata.jsonl (github.com/yifan123/flow_grpo)",
+        count=None,
+        samples_per_prompt=1,
+    ),
+    "ocr-train": PromptSet(
+        name="ocr-train",
+        title="Flow-GRPO OCR training prompts",
+        cache_name="prompts/ocr_train.txt",
+        source="flow_grpo's dataset/ocr/train.txt (github.com/yifan123/flow_grpo)",
+        count=None,
+        samples_per_prompt=1,
+    ),
+    "pickscore-train": PromptSet(
+        name="pickscore-train",
+        title="Flow-GRPO PickScore training prompts",
+        cache_name="prompts/pickscore_train.txt",
+        source="flow_grpo's dataset/pickscore/train.txt (github.com/yifan123/flow_grpo)",
+        count=None,
+        samples_per_prompt=1,
+    ),
     "hpdv2": PromptSet(
         name="hpdv2",
         title="HPD v2 benchmark prompts",
@@ -90,7 +115,7 @@ def cache_root() -> Path:
 
 def prompt_set(name: str) -> PromptSet:
     if name not in PROMPT_SETS:
-        raise OpdkitError(f"prompt set {name!r}: expected one of {', '.join(PROMPT_SETS)} (or pass --param prompts=PATH)")
+        raise OpdkitError(f"prompt set {name!r}: expected one of {', '.join(PROMPT_SETS)} (or a file path)")
     return PROMPT_SETS[name]
 
 
@@ -118,7 +143,8 @@ def load_prompt_set(name: str, path: str | Path | None = None) -> list[dict[str,
     elif name == "hpdv2":
         records = _read_hpd(file)
     else:
-        records = _read_plain(file, "pickscore")
+        # the task tag of a plain prompt set: "ocr" for ocr-train, "pickscore" for the others
+        records = _read_plain(file, "ocr" if name.startswith("ocr") else name.split("-")[0])
     if not records:
         raise OpdkitError(f"{file}: holds no prompts")
     return records

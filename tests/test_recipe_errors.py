@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from opdkit.cli import app
-from opdkit.errors import RecipeError
+from opdkit.errors import OpdkitError, RecipeError
 from opdkit.recipe import load_recipe
 
 RUNNER = CliRunner()
@@ -446,3 +446,25 @@ def test_custom_reward_by_path(
         r"got an unexpected keyword argument 'scael' \(accepted: scale\)",
         message,
     ), message
+
+
+def test_named_prompt_sets_and_lists_validate_without_their_files(
+    tmp_path: Path, minimal_recipe_text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A named prompt set is resolved when the run starts; a list of sources is allowed."""
+    from opdkit.prompts import load_prompts
+
+    monkeypatch.setenv("OPDKIT_CACHE", str(tmp_path / "cache"))
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(minimal_recipe_text)
+    extra = tmp_path / "extra.txt"
+    extra.write_text("a red bicycle\n")
+    loaded = load_recipe(recipe, [f"prompts.dataset=[ocr-train, {extra}]", "prompts.tag=misc"])
+    assert loaded.recipe.prompts.dataset == ["ocr-train", str(extra)]
+    with pytest.raises(OpdkitError, match=re.escape("no Flow-GRPO OCR training prompts: get flow_grpo's dataset/ocr/train.txt")):
+        load_prompts(loaded.recipe.prompts)
+    loaded = load_recipe(recipe, [f"prompts.dataset=[shapes, {extra}]", "prompts.tag=misc"])
+    records = load_prompts(loaded.recipe.prompts)
+    assert records[-1] == {"prompt": "a red bicycle", "tag": "misc", "dataset": str(extra)}
+    assert {r["dataset"] for r in records[:-1]} == {"shapes"}
