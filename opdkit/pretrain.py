@@ -134,6 +134,8 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
             )
             optimizer.step()
             if ema is not None:
+                # EMA warm-up: early averages would otherwise keep a large share of the random init
+                ema.decay = min(train.ema.decay, (1.0 + step) / (10.0 + step))
                 ema.update(params, step)
             elapsed = elapsed_before + time.perf_counter() - t0
             value = loss.item()
@@ -154,7 +156,7 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
     return final
 
 
-def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
+def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | None = None, use_ema: bool = True) -> Path:
     """Write a pretrain checkpoint (default: the latest) as a loadable pipeline directory.
 
     Used to pick the base model among a run's checkpoints (e.g. stop early to keep it imperfect).
@@ -175,7 +177,7 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | None
     else:
         directory = rundir.checkpoint_dir(step)
     load_training_state(directory, modules, None)
-    if (directory / "ema.safetensors").is_file():  # the EMA weights are the model to use
+    if use_ema and (directory / "ema.safetensors").is_file():  # the EMA weights are the model to use
         from safetensors.torch import load_file
 
         shadow = load_file(str(directory / "ema.safetensors"))
