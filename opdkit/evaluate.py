@@ -51,7 +51,13 @@ def resolve_model(spec: str) -> tuple[FlowModel, str]:
 
             name = path.parent.name if path.name == "model" else path.name
             return load_flow_model(path), name
-        raise OpdkitError(f"--model {spec}: {str(path)!r} is not a pipeline directory (no model_index.json)")
+        from opdkit.runs import is_run_dir, load_run_model
+
+        if (path / "recipe.yaml").is_file():  # a GRPO/OPD run directory: base + final weights
+            if not is_run_dir(path):
+                raise OpdkitError(f"--model {spec}: the run in {str(path)!r} has no final weights yet (final/final.json)")
+            return load_run_model(path), path.name
+        raise OpdkitError(f"--model {spec}: {str(path)!r} is not a pipeline or run directory (no model_index.json, no recipe.yaml)")
     if spec in models.names():
         return models.build(spec), spec
     if "/" in spec or spec.startswith("."):

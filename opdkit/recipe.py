@@ -104,12 +104,12 @@ class RegularizerSpec(PluginSpec):
 class PromptsSpec(_Strict):
     """Where prompts come from: a built-in set (``shapes``) or a JSONL/TXT file path."""
 
-    dataset: str = "shapes"
+    dataset: str | list[str] = "shapes"  # shapes, a named prompt set, a file path, or a list of them
     split: Literal["train", "test"] = "train"
     tags: list[str] | None = None  # keep only records whose task tag is listed
     tag: str | None = None  # task tag given to records that carry none (plain .txt prompt files)
     limit: int | None = Field(default=None, ge=1)
-    balance_tags: bool = False  # grpo/opd: draw each step's prompts evenly over the task tags
+    balance_tags: bool = False  # draw each step's prompts evenly over the task tags
 
 
 class SamplerSpec(_Strict):
@@ -191,6 +191,23 @@ class TrainSpec(_Strict):
         return _finite(v, "value")
 
 
+class InitSpec(_Strict):
+    """OPD cold start: the student's adapter starts from merged teacher adapters (or one adapter)."""
+
+    method: Literal["mean", "weighted", "ties"] = "mean"  # merged on the weight deltas B @ A
+    teachers: list[str] | None = None  # LoRA teachers to merge (default: all of them)
+    weights: list[float] | None = None  # for weighted / ties
+    density: float = Field(default=0.2, gt=0.0, le=1.0)  # ties: fraction of entries kept
+    adapter: str | None = None  # start from this adapter file or run directory instead
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_finite(cls, v: list[float] | None) -> list[float] | None:
+        for w in v or []:
+            _finite(w, "weight")
+        return v
+
+
 class EvalSpec(_Strict):
     benchmarks: list[str] = Field(default_factory=list)
     every: int = Field(default=0, ge=0)  # 0: only after training
@@ -211,6 +228,7 @@ class Recipe(_Strict):
     teachers: list[TeacherSpec] = Field(default_factory=list)
     router: PluginSpec | None = None
     regularizers: list[RegularizerSpec] = Field(default_factory=list)
+    init: InitSpec | None = None  # opd: cold start of the student (default: the base, B = 0)
     eval: EvalSpec = Field(default_factory=EvalSpec)
 
     @model_validator(mode="after")

@@ -1,0 +1,358 @@
+"""``method: grpo`` end to end on tiny models (CPU fp32): run directory, resume after SIGKILL,
+accumulation, full fine-tuning, the SD3 path, runs as eval models, and data parallelism."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from opdkit.errors import OpdkitError
+from opdkit.rundir import read_jsonl
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+REWARD_PY = '''\
+import torch
+
+
+def redness(scale: float = 1.0):
+    """Test reward: how much red exceeds the other channels (continuous, so groups differ)."""
+
+    def reward(images, prompts, metadata):
+        red = (images[:, 0] - images[:, 1:].mean(dim=1)).mean(dim=(1, 2))
+        return {"score": scale * red, "brightness": images.mean(dim=(1, 2, 3))}
+
+    return reward
+'''
+
+TINY_MODEL = """\
+model:
+  type: shapes_new
+  params: {patch_size: 4, num_layers: 1, num_heads: 2, head_dim: 8, text_hidden_size: 32, text_heads: 2, text_projection_dim: 32}
+"""
+
+
+def write_recipe(tmp: Path, body: str, model: str = TINY_MODEL) -> Path:
+    (tmp / "reward.py").write_text(REWARD_PY)
+    path = tmp / "recipe.yaml"
+    path.write_text(model + textwrap.dedent(body).replace("REWARD", f"{tmp / 'reward.py'}:redness"))
+    return path
+
+
+RECIPE = """\
+method: grpo
+prompts: {dataset: shapes, split: train}
+rewards:
+  - {type: REWARD, weight: 1.0}
+  - {type: shapes_quality, weight: 0.5}
+sampler: {steps: 4, noise_level: 0.7, cfg: 3.0, resolution: 32}
+train:
+  seed: 0
+  lr: 3.0e-3
+  batch_size: 2
+  group_size: 4
+  micro_batch: 4
+  max_steps: 3
+  lora: {rank: 4, alpha: 8}
+  kl_beta: 0.04
+  ema: {decay: 0.5, every: 2}
+  checkpoint_every: 2
+  sample_every: 2
+"""
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Single-threaded torch (bit-for-bit comparisons with `OMP_NUM_THREADS=1` subprocesses)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def train(recipe: Path, out: Path, overrides: list[str] | None = None, resume: bool = False) -> Path:
+    from opdkit import grpo
+    from opdkit.recipe import load_recipe
+
+    return grpo.run(load_recipe(recipe, overrides or []), out, resume=resume)
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def without_clock(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in records]
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPDKIT_TENSORBOARD="0", COLUMNS="200")
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return env
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_run_directory_metrics_and_eval_model(tmp_path: Path, one_thread: None) -> None:
+    recipe = write_recipe(tmp_path, RECIPE)
+    final = train(recipe, tmp_path / "run")
+    run = tmp_path / "run"
+    assert final == run / "final"
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        for key in (
+            "reward", "reward_std", "reward/redness/mean", "reward/redness/std", "reward/redness/brightness/mean",
+            "reward/shapes_quality/mean", "adv_mean", "adv_std", "adv_min", "adv_max", "ratio_mean", "ratio_min",
+            "ratio_max", "clip_frac", "kl", "policy_loss", "loss", "lr", "grad_norm", "seconds",
+        ):  # fmt: skip
+            assert key in m, key
+        assert m["ratio_first_max_dev"] == 0.0  # the sampler and the first update agree bit for bit
+        assert abs(m["adv_mean"]) < 1e-5 and m["kl"] >= 0.0
+    assert metrics[-1]["kl"] > 0.0  # the adapter moved away from the reference
+    assert (run / "recipe.yaml").is_file()
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000002.png"]
+    assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 3
+    for name in ("transformer", "optimizer", "ema"):
+        assert (run / "checkpoints" / "step_000003" / f"{name}.safetensors").is_file()
+    info = json.loads((final / "final.json").read_text())
+    assert info == {"kind": "lora", "step": 3, "ema": True, "adapter": "default"}
+    from opdkit.runs import final_lora_path, is_run_dir
+
+    assert is_run_dir(run) and final_lora_path(run) == final / "lora.safetensors"
+    ema_w, online = tensors(final / "lora.safetensors"), tensors(final / "lora_online.safetensors")
+    assert set(ema_w) == set(online) and any("lora_B" in k for k in online)
+    assert any(float(v.abs().max()) > 0 for k, v in online.items() if "lora_B" in k)  # trained
+    assert any(not torch.equal(ema_w[k], online[k]) for k in online)
+    if shutil.which("tensorboard") or _importable("tensorboard"):
+        events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+        assert events and events[0].stat().st_size > 0
+
+    # The run directory is an eval model: base + merged EMA adapter.
+    from opdkit.evaluate import resolve_model
+    from opdkit.registry import models
+    from opdkit.sampling import sample_ode
+
+    model, name = resolve_model(str(run))
+    assert name == "run" and model.lora_names() == []
+    base = models.build("shapes_new", {"patch_size": 4, "num_layers": 1, "num_heads": 2, "head_dim": 8,
+                                       "text_hidden_size": 32, "text_heads": 2, "text_projection_dim": 32})  # fmt: skip
+    base.load_lora(final / "lora.safetensors")
+    x_run = sample_ode(model, ["a red cube"], steps=3, cfg=3.0, resolution=32, seed=[1])
+    x_adapter = sample_ode(base, ["a red cube"], steps=3, cfg=3.0, resolution=32, seed=[1])
+    torch.testing.assert_close(x_run, x_adapter, atol=1e-4, rtol=1e-4)
+    with base.adapters_disabled():
+        x_base = sample_ode(base, ["a red cube"], steps=3, cfg=3.0, resolution=32, seed=[1])
+    assert not torch.allclose(x_run, x_base)
+
+    with pytest.raises(OpdkitError, match="--resume"):
+        train(recipe, run)
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, one_thread: None) -> None:
+    recipe = write_recipe(tmp_path, RECIPE)
+    steps = ["--set", "train.max_steps=8", "--set", "train.sample_every=0"]
+    command = [sys.executable, "-m", "opdkit.cli", "train", str(recipe), "--out", str(tmp_path / "killed"), *steps]
+    # Start the run to be killed first: it imports while this process trains the reference run.
+    killed = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        train(recipe, tmp_path / "whole", ["train.max_steps=8", "train.sample_every=0"])
+        pointer = tmp_path / "killed" / "checkpoints" / "latest.json"
+        deadline = time.monotonic() + 240
+        while not pointer.exists():
+            assert killed.poll() is None, killed.stderr.read() if killed.stderr else ""
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+        time.sleep(random.uniform(0.0, 0.6))  # somewhere in the next steps
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=30)
+    finally:
+        if killed.poll() is None:
+            killed.kill()
+            killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    done = read_jsonl(tmp_path / "killed" / "metrics.jsonl")
+    assert done and done[-1]["step"] < 8, "the run finished before it was killed"
+    # Resume through the same CLI, in this process (saves a second interpreter start).
+    from typer.testing import CliRunner
+
+    from opdkit.cli import app
+
+    resumed = CliRunner().invoke(app, [*command[3:], "--resume"])
+    assert resumed.exit_code == 0, resumed.output[-3000:]
+
+    whole, again = tmp_path / "whole", tmp_path / "killed"
+    assert without_clock(read_jsonl(again / "metrics.jsonl")) == without_clock(read_jsonl(whole / "metrics.jsonl"))
+    for name in ("lora.safetensors", "lora_online.safetensors"):
+        a, b = tensors(whole / "final" / name), tensors(again / "final" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    for name in ("optimizer.safetensors", "ema.safetensors", "transformer.safetensors"):
+        a, b = tensors(whole / "checkpoints/step_000008" / name), tensors(again / "checkpoints/step_000008" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_accumulation_matches_one_big_batch(tmp_path: Path, one_thread: None) -> None:
+    """4 images in one micro-batch vs 2 micro-batches of 2 accumulated: the same update."""
+    recipe = write_recipe(tmp_path, RECIPE)
+    common = ["train.max_steps=1", "train.ema=null", "train.sample_every=0", "train.group_size=2"]
+    one = train(recipe, tmp_path / "one", [*common, "train.micro_batch=4", "train.grad_accum=1"])
+    two = train(recipe, tmp_path / "two", [*common, "train.micro_batch=2", "train.grad_accum=2"])
+    a, b = tensors(one / "lora.safetensors"), tensors(two / "lora.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    m1, m2 = read_jsonl(tmp_path / "one" / "metrics.jsonl")[0], read_jsonl(tmp_path / "two" / "metrics.jsonl")[0]
+    assert m1["reward"] == pytest.approx(m2["reward"], abs=1e-6)
+    assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-4)
+    # Two micro-batches with grad_accum 1 make two updates: different weights.
+    three = train(recipe, tmp_path / "three", [*common, "train.micro_batch=2", "train.grad_accum=1"])
+    c = tensors(three / "lora.safetensors")
+    assert any(not torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+
+
+def test_full_finetuning_and_bad_micro_batch(tmp_path: Path, one_thread: None) -> None:
+    recipe = write_recipe(tmp_path, RECIPE)
+    final = train(recipe, tmp_path / "full", ["train.lora=null", "train.max_steps=1", "train.sample_every=0", "train.lr=1e-3"])
+    info = json.loads((final / "final.json").read_text())
+    assert info["kind"] == "full" and info["ema"]
+    trained = tensors(final / "transformer_online.safetensors")
+    from opdkit.registry import models
+    from opdkit.runs import load_run_model
+
+    base = models.build("shapes_new", {"patch_size": 4, "num_layers": 1, "num_heads": 2, "head_dim": 8,
+                                       "text_hidden_size": 32, "text_heads": 2, "text_projection_dim": 32})  # fmt: skip
+    base_params = dict(base.transformer.named_parameters())
+    assert set(trained) == set(base_params)
+    assert any(not torch.equal(trained[k], base_params[k].detach()) for k in trained)
+    loaded = load_run_model(tmp_path / "full")
+    ema = tensors(final / "transformer.safetensors")
+    for key, value in loaded.transformer.named_parameters():
+        assert torch.equal(value.detach(), ema[key])
+    from opdkit.runs import final_lora_path
+
+    with pytest.raises(OpdkitError, match="no LoRA adapter"):
+        final_lora_path(tmp_path / "full")
+    with pytest.raises(OpdkitError, match="micro_batch"):
+        train(recipe, tmp_path / "bad", ["train.micro_batch=3"])
+
+
+def test_sd3_pipeline_two_steps_through_opdkit_train(tmp_path: Path, one_thread: None) -> None:
+    """The SD3.5 code path without weights: a tiny random SD3 pipeline (CLIP x2, T5, VAE)."""
+    from typer.testing import CliRunner
+
+    from opdkit.cli import app
+    from opdkit.models import build_tiny_sd3_pipeline
+    from opdkit.models.flow_model import SD3_LORA_TARGETS
+
+    pipe = build_tiny_sd3_pipeline(tmp_path / "sd3")
+    model = f"model: {{type: sd3, path: {pipe}}}\n"
+    recipe = write_recipe(
+        tmp_path,
+        f"""\
+        method: grpo
+        prompts: {{dataset: shapes, split: train, tags: [colors]}}
+        rewards: [{{type: REWARD}}]
+        sampler: {{steps: 3, noise_level: 0.7, cfg: 4.5, resolution: 32}}
+        train:
+          seed: 1
+          lr: 1.0e-2
+          batch_size: 2
+          group_size: 2
+          max_steps: 2
+          lora: {{rank: 4, alpha: 8, targets: {list(SD3_LORA_TARGETS)}}}
+          kl_beta: 0.01
+        """,
+        model=model,
+    )
+    result = CliRunner().invoke(app, ["train", str(recipe), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["ratio_first_max_dev"] == 0.0 for m in metrics)
+    adapter = tensors(tmp_path / "run" / "final" / "lora.safetensors")
+    assert any("add_q_proj" in k for k in adapter)
+    assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)
+
+
+def test_two_processes_data_parallel(tmp_path: Path, one_thread: None) -> None:
+    """`accelerate launch` with two CPU processes (gloo): split prompts, identical weights (~35 s)."""
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate CLI not on PATH")
+    recipe = write_recipe(tmp_path, RECIPE)
+    command = [
+        "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
+        "-m", "opdkit.cli", "train", str(recipe), "--out", str(tmp_path / "ddp"),
+        "--set", "train.max_steps=2", "--set", "train.micro_batch=2", "--set", "train.grad_accum=2",
+    ]  # fmt: skip
+    env = cli_env()
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    logs = [read_jsonl(tmp_path / "ddp" / "ranks" / f"rank_{r}.jsonl") for r in (0, 1)]
+    from opdkit import policy
+    from opdkit.prompts import load_prompts
+    from opdkit.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    records = load_prompts(loaded.recipe.prompts)
+    for step in (1, 2):
+        mine = [next(r for r in log if r["step"] == step and "prompt_indices" in r) for log in logs]
+        assert set(mine[0]["prompt_indices"]).isdisjoint(mine[1]["prompt_indices"])
+        whole = policy.step_prompts(records, seed=0, step=step, batch_size=2, group_size=4)
+        assert mine[0]["prompt_indices"] + mine[1]["prompt_indices"] == whole.indices
+        assert mine[0]["seeds"] + mine[1]["seeds"] == whole.seeds
+    sums = [next(r["weights_sha256"] for r in log if "weights_sha256" in r) for log in logs]
+    assert sums[0] == sums[1]
+    assert len(read_jsonl(tmp_path / "ddp" / "metrics.jsonl")) == 2
+    # The same algorithm as one process over the same micro-batches (4 of them, one update).
+    single = train(recipe, tmp_path / "single", ["train.max_steps=2", "train.micro_batch=2", "train.grad_accum=4"])
+    a, b = tensors(tmp_path / "ddp" / "final" / "lora.safetensors"), tensors(single / "lora.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    m_ddp, m_single = read_jsonl(tmp_path / "ddp" / "metrics.jsonl"), read_jsonl(tmp_path / "single" / "metrics.jsonl")
+    assert [m["reward"] for m in m_ddp] == pytest.approx([m["reward"] for m in m_single], abs=1e-6)
+
+
+def test_shipped_grpo_recipes_name_their_rewards_and_tags() -> None:
+    from opdkit.recipe import load_recipe
+
+    expected = {
+        "shapes/grpo_geneval": ({"shapes_geneval"}, {"single_object", "two_object", "counting", "colors", "position", "color_attr"}),
+        "shapes/grpo_ocr": ({"shapes_ocr"}, {"ocr"}),
+        "shapes/grpo_quality": ({"shapes_quality"}, None),
+        "shapes/grpo_mix": ({"shapes_geneval", "shapes_ocr", "shapes_quality"}, None),
+    }
+    for name, (rewards, tags) in expected.items():
+        recipe = load_recipe(name).recipe
+        assert recipe.method == "grpo" and {r.type for r in recipe.rewards} == rewards, name
+        assert (set(recipe.prompts.tags) if recipe.prompts.tags else None) == tags, name
+        assert recipe.model.type == "shapes" and recipe.sampler.resolution == 32
+    mix = load_recipe("shapes/grpo_mix").recipe
+    assert [r.weight for r in mix.rewards] == [3.0, 1.0, 1.0]
+    for name in ("sd35m/grpo_geneval", "sd35m/grpo_ocr", "sd35m/grpo_pickscore", "sd35m/grpo_mix"):
+        recipe = load_recipe(name, check_plugins=False).recipe
+        assert recipe.sampler.resolution == 512 and recipe.sampler.steps == 10 and recipe.sampler.cfg == 4.5
+        assert recipe.train.lora is not None and (recipe.train.lora.rank, recipe.train.lora.alpha) == (32, 64)
