@@ -20,6 +20,19 @@ if TYPE_CHECKING:
     import torch
 
 
+# Checkpoints committed to the repository and shipped in the wheel (shapes-base, shapes teachers).
+COMMITTED_DIR = Path(__file__).resolve().parent / "checkpoints"
+
+
+def resolve_weights_path(path: str | Path) -> Path:
+    """A user path if it exists, else the committed checkpoint of that name (``shapes-teachers/ocr``)."""
+    given = Path(path).expanduser()
+    if given.exists():
+        return given
+    committed = COMMITTED_DIR / str(path)
+    return committed if committed.exists() else given
+
+
 def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The parameters of ``module`` that require grad (all of them for full fine-tuning)."""
     return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}

@@ -23,14 +23,18 @@ class TeacherSource:
 
 @teachers.register("lora")
 def lora(path: str) -> TeacherSource:
-    """A LoRA adapter on the shared base: a GRPO run directory or an adapter directory/file."""
-    return TeacherSource("lora", Path(path).expanduser())
+    """A LoRA adapter on the shared base: a GRPO run directory, an adapter file, or a committed one."""
+    from opdkit.checkpoint import resolve_weights_path
+
+    return TeacherSource("lora", resolve_weights_path(path))
 
 
 @teachers.register("full")
 def full(path: str) -> TeacherSource:
     """A separate full checkpoint in the diffusers pipeline layout (costs a whole model)."""
-    return TeacherSource("full", Path(path).expanduser())
+    from opdkit.checkpoint import resolve_weights_path
+
+    return TeacherSource("full", resolve_weights_path(path))
 
 
 @teachers.register("base")

@@ -1,0 +1,527 @@
+"""``method: opd`` — Flow-OPD: distil several task teachers into one student on its own samples.
+
+One training step ``k`` (everything random in it is seeded by ``(train.seed, k)``, so a resumed
+run repeats exactly what an uninterrupted one would have done):
+
+1. **Prompts.** ``train.batch_size`` prompts (``group_size`` images each) from the recipe's
+   prompt set, spread evenly over the task tags with ``prompts.balance_tags``.
+2. **Rollout.** The student (the LoRA adapter being trained) samples its own SDE trajectories,
+   storing every state and log pi_old (:func:`opdkit.policy.rollout`, as in GRPO).
+3. **Routing.** The router plug-in names one teacher per image (per sample, inside the batch).
+4. **Teachers.** At every visited state of the trained steps, the routed teacher's transition mean
+   mu_teacher(x_t) is computed with no grad, one batched forward per teacher: LoRA teachers are
+   named adapters on the ONE shared base (K teachers cost K adapters, not K models), switched per
+   sub-batch; ``full`` teachers are separate transformers; ``base`` is the base with adapters off.
+5. **Loss.** Dense per-step reverse KL ``KL_t = KL(pi_student(.|x_t) || pi_teacher(.|x_t))``
+   between the two Gaussian transitions (:func:`opdkit.policy.gaussian_kl`, scaling
+   ``train.kl_scaling``), used by ``train.loss_mode``:
+
+   * ``kl_only`` — advantage ``A_t = clamp(-KL_t, +-adv_clip)`` through the PPO-clipped ratio;
+   * ``mixed`` — ``A_t`` plus the group-normalised task reward of the recipe's ``rewards``;
+   * ``direct`` — minimise ``mean KL_t`` itself (no ratio).
+
+   ``train.detach_kl`` (default true, as the paper describes): the KL inside an advantage carries
+   no gradient of its own, so the student learns only through rho. With ``false`` the gradient
+   also flows through KL_t (what Flow-OPD's code does). Regularizers add
+   ``weight * KL(student || anchor)`` on every sample: ``mar`` (Manifold Anchor Regularization,
+   anchor = a task-agnostic teacher or the base) and ``ref_kl`` (the base).
+6. **Bookkeeping** as GRPO: ``metrics.jsonl`` (KL per teacher, routing counts, anchor KLs,
+   ratio stats, rewards when the recipe names any), grids, checkpoints, ``final/``.
+
+Cold start (``init``): the student's adapter starts from the teachers' LoRA adapters merged on
+their weight deltas (:mod:`opdkit.merge`: mean, weighted or TIES), compressed to the student's
+rank by truncated SVD when needed; without ``init`` the student starts as the base (B = 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from opdkit.checkpoint import load_training_state, save_training_state
+from opdkit.errors import OpdkitError
+from opdkit.prompts import load_prompts
+from opdkit.recipe import dump_recipe
+from opdkit.registry import models, regularizers, routers, teachers
+from opdkit.rundir import RunDir, read_jsonl, rewrite_jsonl
+
+if TYPE_CHECKING:
+    import torch
+
+    from opdkit.policy import Rollout
+    from opdkit.recipe import InitSpec, LoadedRecipe, TeacherSpec
+
+BASE = "base"
+
+
+@dataclass
+class Teacher:
+    """A loaded teacher. ``adapter``: its LoRA adapter name on the shared base (kind ``lora``);
+    ``transformer``: a separate transformer (kind ``full``); neither: the base (kind ``base``)."""
+
+    name: str
+    kind: str
+    adapter: str | None = None
+    transformer: Any = None
+    lora_path: Path | None = None
+
+
+def load_teachers(model: Any, specs: list[TeacherSpec], device: Any) -> dict[str, Teacher]:
+    """Build every teacher plug-in and load its weights beside the student on the shared base."""
+    from opdkit.merge import find_adapter
+
+    loaded: dict[str, Teacher] = {}
+    for spec in specs:
+        source = teachers.build(spec.type, spec.builder_params())
+        kind = getattr(source, "kind", None)
+        if kind == "lora":
+            path = _adapter_file(source.path, find_adapter)
+            adapter = f"teacher_{spec.name}"
+            model.load_lora(path, adapter)
+            loaded[spec.name] = Teacher(spec.name, "lora", adapter=adapter, lora_path=path)
+        elif kind == "full":
+            from opdkit.models.flow_model import load_flow_model
+
+            other = load_flow_model(source.path, dtype=model.dtype, device=device)
+            other.transformer.eval().requires_grad_(False)
+            loaded[spec.name] = Teacher(spec.name, "full", transformer=other.transformer)
+        elif kind == "base":
+            loaded[spec.name] = Teacher(spec.name, "base")
+        else:
+            raise OpdkitError(f"teacher {spec.name!r}: plug-in {spec.type!r} returned {source!r}, not a TeacherSource")
+    return loaded
+
+
+def _adapter_file(path: Path | None, find_adapter: Any) -> Path:
+    """A GRPO run directory (its final adapter) or an adapter file."""
+    if path is None:
+        raise OpdkitError("a lora teacher needs a path (run directory or adapter file)")
+    from opdkit.runs import final_lora_path, is_run_dir
+
+    return final_lora_path(path) if is_run_dir(path) else find_adapter(path)
+
+
+@contextlib.contextmanager
+def acting_as(model: Any, teacher: Teacher | None, student_adapter: str) -> Iterator[None]:
+    """Inside the block the model computes ``teacher`` (None or ``base``: the base model)."""
+    if teacher is None or teacher.kind == "base":
+        with model.adapters_disabled():
+            yield
+    elif teacher.kind == "lora":
+        model.set_adapter(teacher.adapter)
+        try:
+            yield
+        finally:
+            model.set_adapter(student_adapter)  # peft makes the active adapter the trainable one
+    else:
+        student = model.transformer
+        model.transformer = teacher.transformer
+        try:
+            yield
+        finally:
+            model.transformer = student
+
+
+def cold_start(model: Any, trainable: Any, loaded: dict[str, Teacher], init: InitSpec, rank: int, alpha: float) -> float:
+    """Initialise the student's adapter from the merged teacher deltas; returns the relative
+    Frobenius error of the rank-``rank`` compression (0 when exact)."""
+    import torch
+
+    from opdkit.merge import merge_loras, read_lora
+    from opdkit.policy import ADAPTER
+
+    if init.adapter is not None:
+        from opdkit.merge import find_adapter
+
+        sources = [read_lora(_adapter_file(Path(init.adapter).expanduser(), find_adapter))]
+        method, weights = "mean", None
+    else:
+        chosen = init.teachers or [n for n, t in loaded.items() if t.kind == "lora"]
+        missing = [n for n in chosen if n not in loaded or loaded[n].kind != "lora"]
+        if missing or not chosen:
+            raise OpdkitError(f"init: cannot merge {missing or 'no teachers'}: only LoRA teachers can be merged")
+        sources = [read_lora(loaded[n].lora_path) for n in chosen]
+        method, weights = init.method, init.weights
+    exact = merge_loras(sources, method, weights, density=init.density) if method != "ties" else None
+    if exact is not None and exact.rank == rank:
+        merged = exact  # the concatenated factors fit the student's rank as they are
+    else:  # compress (or, for TIES, factorize) to the student's rank by truncated SVD
+        merged = merge_loras(sources, method, weights, rank=rank, density=init.density)
+    exact = exact or merged
+    scale = alpha / rank  # the student adapter multiplies B @ A by alpha / r
+    errors, norms = 0.0, 0.0
+    with torch.no_grad():
+        for module, (a, b) in merged.factors.items():
+            layer = model.transformer.get_submodule(module)
+            layer.lora_A[ADAPTER].weight.copy_(a.to(layer.lora_A[ADAPTER].weight))
+            layer.lora_B[ADAPTER].weight.copy_((b / scale).to(layer.lora_B[ADAPTER].weight))
+            errors += float((merged.delta(module) - exact.delta(module)).pow(2).sum())
+            norms += float(exact.delta(module).pow(2).sum())
+    return math.sqrt(errors / norms) if norms > 0 else 0.0
+
+
+def frozen_means(model: Any, batch: Rollout, teacher: Teacher | None, t: int, index: torch.Tensor) -> torch.Tensor:
+    """Transition means of ``teacher`` (None: the base) at stored states ``batch.states[t, index]``.
+
+    One CFG-batched forward, no grad. Returns (len(index), C, h, w) float32.
+    """
+    import torch
+
+    from opdkit.policy import ADAPTER
+    from opdkit.sampling import guided_velocity, sde_step_with_logprob
+
+    with torch.no_grad():
+        x = batch.states[t, index]
+        uncond = model.uncond(len(index)) if batch.cfg != 1.0 else None
+        with acting_as(model, teacher, ADAPTER):
+            v = guided_velocity(model, x, batch.sigmas[t], batch.cond[index], uncond, batch.cfg)
+        step = sde_step_with_logprob(
+            x, v, batch.sigmas[t], batch.sigmas[t + 1], batch.noise_level, prev_sample=batch.states[t + 1, index]
+        )
+    return step.mean.float()
+
+
+def routed_teacher_means(
+    model: Any, batch: Rollout, t: int, rows: slice, routes: list[str], loaded_teachers: dict[str, Teacher]
+) -> torch.Tensor:
+    """mu_teacher(x_t) for rows ``rows``, each row from its routed teacher: one batched forward per
+    teacher over the rows routed to it (adapters switched per sub-batch). (n, C, h, w) float32."""
+    import torch
+
+    out = torch.empty(batch.states[t, rows].shape, dtype=torch.float32, device=batch.states.device)
+    for name, teacher in loaded_teachers.items():
+        index = torch.tensor([i for i in range(rows.start, rows.stop) if routes[i] == name], dtype=torch.long)
+        if len(index):
+            out[index - rows.start] = frozen_means(model, batch, teacher, t, index)
+    return out
+
+
+def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path:
+    """Distil with Flow-OPD; returns the directory of the final weights (``<out_dir>/final``)."""
+    import torch
+    from accelerate import Accelerator
+
+    from opdkit import policy
+    from opdkit.progress import progress_bar
+
+    recipe = loaded.recipe
+    train, sampler = recipe.train, recipe.sampler
+    if train.loss_mode == "mixed" and not recipe.rewards:
+        raise OpdkitError(f"{loaded.path}: train.loss_mode mixed needs 'rewards' (the task reward)")
+    torch.manual_seed(train.seed)
+    model = models.build(recipe.model.type, recipe.model.builder_params())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    device = accelerator.device
+
+    rundir = RunDir(out_dir)
+    if not resume and rundir.latest() is not None:
+        raise OpdkitError(
+            f"{rundir.root}: holds a previous run (checkpoint at step {rundir.latest()[0]}); "
+            "pass --resume to continue it or --out to start elsewhere"
+        )
+    if main:
+        rundir.prepare(dump_recipe(recipe), resume)
+    accelerator.wait_for_everyone()
+
+    # -- student, teachers, router, anchors -------------------------------------------------------
+    model.to(device=device)
+    loaded_teachers = load_teachers(model, recipe.teachers, device)
+    torch.manual_seed(train.seed)
+    trainable = policy.setup_trainable(model, train.lora)  # adds and activates the student adapter
+    if not trainable.lora and any(t.kind == "lora" for t in loaded_teachers.values()):
+        raise OpdkitError(f"{loaded.path}: LoRA teachers share the base with a LoRA student; set train.lora")
+    init_error = None
+    if recipe.init is not None:
+        assert train.lora is not None
+        init_error = cold_start(model, trainable, loaded_teachers, recipe.init, train.lora.rank, train.lora.alpha)
+    assert recipe.router is not None
+    route = routers.build(recipe.router.type, recipe.router.params)
+    teacher_names = list(loaded_teachers)
+    anchors: list[tuple[str, float, Teacher | None]] = []
+    for spec in recipe.regularizers:
+        anchor = regularizers.build(spec.type, spec.params).anchor
+        if anchor != BASE and anchor not in loaded_teachers:
+            raise OpdkitError(f"{loaded.path}: regularizer {spec.type!r} anchors to {anchor!r}, which is not a teacher")
+        anchors.append((f"{spec.type}:{anchor}", spec.weight, loaded_teachers.get(anchor)))
+    reward_fn = policy.WeightedReward(recipe.rewards) if recipe.rewards else None
+
+    params = trainable.params
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    ema = policy.EMA(trainable.names, params, train.ema.decay, train.ema.every) if train.ema else None
+    records = load_prompts(recipe.prompts)
+    group = train.group_size
+    local_images = train.batch_size // world * group if train.batch_size % world == 0 else 0
+    micro = train.micro_batch or local_images
+    if local_images == 0 or local_images % micro:
+        raise OpdkitError(
+            f"{loaded.path}: train.batch_size ({train.batch_size}) must divide by {world} processes and "
+            f"train.micro_batch ({micro}) must divide {train.batch_size // max(world, 1) * group} images"
+        )
+    window = tuple(sampler.train_window) if sampler.train_window is not None else None
+
+    modules = {"transformer": model.transformer}
+    start, elapsed_before, optimizer_steps = 0, 0.0, 0
+    latest = rundir.latest()
+    if resume and latest is not None:
+        state = load_training_state(latest[1], modules, optimizer)
+        start, elapsed_before = int(state["step"]), float(state.get("elapsed_s", 0.0))
+        optimizer_steps = int(state.get("optimizer_steps", 0))
+        if ema is not None:
+            from safetensors.torch import load_file
+
+            ema.load_state_dict(load_file(str(latest[1] / "ema.safetensors")))
+        if main:
+            rundir.truncate_metrics(start)
+    rank_log = rundir.root / "ranks" / f"rank_{rank}.jsonl" if world > 1 else None
+    if rank_log is not None:
+        rewrite_jsonl(rank_log, [r for r in read_jsonl(rank_log) if int(r.get("step", 0)) <= start and "weights_sha256" not in r])
+    board = policy.TensorBoardLog(rundir.root / "tensorboard", purge_step=start + 1) if main else None
+
+    def lr_at(step: int) -> float:
+        return train.lr * (min(1.0, step / train.warmup_steps) if train.warmup_steps else 1.0)
+
+    def save(step: int, elapsed: float) -> None:
+        if main:
+            save_training_state(
+                rundir.checkpoint_dir(step), modules, optimizer,
+                {"step": step, "elapsed_s": elapsed, "optimizer_steps": optimizer_steps},
+                extra_tensors={"ema": ema.state_dict()} if ema is not None else None,
+            )  # fmt: skip
+            rundir.commit_checkpoint(step, keep=train.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    t0 = time.perf_counter()
+    step = start
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(progress_bar(f"opd {loaded.path.stem}", total=train.max_steps, completed=start)) if main else None
+        if board is not None:
+            stack.callback(board.close)
+        while step < train.max_steps:
+            step += 1
+            t_step = time.perf_counter()
+            drawn = policy.step_prompts(
+                records, seed=train.seed, step=step, batch_size=train.batch_size, group_size=group,
+                rank=rank, world_size=world, balance_tags=recipe.prompts.balance_tags,
+            )  # fmt: skip
+            model.transformer.eval()
+            batch = policy.rollout(
+                model, drawn.records, drawn.seeds, steps=sampler.steps, cfg=sampler.cfg,
+                noise_level=sampler.noise_level, resolution=sampler.resolution, shift=sampler.shift,
+                window=window, micro_batch=micro, decode=reward_fn is not None or bool(train.sample_every),
+            )  # fmt: skip
+            routes = route(batch.records, teacher_names)
+            t_rollout = time.perf_counter()
+
+            task_adv = None
+            scores = None
+            if reward_fn is not None:
+                scores = reward_fn(batch.images, batch.prompts, batch.records)
+                all_rewards = accelerator.gather(scores.total.to(device)).cpu()
+                if train.loss_mode == "mixed":
+                    adv_all = policy.group_advantages(all_rewards, group, train.adv_std, train.adv_clip)
+                    task_adv = adv_all[rank * local_images : (rank + 1) * local_images].to(device)
+
+            stats = distill_update(
+                model, batch, routes, loaded_teachers, anchors, task_adv, trainable, optimizer, ema, train,
+                world=world, lr=lr_at(step), optimizer_steps=optimizer_steps,
+            )  # fmt: skip
+            optimizer_steps = stats.pop("optimizer_steps")
+            t_update = time.perf_counter()
+
+            elapsed = elapsed_before + time.perf_counter() - t0
+            record = _metrics(step, lr_at(step), stats, routes, teacher_names, accelerator, device)
+            if scores is not None:
+                for name, values in scores.parts.items():
+                    values = accelerator.gather(values.to(device)).cpu()
+                    record[f"reward/{name}/mean"] = policy.summarize(values)["mean"]
+                record["reward"] = float(accelerator.gather(scores.total.to(device)).mean())
+            if init_error is not None and step == 1:
+                record["init_merge_rel_error"] = init_error
+            record.update(
+                rollout_seconds=round(t_rollout - t_step, 3), update_seconds=round(t_update - t_rollout, 3),
+                seconds=round(elapsed, 3),
+            )  # fmt: skip
+            if not math.isfinite(record["loss"]):
+                raise OpdkitError(f"{loaded.path}: loss became {record['loss']} at step {step}; lower train.lr")
+            if rank_log is not None:
+                from opdkit.rundir import append_jsonl
+
+                append_jsonl(rank_log, {"step": step, "prompt_indices": drawn.indices, "seeds": drawn.seeds})
+            if main:
+                if step % train.log_every == 0 or step == train.max_steps:
+                    rundir.log(record)
+                    assert board is not None
+                    board.log(record, step)
+                if train.sample_every and step % train.sample_every == 0:
+                    rewards = scores.total if scores is not None else -stats["kl_teacher_per_image"]
+                    policy.save_rollout_grid(batch, rewards, group, rundir.samples / f"step_{step:06d}.png")
+                assert bar is not None
+                bar.update(step, kl=record["kl"], loss=record["loss"])
+            out_of_time = policy.out_of_time(accelerator, train.max_minutes, elapsed)
+            if step % train.checkpoint_every == 0 or step == train.max_steps or out_of_time:
+                save(step, elapsed)
+            if out_of_time:
+                break
+
+    final = rundir.root / "final"
+    if main:
+        policy.save_final(model, trainable, ema, final, step)
+    if rank_log is not None:
+        from opdkit.rundir import append_jsonl
+
+        append_jsonl(rank_log, {"step": step, "weights_sha256": policy.parameters_sha256(params)})
+    accelerator.wait_for_everyone()
+    return final
+
+
+def distill_update(
+    model: Any,
+    batch: Rollout,
+    routes: list[str],
+    loaded_teachers: dict[str, Teacher],
+    anchors: list[tuple[str, float, Teacher | None]],
+    task_adv: torch.Tensor | None,
+    trainable: Any,
+    optimizer: torch.optim.Optimizer,
+    ema: Any,
+    train: Any,
+    *,
+    world: int,
+    lr: float,
+    optimizer_steps: int,
+) -> dict[str, Any]:
+    """``inner_epochs`` passes of distillation updates over one rollout (this rank's rows).
+
+    Teacher and anchor means are computed once per (micro-batch, step) with no grad and reused
+    across inner epochs (they do not depend on the student). Returns per-sample statistics as 1-D
+    tensors plus ``kl_teacher_per_image`` (N,) and the new ``optimizer_steps``.
+    """
+    import torch
+
+    from opdkit import policy
+
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    params = trainable.params
+    chunks = batch.chunks()
+    steps = batch.trained_steps
+    n = len(batch)
+
+    targets: dict[tuple[int, int], torch.Tensor] = {}
+    anchor_targets: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def teacher_target(c: int, t: int, rows: slice) -> torch.Tensor:
+        if (c, t) not in targets:
+            targets[(c, t)] = routed_teacher_means(model, batch, t, rows, routes, loaded_teachers)
+        return targets[(c, t)]
+
+    kl_per_image = torch.zeros(n)
+    stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("kl", "loss", "ratio", "clipped", "ratio_first")}
+    anchor_kls: dict[str, list[torch.Tensor]] = {label: [] for label, _, _ in anchors}
+    norms: list[torch.Tensor] = []
+    updates = math.ceil(len(chunks) / train.grad_accum)
+    first_done = False
+    model.transformer.train()
+    for _epoch in range(train.inner_epochs):
+        for u in range(updates):
+            members = list(range(u * train.grad_accum, min((u + 1) * train.grad_accum, len(chunks))))
+            weight = 1.0 / (len(members) * len(steps))
+            update_ratios = []
+            for c in members:
+                rows = chunks[c]
+                for t in steps:
+                    new = policy.transition(model, batch, t, rows)
+                    dt = batch.sigmas[t + 1] - batch.sigmas[t]
+                    kl = policy.gaussian_kl(new.mean, teacher_target(c, t, rows), new.std, dt, train.kl_scaling)
+                    if train.loss_mode == "direct":
+                        loss = kl
+                        ratio = torch.exp(new.log_prob.detach() - batch.log_probs[t, rows])
+                    else:
+                        adv = (-kl).clamp(-train.adv_clip, train.adv_clip)
+                        if train.detach_kl:
+                            adv = adv.detach()
+                        if task_adv is not None:
+                            adv = adv + task_adv[rows]
+                        loss, ratio = policy.clipped_policy_loss(
+                            new.log_prob, batch.log_probs[t, rows], adv, train.clip_range, detach_advantages=train.detach_kl
+                        )
+                    for a, (label, lam, anchor) in enumerate(anchors):
+                        key = (c, t, a)
+                        if key not in anchor_targets:
+                            anchor_targets[key] = frozen_means(model, batch, anchor, t, torch.arange(rows.start, rows.stop))
+                        kl_anchor = policy.gaussian_kl(new.mean, anchor_targets[key], new.std, dt, train.kl_scaling)
+                        loss = loss + lam * kl_anchor
+                        anchor_kls[label].append(kl_anchor.detach())
+                    (loss.mean() * weight).backward()
+                    stats["kl"].append(kl.detach())
+                    stats["loss"].append(loss.detach())
+                    stats["ratio"].append(ratio.detach())
+                    stats["clipped"].append(((ratio.detach() - 1.0).abs() > train.clip_range).float())
+                    update_ratios.append(ratio.detach())
+                    if _epoch == 0:
+                        kl_per_image[rows] += kl.detach().cpu() / len(steps)
+            if not first_done:
+                stats["ratio_first"] = update_ratios
+                first_done = True
+            policy.average_gradients(params, world)
+            if train.max_grad_norm is not None:
+                norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+            else:
+                norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            optimizer_steps += 1
+            norms.append(norm.detach().reshape(1).float())
+            if ema is not None:
+                ema.update(params, optimizer_steps)
+    model.transformer.eval()
+
+    def cat(xs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([x.float().cpu().reshape(-1) for x in xs]) if xs else torch.zeros(0)
+
+    out: dict[str, Any] = {k: cat(v) for k, v in stats.items()}
+    out.update({f"kl_anchor/{label}": cat(v) for label, v in anchor_kls.items()})
+    out["grad_norm"] = cat(norms)
+    out["kl_teacher_per_image"] = kl_per_image
+    out["optimizer_steps"] = optimizer_steps
+    return out
+
+
+def _metrics(
+    step: int, lr: float, stats: dict[str, Any], routes: list[str], names: list[str], accelerator: Any, device: Any
+) -> dict[str, Any]:
+    """One ``metrics.jsonl`` record, gathered over ranks: KL overall and per teacher, routing counts."""
+    import torch
+
+    def gather(values: torch.Tensor) -> torch.Tensor:
+        return accelerator.gather(values.to(device)).cpu() if accelerator.num_processes > 1 else values
+
+    per_image = gather(stats["kl_teacher_per_image"])
+    route_ids = gather(torch.tensor([names.index(r) for r in routes]))
+    record: dict[str, Any] = {
+        "step": step,
+        "kl": float(gather(stats["kl"]).mean()),
+        "loss": float(gather(stats["loss"]).mean()),
+        "ratio_mean": float(gather(stats["ratio"]).mean()),
+        "ratio_min": float(gather(stats["ratio"]).min()),
+        "ratio_max": float(gather(stats["ratio"]).max()),
+        "ratio_first_max_dev": float((gather(stats["ratio_first"]) - 1.0).abs().max()) if stats["ratio_first"].numel() else 0.0,
+        "clip_frac": float(gather(stats["clipped"]).mean()),
+        "grad_norm": float(stats["grad_norm"].mean()),
+        "lr": lr,
+    }
+    for i, name in enumerate(names):
+        mine = route_ids == i
+        record[f"routed/{name}"] = int(mine.sum())
+        record[f"kl/{name}"] = float(per_image[mine].mean()) if bool(mine.any()) else None
+    for key, values in stats.items():
+        if key.startswith("kl_anchor/"):
+            record[key] = float(gather(values).mean()) if values.numel() else None
+    return record

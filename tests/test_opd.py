@@ -1,0 +1,194 @@
+"""``method: opd`` on tiny models (CPU fp32): zero KL against itself, per-sample routing, MAR,
+cold start by delta merging, the run directory, and the SD3 path with two LoRA teachers."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from opdkit.errors import OpdkitError
+from opdkit.rundir import read_jsonl
+
+TINY = {"patch_size": 4, "num_layers": 1, "num_heads": 2, "head_dim": 8, "text_hidden_size": 32, "text_heads": 2, "text_projection_dim": 32}
+TINY_YAML = "model:\n  type: shapes_new\n  params: {patch_size: 4, num_layers: 1, num_heads: 2, head_dim: 8, text_hidden_size: 32, text_heads: 2, text_projection_dim: 32}\n"
+
+
+def tiny_model() -> Any:
+    from opdkit.registry import models
+
+    torch.manual_seed(0)
+    return models.build("shapes_new", TINY)
+
+
+def make_adapter(path: Path, seed: int, scale: float = 0.05, model: Any = None) -> Path:
+    """A LoRA teacher on the tiny base with random (non-zero) A and B."""
+    model = model or tiny_model()
+    name = f"t{seed}"
+    model.add_lora(name, rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.lora_parameters(name):
+            p.copy_(scale * torch.randn(p.shape, generator=g))
+    return model.save_lora(name, path)
+
+
+def write_recipe(tmp: Path, body: str) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / "opd.yaml"
+    path.write_text(TINY_YAML + textwrap.dedent(body))
+    return path
+
+
+OPD = """\
+method: opd
+prompts: {dataset: shapes, split: train, tags: [single_object, ocr], balance_tags: true}
+teachers:
+  - {name: shapes, type: lora, path: TEACHER_A}
+  - {name: signs, type: lora, path: TEACHER_B}
+router:
+  type: tag
+  params: {mapping: {single_object: shapes, ocr: signs}}
+sampler: {steps: 4, noise_level: 0.7, cfg: 3.0, resolution: 32}
+train:
+  seed: 0
+  lr: 1.0e-2
+  batch_size: 2
+  group_size: 2
+  max_steps: 2
+  lora: {rank: 4, alpha: 8, targets: [to_q, to_k, to_v, to_out.0]}
+  loss_mode: kl_only
+  checkpoint_every: 1
+"""
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("teachers")
+    return make_adapter(tmp / "a.safetensors", 1), make_adapter(tmp / "b.safetensors", 2, scale=0.08)
+
+
+def run_opd(tmp: Path, body: str, teachers: tuple[Path, Path], overrides: list[str] | None = None) -> list[dict]:
+    from opdkit.opd import run
+    from opdkit.recipe import load_recipe
+
+    text = body.replace("TEACHER_A", str(teachers[0])).replace("TEACHER_B", str(teachers[1]))
+    loaded = load_recipe(write_recipe(tmp, text), overrides or [])
+    run(loaded, tmp / "run")
+    return read_jsonl(tmp / "run" / "metrics.jsonl")
+
+
+def test_kl_is_zero_when_the_student_is_its_teacher(tmp_path: Path, teachers: tuple[Path, Path]) -> None:
+    # One teacher for every prompt, and the student starts as exactly that adapter.
+    body = OPD.replace("mapping: {single_object: shapes, ocr: signs}", "mapping: {single_object: shapes, ocr: shapes}")
+    metrics = run_opd(tmp_path, body + f"init: {{adapter: {teachers[0]}}}\n", teachers, ["train.max_steps=1"])
+    assert metrics[0]["kl"] == 0.0
+    assert metrics[0]["ratio_first_max_dev"] == 0.0
+    assert metrics[0]["routed/shapes"] == 4 and metrics[0]["routed/signs"] == 0
+
+
+def test_routing_sends_each_sample_to_its_teacher(tmp_path: Path, teachers: tuple[Path, Path]) -> None:
+    from opdkit.opd import frozen_means, load_teachers, routed_teacher_means
+    from opdkit.policy import rollout, setup_trainable
+    from opdkit.recipe import TeacherSpec
+    from opdkit.registry import routers
+
+    model = tiny_model()
+    loaded = load_teachers(
+        model, [TeacherSpec(name="shapes", type="lora", path=str(teachers[0])), TeacherSpec(name="signs", type="lora", path=str(teachers[1]))], "cpu"
+    )
+    setup_trainable(model, _lora())
+    records = [{"prompt": "a photo of a circle", "tag": "single_object"}, {"prompt": 'a sign that says "K7"', "tag": "ocr"}] * 2
+    routes = routers.build("tag", {"mapping": {"single_object": "shapes", "ocr": "signs"}})(records, ["shapes", "signs"])
+    assert routes == ["shapes", "signs", "shapes", "signs"]
+    batch = rollout(model, records, [1, 2, 3, 4], steps=3, cfg=3.0, noise_level=0.7, resolution=32, decode=False)
+    mixed = routed_teacher_means(model, batch, 0, slice(0, 4), routes, loaded)
+    only_a = frozen_means(model, batch, loaded["shapes"], 0, torch.arange(4))
+    only_b = frozen_means(model, batch, loaded["signs"], 0, torch.arange(4))
+    assert not torch.allclose(only_a, only_b)  # the teachers are distinguishable
+    torch.testing.assert_close(mixed[0::2], only_a[0::2])
+    torch.testing.assert_close(mixed[1::2], only_b[1::2])
+    # the student adapter is active again and is the only trainable one
+    assert model.active_adapters() == ["default"]
+    trainable = {n for n, p in model.transformer.named_parameters() if p.requires_grad}
+    assert trainable and all(".default." in n for n in trainable)
+
+
+def _lora() -> Any:
+    from opdkit.recipe import LoraSpec
+
+    return LoraSpec(rank=4, alpha=8, targets=["to_q", "to_k", "to_v", "to_out.0"])
+
+
+def test_mar_gradient_pulls_toward_the_anchor(tmp_path: Path, teachers: tuple[Path, Path]) -> None:
+    # Student starts as teacher A and is distilled toward A itself (zero teacher KL), so only the
+    # MAR term (anchor: the base) moves it: its KL to the base must fall.
+    body = OPD.replace("mapping: {single_object: shapes, ocr: signs}", "mapping: {single_object: shapes, ocr: shapes}")
+    body += f"init: {{adapter: {teachers[0]}}}\nregularizers:\n  - {{type: mar, weight: 10.0, params: {{anchor: base}}}}\n"
+    metrics = run_opd(tmp_path, body, teachers, ["train.loss_mode=direct", "train.max_steps=6", "train.lr=5e-3"])
+    anchor = [m["kl_anchor/mar:base"] for m in metrics]
+    assert anchor[0] > 0 and anchor[-1] < 0.5 * anchor[0]
+    assert all(later < earlier for earlier, later in zip(anchor, anchor[1:], strict=False))
+
+
+def test_opd_run_with_merge_init_writes_a_loadable_student(tmp_path: Path, teachers: tuple[Path, Path]) -> None:
+    metrics = run_opd(tmp_path, OPD + "init: {method: mean}\n", teachers, ["train.lora.rank=8", "train.lora.alpha=16"])
+    assert len(metrics) == 2
+    m = metrics[0]
+    assert m["routed/shapes"] == 2 and m["routed/signs"] == 2  # balanced tags, routed per sample
+    assert m["kl/shapes"] is not None and m["kl/signs"] is not None and m["kl"] > 0
+    assert m["init_merge_rel_error"] == pytest.approx(0.0, abs=1e-5)  # rank 8 = 4 + 4: exact merge
+    assert m["ratio_first_max_dev"] == 0.0
+    assert (tmp_path / "run" / "final" / "lora.safetensors").is_file()
+    from opdkit.runs import load_run_model
+
+    assert load_run_model(tmp_path / "run").world == "shapes"
+
+
+def test_opd_refusals_are_one_line(tmp_path: Path, teachers: tuple[Path, Path]) -> None:
+    body = OPD + "regularizers:\n  - {type: mar, weight: 0.04, params: {anchor: nobody}}\n"
+    with pytest.raises(OpdkitError, match="anchors to 'nobody', which is not a teacher"):
+        run_opd(tmp_path / "a", body, teachers)
+    with pytest.raises(OpdkitError, match="loss_mode mixed needs 'rewards'"):
+        run_opd(tmp_path / "b", OPD, teachers, ["train.loss_mode=mixed"])
+    unrouted = OPD.replace("mapping: {single_object: shapes, ocr: signs}", "mapping: {single_object: shapes}")
+    with pytest.raises(OpdkitError, match="unrouted prompt .*tag 'ocr'"):
+        run_opd(tmp_path / "c", unrouted, teachers)
+
+
+def test_sd3_path_with_two_lora_teachers(tmp_path: Path) -> None:
+    from opdkit.models.flow_model import load_flow_model
+    from opdkit.models.tiny import build_tiny_sd3_pipeline
+    from opdkit.opd import run
+    from opdkit.recipe import load_recipe
+
+    pipe = build_tiny_sd3_pipeline(tmp_path / "sd3")
+    files = []
+    for seed in (1, 2):
+        model = load_flow_model(pipe)
+        files.append(make_adapter(tmp_path / f"t{seed}.safetensors", seed, model=model))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a red cube", "tag": "objects"}\n{"prompt": "a sign that says \\"hi\\"", "tag": "text"}\n')
+    recipe = tmp_path / "opd.yaml"
+    recipe.write_text(textwrap.dedent(f"""\
+        method: opd
+        model: {{type: sd3, path: {pipe}}}
+        prompts: {{dataset: {prompts}, balance_tags: true}}
+        teachers:
+          - {{name: objects, type: lora, path: {files[0]}}}
+          - {{name: text, type: lora, path: {files[1]}}}
+        router: {{type: tag}}
+        regularizers: [{{type: mar, weight: 0.04}}]
+        init: {{method: mean}}
+        sampler: {{steps: 3, noise_level: 0.7, cfg: 2.0, resolution: 32}}
+        train: {{seed: 0, lr: 1.0e-3, batch_size: 2, group_size: 2, max_steps: 2, lora: {{rank: 4, alpha: 8, targets: [to_q, to_k, to_v, to_out.0]}}}}
+    """))
+    run(load_recipe(recipe), tmp_path / "run")
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert metrics[0]["routed/objects"] == 2 and metrics[0]["routed/text"] == 2
+    assert metrics[0]["kl_anchor/mar:base"] is not None
+    assert (tmp_path / "run" / "final" / "lora.safetensors").is_file()
