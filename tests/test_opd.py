@@ -3,6 +3,7 @@ cold start by delta merging, the run directory, and the SD3 path with two LoRA t
 
 from __future__ import annotations
 
+import itertools
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,7 @@ def test_mar_gradient_pulls_toward_the_anchor(tmp_path: Path, teachers: tuple[Pa
     metrics = run_opd(tmp_path, body, teachers, ["train.loss_mode=direct", "train.max_steps=6", "train.lr=5e-3"])
     anchor = [m["kl_anchor/mar:base"] for m in metrics]
     assert anchor[0] > 0 and anchor[-1] < 0.5 * anchor[0]
-    assert all(later < earlier for earlier, later in zip(anchor, anchor[1:], strict=False))
+    assert all(later < earlier for earlier, later in itertools.pairwise(anchor))
 
 
 def test_opd_run_with_merge_init_writes_a_loadable_student(tmp_path: Path, teachers: tuple[Path, Path]) -> None:
@@ -155,7 +156,7 @@ def test_opd_refusals_are_one_line(tmp_path: Path, teachers: tuple[Path, Path]) 
     with pytest.raises(OpdkitError, match="loss_mode mixed needs 'rewards'"):
         run_opd(tmp_path / "b", OPD, teachers, ["train.loss_mode=mixed"])
     unrouted = OPD.replace("mapping: {single_object: shapes, ocr: signs}", "mapping: {single_object: shapes}")
-    with pytest.raises(OpdkitError, match="unrouted prompt .*tag 'ocr'"):
+    with pytest.raises(OpdkitError, match=r"unrouted prompt .*tag 'ocr'"):
         run_opd(tmp_path / "c", unrouted, teachers)
 
 
