@@ -110,7 +110,7 @@ CASES = [
     ),
     Case(
         "unknown-top-level-key",
-        r"{file}:{line}: optimizer: unknown key \(allowed: description, eval, method, model, prompts, "
+        r"{file}:{line}: optimizer: unknown key \(allowed: description, eval, init, method, model, prompts, "
         r"regularizers, rewards, router, sampler, teachers, train\)",
         anchor="optimizer",
         append="optimizer: adam\n",
