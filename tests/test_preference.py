@@ -437,6 +437,14 @@ def test_opdkit_eval_cli_and_leaderboard_rows(tiny: dict[str, Any], tmp_path: Pa
     results = load_results(tmp_path)
     assert results["tiny-sd3"]["pickscore"]["family"] == "Preference"
     assert "overall" in results["tiny-sd3"]["pickscore"]["metrics"]
+    # the leaderboard shows it as a preference column after GenEval/OCR, with its value
+    from opdkit.leaderboard import columns_for, to_markdown
+
+    cols = columns_for(results)
+    assert [(c.bench, c.family) for c in cols] == [("pickscore", "Preference")]
+    value = results["tiny-sd3"]["pickscore"]["metrics"]["overall"]
+    table = to_markdown(results)
+    assert "pickscore" in table and f"{value:.3f}" in table
 
 
 def test_drawbench_summary_has_a_metric_per_category(tiny: dict[str, Any], tmp_path: Path) -> None:
