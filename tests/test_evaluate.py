@@ -80,3 +80,14 @@ def test_unknown_model_and_bench_are_one_line_errors(tmp_path: Path) -> None:
         run_eval("shapes-geneval", "shapes-bsae", out_dir=tmp_path)
     with pytest.raises(OpdkitError, match="unknown benchmark 'shapes-genevel'; did you mean 'shapes-geneval'"):
         run_eval("shapes-genevel", "shapes-base", out_dir=tmp_path)
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path: Path) -> None:
+    import os
+
+    from opdkit.rundir import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
