@@ -31,9 +31,9 @@ def _mean(rows: list[dict[str, Any]], key: str = "score") -> float:
 def shapes_geneval_bench(samples_per_prompt: int = 4) -> Benchmark:
     """GenEval protocol on the shapes test split (six tags), exact shapes detector, strict verdicts."""
     from opdkit.rewards.shapes import to_uint8_hwc
-    from opdkit.shapes.detect import score_geneval
 
     from opdkit.scoring.geneval import GENEVAL_TAGS, summarize
+    from opdkit.shapes.detect import score_geneval
 
     def score(images: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -65,6 +65,7 @@ def shapes_geneval_bench(samples_per_prompt: int = 4) -> Benchmark:
 def shapes_ocr_bench(samples_per_prompt: int = 4) -> Benchmark:
     """flow_grpo's OCR metric (1 - capped edit distance / length) on the shapes test split's signs."""
     from opdkit.rewards.shapes import to_uint8_hwc
+
     from opdkit.shapes.detect import score_ocr
 
     def score(images: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -90,6 +91,7 @@ def shapes_ocr_bench(samples_per_prompt: int = 4) -> Benchmark:
 def shapes_quality_bench(samples_per_prompt: int = 4) -> Benchmark:
     """Task-agnostic image quality in [0, 1] over every prompt of the shapes test split."""
     from opdkit.rewards.shapes import to_uint8_hwc
+
     from opdkit.shapes.quality import score_quality
 
     def score(images: Any, records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ def to_uint8_hwc(images: torch.Tensor) -> Any:
 def shapes_geneval(strict: bool = False) -> Any:
     """GenEval on shapes: flow_grpo partial credit (or the strict verdict if ``strict``); both logged."""
     import torch
+
     from opdkit.shapes.detect import score_geneval
 
     def reward(images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
@@ -38,6 +39,7 @@ def shapes_geneval(strict: bool = False) -> Any:
 def shapes_ocr() -> Any:
     """OCR on shapes: glyph reader + flow_grpo's OCR reward (1 - capped edit distance / length)."""
     import torch
+
     from opdkit.shapes.detect import score_ocr
 
     def reward(images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
@@ -50,6 +52,7 @@ def shapes_ocr() -> Any:
 def shapes_quality() -> Any:
     """Task-agnostic quality in [0, 1] (clean background, pure fills, sharp edges): plays PickScore."""
     import torch
+
     from opdkit.shapes.quality import score_quality
 
     def reward(images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
