@@ -115,8 +115,15 @@ def run_eval(
     import numpy as np
     import torch
 
-    benchmark: Benchmark = benchmarks.build(bench, bench_params or {})
     flow_model, default_name = resolve_model(model)
+    twin = f"shapes-{bench}"
+    if flow_model.world == "shapes" and not bench.startswith("shapes-") and twin in benchmarks.names():
+        # say the model is of the wrong world before the benchmark asks for its prompt files
+        raise OpdkitError(
+            f"benchmark {bench!r} scores sd3-world models, but {name or default_name!r} is a shapes-world "
+            f"model; use --bench {twin}"
+        )
+    benchmark: Benchmark = benchmarks.build(bench, bench_params or {})
     model_name = name or default_name
     check_world(benchmark, flow_model.world, model_name)
 

@@ -91,3 +91,11 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_real_benchmark_on_a_shapes_model_points_to_the_twin_before_asking_for_files(
+    tiny_shapes_dir: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(OpdkitError, match="use --bench shapes-geneval") as err:
+        run_eval("geneval", str(tiny_shapes_dir), out_dir=tmp_path)  # no metadata path given
+    assert "\n" not in str(err.value)
