@@ -48,7 +48,7 @@ from opdkit.errors import OpdkitError
 from opdkit.prompts import load_prompts
 from opdkit.recipe import dump_recipe
 from opdkit.registry import models, regularizers, routers, teachers
-from opdkit.rundir import RunDir, read_jsonl, rewrite_jsonl
+from opdkit.rundir import RunDir, append_jsonl, read_jsonl, rewrite_jsonl
 
 if TYPE_CHECKING:
     import torch
@@ -221,9 +221,10 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
     device = accelerator.device
 
     rundir = RunDir(out_dir)
-    if not resume and rundir.latest() is not None:
+    previous = rundir.latest()
+    if not resume and previous is not None:
         raise OpdkitError(
-            f"{rundir.root}: holds a previous run (checkpoint at step {rundir.latest()[0]}); "
+            f"{rundir.root}: holds a previous run (checkpoint at step {previous[0]}); "
             "pass --resume to continue it or --out to start elsewhere"
         )
     if main:
@@ -351,8 +352,6 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
             if not math.isfinite(record["loss"]):
                 raise OpdkitError(f"{loaded.path}: loss became {record['loss']} at step {step}; lower train.lr")
             if rank_log is not None:
-                from opdkit.rundir import append_jsonl
-
                 append_jsonl(rank_log, {"step": step, "prompt_indices": drawn.indices, "seeds": drawn.seeds})
             if main:
                 if step % train.log_every == 0 or step == train.max_steps:
@@ -374,8 +373,6 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
     if main:
         policy.save_final(model, trainable, ema, final, step)
     if rank_log is not None:
-        from opdkit.rundir import append_jsonl
-
         append_jsonl(rank_log, {"step": step, "weights_sha256": policy.parameters_sha256(params)})
     accelerator.wait_for_everyone()
     return final

@@ -30,7 +30,18 @@ from opdkit.rundir import RunDir
 from opdkit.sampling import shift_sigmas
 
 if TYPE_CHECKING:
+    import torch
+
+    from opdkit.models.flow_model import FlowModel
     from opdkit.recipe import LoadedRecipe
+
+
+def trained_modules(model: FlowModel) -> dict[str, torch.nn.Module]:
+    """What pretraining trains and checkpoints: the transformer and every text encoder, by name."""
+    modules: dict[str, torch.nn.Module] = {"transformer": model.transformer}
+    for i, encoder in enumerate(model.text_encoders):
+        modules[f"text_encoder_{i}"] = encoder
+    return modules
 
 
 def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path:
@@ -56,9 +67,7 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
         for record in records:
             grouped.setdefault(str(record.get("tag")), []).append(record)
         by_tag = [grouped[t] for t in sorted(grouped)]
-    modules: dict[str, torch.nn.Module] = {"transformer": model.transformer}
-    for i, encoder in enumerate(model.text_encoders):
-        modules[f"text_encoder_{i}"] = encoder
+    modules = trained_modules(model)
     for module in modules.values():
         module.train()
         module.requires_grad_(True)
@@ -166,9 +175,7 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | None
     rundir = RunDir(run_dir)
     loaded = load_recipe(rundir.root / "recipe.yaml")
     model = models.build(loaded.recipe.model.type, loaded.recipe.model.builder_params())
-    modules = {"transformer": model.transformer}
-    for i, encoder in enumerate(model.text_encoders):
-        modules[f"text_encoder_{i}"] = encoder
+    modules = trained_modules(model)
     if step is None:
         latest = rundir.latest()
         if latest is None:
