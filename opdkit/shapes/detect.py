@@ -115,9 +115,13 @@ def label_pixels(image: np.ndarray) -> np.ndarray:
 
 
 def _box_sum3(masks: np.ndarray) -> np.ndarray:
-    """3x3 neighbourhood counts of ``(..., H, W)`` bool masks (zero padding): int16."""
-    padded = np.zeros((*masks.shape[:-2], masks.shape[-2] + 2, masks.shape[-1] + 2), dtype=np.int16)
-    padded[..., 1:-1, 1:-1] = masks
+    """3x3 neighbourhood counts of ``(..., H, W)`` bool masks: int16.
+
+    The image is extended by replicating its edge pixels, so an object touching the border keeps
+    full counts there (zero padding would shave it under the majority filter).
+    """
+    pad = [(0, 0)] * (masks.ndim - 2) + [(1, 1), (1, 1)]
+    padded = np.pad(masks.astype(np.int16), pad, mode="edge")
     rows = padded[..., :-2, :] + padded[..., 1:-1, :] + padded[..., 2:, :]
     return rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
 

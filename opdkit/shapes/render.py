@@ -1,8 +1,8 @@
 """Ground-truth renderer of the shapes world: records -> exact uint8 RGB images.
 
 Every object is a palette-coloured shape stamped on a black background, axis-aligned, in a
-square box of integer side ``s`` at an integer position; boxes keep a clear gap, so objects
-never touch. Rasterisation samples pixel centres, and the same function
+square box whose side and position are multiples of :data:`PLACEMENT_GRID` pixels (the
+model's patch size) where the border allows; boxes keep a clear gap, so objects never touch. Rasterisation samples pixel centres, and the same function
 (:func:`shape_mask`) gives the detector its templates, so a clean render matches its template
 exactly (IoU 1). Placement and colours are random but seeded by the caller's generator.
 
@@ -28,6 +28,7 @@ from opdkit.shapes.vocab import (
     DEFAULT_SIZE,
     OBJECT_GAP,
     OCR_TEXT_COLOR,
+    PLACEMENT_GRID,
     SHAPES,
     SIZE_RANGE_MANY,
     SIZE_RANGE_ONE,
@@ -119,16 +120,41 @@ def _px(value: int, size: int) -> int:
     return max(1, round(value * size / DEFAULT_SIZE))
 
 
-def _free_origins(side: int, boxes: Sequence[tuple[int, int, int, int]], size: int) -> np.ndarray:
-    """Which top-left origins keep a ``side`` box clear of ``boxes`` and the border.
+def _on_grid(low: int, high: int, size: int) -> np.ndarray:
+    """The multiples of the placement grid in ``[low, high]``; ``[low]`` when there is none.
 
     Returns:
-        ``(n, n)`` bool over origins ``(y, x) = (border + i, border + j)``, ``n = size - 2 border
-        - side + 1``: True where the new box keeps >= ``OBJECT_GAP`` px (on some axis) from
-        every existing box.
+        ``(n,)`` int64, ascending. The fallback keeps layouts possible where the border leaves
+        no aligned slot (a 4-glyph sign is 30 px wide: its only origin is x = 1 at 32 px).
     """
-    border, gap = _px(BORDER, size), _px(OBJECT_GAP, size)
-    coords = np.arange(border, size - border - side + 1)
+    grid = _px(PLACEMENT_GRID, size)
+    values = np.arange(-(-low // grid) * grid, high + 1, grid, dtype=np.int64)
+    return values if values.size else np.array([low], dtype=np.int64)
+
+
+def _origins(side: int, size: int) -> np.ndarray:
+    """Allowed top-left coordinates (either axis) of a ``side`` box: on the grid, inside the border."""
+    border = round(BORDER * size / DEFAULT_SIZE)
+    return _on_grid(border, size - border - side, size)
+
+
+def _sides(low: int, high: int, size: int, n: int, rng: np.random.Generator) -> list[int]:
+    """``n`` random object sides among the grid multiples in ``[low, high]`` (the nearest multiple
+    above ``low`` when the range holds none)."""
+    choices = _on_grid(low, high, size)
+    return [int(choices[_randint(rng, 0, choices.size - 1)]) for _ in range(n)]
+
+
+def _free_origins(side: int, boxes: Sequence[tuple[int, int, int, int]], size: int) -> np.ndarray:
+    """Which allowed top-left origins keep a ``side`` box clear of ``boxes``.
+
+    Returns:
+        ``(n, n)`` bool over origins ``(y, x) = (coords[i], coords[j])``, ``coords =
+        _origins(side, size)``: True where the new box keeps >= ``OBJECT_GAP`` px (on some
+        axis) from every existing box.
+    """
+    gap = _px(OBJECT_GAP, size)
+    coords = _origins(side, size)
     if not boxes:
         return np.ones((len(coords), len(coords)), dtype=bool)
     b = np.asarray(boxes)[:, :, None]  # (k, 4, 1)
@@ -144,8 +170,9 @@ def _pick(free: np.ndarray, side: int, size: int, rng: np.random.Generator) -> t
     if flat.size == 0:
         return None
     i, j = divmod(int(flat[_randint(rng, 0, flat.size - 1)]), free.shape[1])
-    border = _px(BORDER, size)
-    return (border + j, border + i, border + j + side, border + i + side)
+    coords = _origins(side, size)
+    x, y = int(coords[j]), int(coords[i])
+    return (x, y, x + side, y + side)
 
 
 def _apart(box: tuple[int, int, int, int], others: Sequence[tuple[int, int, int, int]], gap: int) -> bool:
@@ -163,9 +190,9 @@ def _try_random_origin(side: int, boxes: Sequence[tuple[int, int, int, int]], si
     free-origin mask; returns None when the whole batch misses (crowded layouts then fall back
     to the mask).
     """
-    border, gap = _px(BORDER, size), _px(OBJECT_GAP, size)
-    span = size - 2 * border - side + 1
-    cand = border + (rng.random((batch, 2)) * span).astype(np.int64)  # (batch, 2): x, y
+    gap = _px(OBJECT_GAP, size)
+    coords = _origins(side, size)
+    cand = coords[(rng.random((batch, 2)) * coords.size).astype(np.int64)]  # (batch, 2): x, y
     x, y = cand[:, :1], cand[:, 1:]
     b = np.asarray(boxes)
     apart = (x >= b[:, 2] + gap) | (b[:, 0] >= x + side + gap) | (y >= b[:, 3] + gap) | (b[:, 1] >= y + side + gap)
@@ -192,9 +219,9 @@ def _place(sides: Sequence[int], size: int, rng: np.random.Generator) -> list[tu
         boxes: list[tuple[int, int, int, int]] = []
         for i in order:
             if not boxes:  # the first object may go anywhere: skip the free-origin mask
-                border = _px(BORDER, size)
-                hi = size - border - sides[i]
-                x, y = _randint(rng, border, hi), _randint(rng, border, hi)
+                coords = _origins(sides[i], size)
+                x = int(coords[_randint(rng, 0, coords.size - 1)])
+                y = int(coords[_randint(rng, 0, coords.size - 1)])
                 boxes.append((x, y, x + sides[i], y + sides[i]))
                 continue
             box = _try_random_origin(sides[i], boxes, size, rng)
@@ -243,18 +270,20 @@ def _place_relation(side_a: int, side_b: int, relation: str, size: int,
     """
     if relation not in ("left of", "right of", "above", "below"):
         raise ValueError(f"unknown relation {relation!r}")
-    border, gap = _px(BORDER, size), _px(OBJECT_GAP, size)
-    lo, hi = border, size - border - side_b
+    gap = _px(OBJECT_GAP, size)
+    coords_b, coords_a = _origins(side_b, size), _origins(side_a, size)
+    lo, hi = int(coords_b[0]), int(coords_b[-1])
     room = side_a + gap
-    span_a = size - 2 * border - side_a + 1
     for _ in range(_MAX_TRIES):
         along_lo, along_hi = (lo + room, hi) if relation in ("left of", "above") else (lo, hi - room)
-        if along_lo > along_hi:
+        along_choices = coords_b[(coords_b >= along_lo) & (coords_b <= along_hi)]
+        if along_choices.size == 0:
             break
-        along, across = _randint(rng, along_lo, along_hi), _randint(rng, lo, hi)
+        along = int(along_choices[_randint(rng, 0, along_choices.size - 1)])
+        across = int(coords_b[_randint(rng, 0, coords_b.size - 1)])
         bx, by = (along, across) if relation in ("left of", "right of") else (across, along)
         box_b = (bx, by, bx + side_b, by + side_b)
-        cand = border + (rng.random((64, 2)) * span_a).astype(np.int64)
+        cand = coords_a[(rng.random((64, 2)) * coords_a.size).astype(np.int64)]
         x, y = cand[:, 0], cand[:, 1]
         main, cross = _relation_margins(x.astype(float), y.astype(float), float(side_a), box_b, relation)
         apart = (x >= box_b[2] + gap) | (bx >= x + side_a + gap) | (y >= box_b[3] + gap) | (by >= y + side_a + gap)
@@ -287,7 +316,7 @@ def layout(record: Mapping[str, Any], rng: np.random.Generator, size: int = DEFA
             specs.append((str(clause["class"]), str(color)))
     n = len(specs)
     low, high = _scaled(SIZE_RANGE_ONE if n == 1 else SIZE_RANGE_TWO if n == 2 else SIZE_RANGE_MANY, size)
-    sides = [_randint(rng, low, high) for _ in range(n)]
+    sides = _sides(low, high, size, n, rng)
     relations = [(i, c["position"]) for i, c in enumerate(include) if c.get("position")]
     if relations:
         # Only GenEval's position shape: two single-object clauses, the second relative to the first.
@@ -318,12 +347,13 @@ def render(record: Mapping[str, Any], rng: np.random.Generator, size: int = DEFA
     """A random ground-truth image of ``record``: ``(size, size, 3)`` uint8 RGB.
 
     GenEval tags: the objects of :func:`layout`. ``ocr``: ``record["text"]`` in the glyph font
-    (white, scale ``size // 16``) at a random position with a 1 px margin.
+    (white, scale ``size // 16``) at a random grid position with a 1 px margin.
     """
     if record.get("tag") == "ocr":
         text = str(record["text"])
         (x_lo, x_hi), (y_lo, y_hi) = text_origin_range(len(text), size)
-        origin = (_randint(rng, x_lo, x_hi), _randint(rng, y_lo, y_hi))
+        xs, ys = _on_grid(x_lo, x_hi, size), _on_grid(y_lo, y_hi, size)
+        origin = (int(xs[_randint(rng, 0, xs.size - 1)]), int(ys[_randint(rng, 0, ys.size - 1)]))
         return paint([], size, text=text, text_origin=origin)
     return paint(layout(record, rng, size), size)
 

@@ -73,12 +73,21 @@ DEFAULT_SIZE: int = 32
 # Lower bound 8: a rasterised circle smaller than that is too close to a square (see above).
 SIZE_RANGE_ONE: tuple[int, int] = (10, 16)
 SIZE_RANGE_TWO: tuple[int, int] = (8, 13)
-SIZE_RANGE_MANY: tuple[int, int] = (8, 11)
+SIZE_RANGE_MANY: tuple[int, int] = (8, 12)
 
 # Clearances (pixels at 32 px). Objects keep >= 3 px between boxes so a 3x3 majority filter
-# never bridges two objects, and 1 px from the image border.
+# never bridges two objects. They may touch the image border: with objects on the 4 px grid a
+# 1 px border would leave two 12 px objects no room side by side.
 OBJECT_GAP: int = 3
-BORDER: int = 1
+BORDER: int = 0
+
+PLACEMENT_GRID: int = 4
+"""Object sides, object origins and sign-text origins are multiples of this many pixels (at 32 px;
+scaled with the image) wherever the border allows. It equals the shapes model's patch size, so an
+object's edges fall on patch boundaries and every image token holds one of a few exact pieces of
+a shape. With free 1 px placement, 45 minutes of pretraining left the base drawing ragged blobs
+the detector could not name (GenEval 0.04); see ``docs/shapes.md``. Positions stay random: a
+16 px object has 5 x 5 origins, an 8 px one 7 x 7."""
 
 
 LABEL_NAMES: tuple[str, ...] = ("background", *COLOR_NAMES)
@@ -117,6 +126,7 @@ __all__ = [
     "OBJECT_GAP",
     "OCR_TEXT_COLOR",
     "PALETTE_RGB",
+    "PLACEMENT_GRID",
     "PLURALS",
     "RELATIONS",
     "SHAPES",

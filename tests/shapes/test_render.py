@@ -10,7 +10,7 @@ import pytest
 from opdkit.scoring.geneval import relative_position
 from opdkit.shapes import prompts as P
 from opdkit.shapes.render import layout, paint, render, render_batch, shape_mask
-from opdkit.shapes.vocab import BACKGROUND, COLORS, OBJECT_GAP, SHAPES, palette_sq_distances
+from opdkit.shapes.vocab import BACKGROUND, COLORS, OBJECT_GAP, PLACEMENT_GRID, SHAPES, palette_sq_distances
 
 
 def test_render_is_deterministic_under_seed() -> None:
@@ -26,7 +26,7 @@ def test_render_is_deterministic_under_seed() -> None:
 def test_renders_use_only_palette_colours() -> None:
     images = render_batch(P.generate_prompts(10, seed=0, unique=False), seed=0)
     assert (palette_sq_distances(images).min(-1) == 0).all()
-    assert (images[:, 0, :] == BACKGROUND).all() and (images[:, :, 0] == BACKGROUND).all()  # 1 px border
+    assert (images[:, :2] == BACKGROUND).all(-1).mean() > 0.5  # mostly background, objects may touch the border
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -47,7 +47,8 @@ def test_layout_counts_colours_gaps_and_relations() -> None:
             for obj, (shape, colour) in zip(objects, expected, strict=True):
                 assert obj.shape == shape and obj.color in COLORS and (colour is None or obj.color == colour)
                 x1, y1, x2, y2 = obj.box
-                assert x2 - x1 == y2 - y1 >= 8 and 1 <= x1 and x2 <= 31 and 1 <= y1 and y2 <= 31
+                assert x2 - x1 == y2 - y1 >= 8 and 0 <= x1 and x2 <= 32 and 0 <= y1 and y2 <= 32
+                assert x1 % PLACEMENT_GRID == y1 % PLACEMENT_GRID == (x2 - x1) % PLACEMENT_GRID == 0
             for i, a in enumerate(objects):
                 for b in objects[i + 1 :]:
                     gap = max(b.box[0] - a.box[2], a.box[0] - b.box[2], b.box[1] - a.box[3], a.box[1] - b.box[3])
