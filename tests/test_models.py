@@ -337,6 +337,26 @@ def test_lora_add_disable_save_load(tiny_pixel_dir: Path, tmp_path: Path) -> Non
     assert model.lora_names() == ["other"]
 
 
+def test_lora_refuses_another_base(tiny_pixel_dir: Path, tmp_path: Path) -> None:
+    """A LoRA delta only means something on the base it was trained on: loading it elsewhere fails."""
+    model = load_flow_model(tiny_pixel_dir)
+    fingerprint = model.base_fingerprint()
+    model.add_lora("policy", rank=4, alpha=8)
+    assert model.base_fingerprint() == fingerprint  # adapters are not part of the base
+    path = model.save_lora("policy", tmp_path / "policy.safetensors")
+
+    same = load_flow_model(tiny_pixel_dir, dtype=torch.bfloat16)  # same weights, other dtype: accepted
+    assert same.base_fingerprint() == fingerprint
+    same.load_lora(path, name="teacher")
+
+    other = load_flow_model(tiny_pixel_dir)
+    with torch.no_grad():
+        next(other.transformer.parameters()).add_(1e-2)
+    other._base_fingerprint = None  # weights edited behind the model's back in this test only
+    with pytest.raises(OpdkitError, match="trained on another base model"):
+        other.load_lora(path, name="teacher")
+
+
 # -- registry ----------------------------------------------------------------------------------------
 
 

@@ -163,6 +163,7 @@ class FlowModel:
         self.world = world
         self.shift = float(shift)
         self.max_sequence_length = int(max_sequence_length)
+        self._base_fingerprint: str | None = None  # see base_fingerprint()
         self.scheduler_config: dict[str, Any] = dict(scheduler_config or {})
         # Other keys of opdkit.json (e.g. the shapes config), written back by save_pretrained.
         self.extra_config: dict[str, Any] = dict(extra_config or {})
@@ -493,6 +494,30 @@ class FlowModel:
             if "lora_" in n and (wanted is None or wanted in n + ".")
         ]
 
+    def base_fingerprint(self) -> str:
+        """Short SHA-256 of the base transformer weights (adapters excluded), cached.
+
+        Saved in every LoRA file and checked when one is loaded: a LoRA delta only means something
+        on the base it was trained on. Hashes each tensor's name, shape and up to 4,096 of its
+        first and last values rounded to bf16, so it costs milliseconds even for SD3.5-M and
+        agrees between an fp32 and a bf16 copy of the same weights.
+        """
+        import hashlib
+
+        if self._base_fingerprint is not None:
+            return self._base_fingerprint
+        digest = hashlib.sha256()
+        for name, p in self.transformer.named_parameters():
+            if "lora_" in name:
+                continue
+            flat = p.detach().reshape(-1)
+            sample = torch.cat([flat[:2048], flat[-2048:]]) if flat.numel() > 4096 else flat
+            digest.update(name.replace("base_layer.", "").encode())
+            digest.update(str(tuple(p.shape)).encode())
+            digest.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
+        self._base_fingerprint = digest.hexdigest()[:16]
+        return self._base_fingerprint
+
     def save_lora(self, name: str, path: str | Path) -> Path:
         """Save adapter ``name`` as safetensors; its LoRA config goes into the file's metadata."""
         from peft.utils import get_peft_model_state_dict
@@ -506,6 +531,7 @@ class FlowModel:
         state = get_peft_model_state_dict(self.transformer, adapter_name=name)
         metadata = {
             "format": _LORA_FORMAT,
+            "base_fingerprint": self.base_fingerprint(),
             "rank": str(config.r),
             "alpha": str(config.lora_alpha),
             "dropout": str(config.lora_dropout),
@@ -540,6 +566,12 @@ class FlowModel:
             raise OpdkitError(
                 f"LoRA file {str(file)!r} was not written by opdkit (no {_LORA_FORMAT} metadata)"
             )
+        trained_on = metadata.get("base_fingerprint")
+        if trained_on is not None and trained_on != self.base_fingerprint():
+            raise OpdkitError(
+                f"LoRA file {str(file)!r} was trained on another base model (base fingerprint {trained_on}, "
+                f"this base {self.base_fingerprint()}); retrain it on this base"
+            )
         if name not in self.lora_names():
             self.add_lora(
                 name,
@@ -570,6 +602,7 @@ class FlowModel:
             if isinstance(module, BaseTunerLayer):
                 module.merge(adapter_names=[name])
         self.transformer.delete_adapters(name)
+        self._base_fingerprint = None  # the base weights changed
 
     # -- checks --------------------------------------------------------------------------------
     def _check_dimensions(self) -> None:
