@@ -68,7 +68,14 @@ SetOption = Annotated[
 ]
 
 
-def _run_recipe(recipe_path: str, overrides: list[str] | None, out: Path | None, resume: bool, require: str | None) -> None:
+EvalOption = Annotated[
+    bool,
+    typer.Option("--eval/--no-eval", help="After training, run the recipe's eval.benchmarks on the final weights."),
+]
+
+
+def _run_recipe(recipe_path: str, overrides: list[str] | None, out: Path | None, resume: bool, require: str | None,
+                evaluate: bool = True) -> None:
     from opdkit.recipe import load_recipe
 
     loaded = load_recipe(recipe_path, overrides or [])
@@ -86,6 +93,21 @@ def _run_recipe(recipe_path: str, overrides: list[str] | None, out: Path | None,
     else:
         from opdkit.opd import run  # type: ignore[no-redef]
     run(loaded, out_dir, resume=resume)
+    spec = loaded.recipe.eval
+    if evaluate and spec.benchmarks:
+        _evaluate_run(out_dir / "model" if method == "pretrain" else out_dir, out_dir.name, spec)
+
+
+def _evaluate_run(model_dir: Path, name: str, spec: Any) -> None:
+    """The recipe's ``eval:`` block: each benchmark on the run's final weights, into ``results/``."""
+    from opdkit.evaluate import run_eval
+
+    console = _console()
+    for bench in spec.benchmarks:
+        summary = run_eval(bench=bench, model=str(model_dir), out_dir=Path("results"), name=name,
+                           samples=spec.samples_per_prompt, limit=spec.limit)
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items())
+        console.print(f"eval {bench} · {summary['model']}: {metrics}", markup=False)
 
 
 @app.command()
@@ -95,9 +117,10 @@ def train(
     set_: SetOption = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: runs/<recipe name>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's last checkpoint.")] = False,
+    evaluate: EvalOption = True,
 ) -> None:
-    """Train from a recipe (method pretrain, grpo or opd)."""
-    _run_recipe(recipe, set_, out, resume, require=None)
+    """Train from a recipe (method pretrain, grpo or opd), then run its eval.benchmarks."""
+    _run_recipe(recipe, set_, out, resume, require=None, evaluate=evaluate)
 
 
 @app.command()
@@ -107,9 +130,10 @@ def distill(
     set_: SetOption = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: runs/<recipe name>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's last checkpoint.")] = False,
+    evaluate: EvalOption = True,
 ) -> None:
-    """Distil several teachers into one student by on-policy distillation (Flow-OPD)."""
-    _run_recipe(recipe, set_, out, resume, require="opd")
+    """Distil several teachers into one student by on-policy distillation (Flow-OPD), then run its eval.benchmarks."""
+    _run_recipe(recipe, set_, out, resume, require="opd", evaluate=evaluate)
 
 
 @app.command("eval")

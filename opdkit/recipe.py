@@ -209,10 +209,19 @@ class InitSpec(_Strict):
 
 
 class EvalSpec(_Strict):
+    """What `opdkit train` / `distill` evaluate on the final weights (skip with ``--no-eval``)."""
+
     benchmarks: list[str] = Field(default_factory=list)
-    every: int = Field(default=0, ge=0)  # 0: only after training
-    samples_per_prompt: int | None = Field(default=None, ge=1)
-    limit: int | None = Field(default=None, ge=1)
+    every: int = 0  # 0: only after training
+    samples_per_prompt: int | None = Field(default=None, ge=1)  # None: the benchmark's own
+    limit: int | None = Field(default=None, ge=1)  # only the first K prompts of each benchmark
+
+    @field_validator("every")
+    @classmethod
+    def _after_training_only(cls, v: int) -> int:
+        if v != 0:
+            raise ValueError("expected 0 (evaluate after training); periodic evaluation during training is not built yet")
+        return v
 
 
 class Recipe(_Strict):

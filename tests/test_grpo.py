@@ -356,3 +356,22 @@ def test_shipped_grpo_recipes_name_their_rewards_and_tags() -> None:
         recipe = load_recipe(name, check_plugins=False).recipe
         assert recipe.sampler.resolution == 512 and recipe.sampler.steps == 10 and recipe.sampler.cfg == 4.5
         assert recipe.train.lora is not None and (recipe.train.lora.rank, recipe.train.lora.alpha) == (32, 64)
+
+
+def test_train_runs_the_recipes_eval_block(tmp_path: Path, one_thread: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`opdkit train` evaluates the final weights on `eval.benchmarks`; `--no-eval` skips it."""
+    from typer.testing import CliRunner
+
+    from opdkit.cli import app
+
+    recipe = write_recipe(tmp_path, RECIPE + "eval: {benchmarks: [shapes-quality], samples_per_prompt: 1, limit: 2}\n")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["train", str(recipe), "--out", "evaluated", "--set", "train.max_steps=1"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "results" / "evaluated" / "shapes-quality.json").read_text())
+    assert summary["n_images"] == 2 and 0.0 <= summary["metrics"]["overall"] <= 1.0
+    assert "eval shapes-quality · evaluated" in result.output
+
+    skipped = CliRunner().invoke(app, ["train", str(recipe), "--out", "skipped", "--set", "train.max_steps=1", "--no-eval"])
+    assert skipped.exit_code == 0, skipped.output
+    assert not (tmp_path / "results" / "skipped").exists()

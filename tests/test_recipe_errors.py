@@ -223,6 +223,12 @@ CASES = [
         append="eval:\n  benchmarks: [no_such_bench]\n",
     ),
     Case(
+        "periodic-eval",
+        r"{file}:{line}: eval\.every: .*expected 0 \(evaluate after training\).*",
+        anchor="every: 5",
+        append="eval:\n  benchmarks: [shapes-quality]\n  every: 5\n",
+    ),
+    Case(
         "missing-recipe-file", r"{file}: no such recipe file.*", missing=True, commands=("validate", "train")
     ),
     Case(
