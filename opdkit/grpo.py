@@ -64,7 +64,7 @@ from opdkit.errors import OpdkitError
 from opdkit.prompts import load_prompts
 from opdkit.recipe import dump_recipe
 from opdkit.registry import models
-from opdkit.rundir import RunDir, append_jsonl, read_jsonl, rewrite_jsonl
+from opdkit.rundir import RunDir, read_jsonl, rewrite_jsonl
 
 if TYPE_CHECKING:
     import torch
@@ -225,30 +225,14 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
             )
             if not math.isfinite(record["loss"]):
                 raise OpdkitError(f"{loaded.path}: loss became {record['loss']} at step {step}; lower train.lr")
-            if rank_log is not None:
-                append_jsonl(rank_log, {"step": step, "prompt_indices": drawn.indices, "seeds": drawn.seeds})
-            if main:
-                if step % train.log_every == 0 or step == train.max_steps:
-                    rundir.log(record)
-                    assert board is not None
-                    board.log(record, step)
-                if train.sample_every and step % train.sample_every == 0:
-                    policy.save_rollout_grid(batch, scores.total, group, rundir.samples / f"step_{step:06d}.png")
-                assert bar is not None
-                bar.update(step, reward=record["reward"], kl=record["kl"] if record["kl"] is not None else 0.0)
-            out_of_time = policy.out_of_time(accelerator, train.max_minutes, elapsed)
-            if step % train.checkpoint_every == 0 or step == train.max_steps or out_of_time:
-                save(step, elapsed)
-            if out_of_time:
+            if policy.end_of_step(
+                step, record, elapsed, train=train, accelerator=accelerator, rundir=rundir, board=board, bar=bar,
+                rank_log=rank_log, drawn=drawn, save=save, grid=(batch, scores.total, group),
+                bar_fields={"reward": record["reward"], "kl": record["kl"] if record["kl"] is not None else 0.0},
+            ):  # fmt: skip
                 break
 
-    final = rundir.root / "final"
-    if main:
-        policy.save_final(model, trainable, ema, final, step)
-    if rank_log is not None:
-        append_jsonl(rank_log, {"step": step, "weights_sha256": policy.parameters_sha256(params)})
-    accelerator.wait_for_everyone()
-    return final
+    return policy.finish_run(model, trainable, ema, rundir, step, accelerator, rank_log)
 
 
 # ----------------------------------------------------------------------------------------------

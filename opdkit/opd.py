@@ -48,7 +48,7 @@ from opdkit.errors import OpdkitError
 from opdkit.prompts import load_prompts
 from opdkit.recipe import dump_recipe
 from opdkit.registry import models, regularizers, routers, teachers
-from opdkit.rundir import RunDir, append_jsonl, read_jsonl, rewrite_jsonl
+from opdkit.rundir import RunDir, read_jsonl, rewrite_jsonl
 
 if TYPE_CHECKING:
     import torch
@@ -342,7 +342,7 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
                 for name, values in scores.parts.items():
                     values = accelerator.gather(values.to(device)).cpu()
                     record[f"reward/{name}/mean"] = policy.summarize(values)["mean"]
-                record["reward"] = float(accelerator.gather(scores.total.to(device)).mean())
+                record["reward"] = float(all_rewards.mean())
             if init_error is not None and step == 1:
                 record["init_merge_rel_error"] = init_error
             record.update(
@@ -351,31 +351,15 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
             )  # fmt: skip
             if not math.isfinite(record["loss"]):
                 raise OpdkitError(f"{loaded.path}: loss became {record['loss']} at step {step}; lower train.lr")
-            if rank_log is not None:
-                append_jsonl(rank_log, {"step": step, "prompt_indices": drawn.indices, "seeds": drawn.seeds})
-            if main:
-                if step % train.log_every == 0 or step == train.max_steps:
-                    rundir.log(record)
-                    assert board is not None
-                    board.log(record, step)
-                if train.sample_every and step % train.sample_every == 0:
-                    rewards = scores.total if scores is not None else -stats["kl_teacher_per_image"]
-                    policy.save_rollout_grid(batch, rewards, group, rundir.samples / f"step_{step:06d}.png")
-                assert bar is not None
-                bar.update(step, kl=record["kl"], loss=record["loss"])
-            out_of_time = policy.out_of_time(accelerator, train.max_minutes, elapsed)
-            if step % train.checkpoint_every == 0 or step == train.max_steps or out_of_time:
-                save(step, elapsed)
-            if out_of_time:
+            grid_scores = scores.total if scores is not None else -stats["kl_teacher_per_image"]
+            if policy.end_of_step(
+                step, record, elapsed, train=train, accelerator=accelerator, rundir=rundir, board=board, bar=bar,
+                rank_log=rank_log, drawn=drawn, save=save, grid=(batch, grid_scores, group),
+                bar_fields={"kl": record["kl"], "loss": record["loss"]},
+            ):  # fmt: skip
                 break
 
-    final = rundir.root / "final"
-    if main:
-        policy.save_final(model, trainable, ema, final, step)
-    if rank_log is not None:
-        append_jsonl(rank_log, {"step": step, "weights_sha256": policy.parameters_sha256(params)})
-    accelerator.wait_for_everyone()
-    return final
+    return policy.finish_run(model, trainable, ema, rundir, step, accelerator, rank_log)
 
 
 def distill_update(

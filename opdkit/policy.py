@@ -62,6 +62,8 @@ __all__ = [
     "average_gradients",
     "clipped_policy_loss",
     "encode_unique",
+    "end_of_step",
+    "finish_run",
     "gaussian_kl",
     "group_advantages",
     "out_of_time",
@@ -684,6 +686,49 @@ def summarize(values: torch.Tensor) -> dict[str, float | None]:
 
 # ----------------------------------------------------------------------------------------------
 # run plumbing shared by the trainers (final weights, grids, time limit, TensorBoard)
+
+
+def end_of_step(
+    step: int, record: dict[str, Any], elapsed: float, *, train: Any, accelerator: Any, rundir: Any,
+    board: TensorBoardLog | None, bar: Any, rank_log: Path | None, drawn: Any, save: Any,
+    grid: tuple[Rollout, torch.Tensor, int] | None, bar_fields: dict[str, float],
+) -> bool:
+    """What GRPO and OPD do after each update: rank log, metrics, TensorBoard, sample grid
+    (``grid`` = rollout, per-image score, group size; drawn only on ``sample_every`` steps),
+    progress bar, checkpoint (``save(step, elapsed)``). Returns True when the run is out of time.
+    """
+    if rank_log is not None:
+        from opdkit.rundir import append_jsonl
+
+        append_jsonl(rank_log, {"step": step, "prompt_indices": drawn.indices, "seeds": drawn.seeds})
+    if accelerator.is_main_process:
+        if step % train.log_every == 0 or step == train.max_steps:
+            rundir.log(record)
+            assert board is not None
+            board.log(record, step)
+        if grid is not None and train.sample_every and step % train.sample_every == 0:
+            batch, scores, group = grid
+            save_rollout_grid(batch, scores, group, rundir.samples / f"step_{step:06d}.png")
+        assert bar is not None
+        bar.update(step, **bar_fields)
+    stop = out_of_time(accelerator, train.max_minutes, elapsed)
+    if step % train.checkpoint_every == 0 or step == train.max_steps or stop:
+        save(step, elapsed)
+    return stop
+
+
+def finish_run(model: Any, trainable: Any, ema: Any, rundir: Any, step: int, accelerator: Any,
+               rank_log: Path | None) -> Path:
+    """Write ``final/`` (rank 0), log each rank's weight hash under data parallelism, sync; returns ``final/``."""
+    final = rundir.root / "final"
+    if accelerator.is_main_process:
+        save_final(model, trainable, ema, final, step)
+    if rank_log is not None:
+        from opdkit.rundir import append_jsonl
+
+        append_jsonl(rank_log, {"step": step, "weights_sha256": parameters_sha256(trainable.params)})
+    accelerator.wait_for_everyone()
+    return final
 
 
 def out_of_time(accelerator: Any, max_minutes: float | None, elapsed: float) -> bool:
