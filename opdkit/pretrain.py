@@ -58,6 +58,10 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
     model = models.build(recipe.model.type, recipe.model.builder_params())
     if model.world != "shapes":
         raise OpdkitError(f"{loaded.path}: method pretrain renders shapes-world images; model {recipe.model.type!r} is {model.world!r}")
+    # Rendering and every random draw stay on the CPU (so a seed means the same batches anywhere);
+    # the model trains on the GPU when there is one.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device=device)
     from opdkit.shapes.render import render_batch
 
     records = load_prompts(recipe.prompts)
@@ -79,6 +83,9 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
 
     def lr_at(step: int) -> float:
         warm = min(1.0, step / train.warmup_steps) if train.warmup_steps else 1.0
+        if train.lr_decay == "cosine" and step > train.warmup_steps:
+            done = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
+            return train.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
         return train.lr * warm
 
     start = 0
@@ -125,7 +132,8 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
             # logit-normal(0, 1), shifted toward high noise like the sampling schedule
             sigma = shift_sigmas(torch.sigmoid(torch.randn(len(batch), generator=gen)), sigma_shift)
-            eps = torch.randn(x0.shape, generator=gen)
+            eps = torch.randn(x0.shape, generator=gen).to(device)
+            sigma = sigma.to(device)
             s = sigma.view(-1, 1, 1, 1)
             x_t = (1.0 - s) * x0 + s * eps
             with torch.enable_grad():

@@ -122,6 +122,9 @@ class SamplerSpec(_Strict):
     resolution: int = Field(default=512, ge=8)
     shift: float | None = Field(default=None, gt=0.0)  # None: the model's scheduler shift
     train_window: tuple[int, int] | None = None  # [start, stop) of the steps trained on
+    # grpo/opd: the images of a group start from the same initial noise (DanceGRPO), so the
+    # reward differences inside a group come from the trained SDE steps alone
+    shared_initial_noise: bool = False
 
     @model_validator(mode="after")
     def _window_inside(self) -> SamplerSpec:
@@ -165,6 +168,8 @@ class TrainSpec(_Strict):
     weight_decay: float = Field(default=1e-4, ge=0.0)
     max_grad_norm: float | None = Field(default=1.0, gt=0.0)
     warmup_steps: int = Field(default=0, ge=0)
+    # pretrain: after warm-up the lr stays constant, or falls to 0 at max_steps along a cosine
+    lr_decay: Literal["constant", "cosine"] = "constant"
     # GRPO / OPD
     clip_range: float = Field(default=1e-4, gt=0.0)
     adv_clip: float = Field(default=5.0, gt=0.0)

@@ -1,0 +1,74 @@
+"""``method: pretrain`` on a tiny shapes model: the lr schedule, the saved model, and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from opdkit import pretrain
+from opdkit.recipe import load_recipe
+
+RECIPE = """\
+method: pretrain
+model:
+  type: shapes_new
+  params: {patch_size: 4, num_layers: 1, num_heads: 2, head_dim: 8, text_hidden_size: 32, text_heads: 2, text_projection_dim: 32}
+prompts: {dataset: shapes, split: train, balance_tags: true}
+sampler: {resolution: 32}
+train:
+  seed: 0
+  lr: 1.0e-3
+  lr_decay: cosine
+  warmup_steps: 2
+  batch_size: 4
+  max_steps: 6
+  checkpoint_every: 3
+  keep_checkpoints: 5
+  ema: {decay: 0.9, every: 1}
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "pretrain.yaml"
+    path.write_text(RECIPE)
+    return path
+
+
+def run(recipe: Path, out: Path, overrides: list[str] | None = None, resume: bool = False) -> Path:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return pretrain.run(load_recipe(recipe, overrides), out, resume=resume)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cosine_decay_after_warmup_reaches_zero(recipe: Path, tmp_path: Path) -> None:
+    final = run(recipe, tmp_path / "run")
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    expected = [5e-4, 1e-3] + [1e-3 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in (1, 2, 3, 4)]
+    assert lrs == pytest.approx(expected, abs=1e-12)
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert (final / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_resumed_run_ends_with_the_same_weights(recipe: Path, tmp_path: Path) -> None:
+    whole = run(recipe, tmp_path / "whole")
+    # A run killed after its step-3 checkpoint: later checkpoints and the final model never written.
+    shutil.copytree(tmp_path / "whole", tmp_path / "killed")
+    killed = tmp_path / "killed"
+    shutil.rmtree(killed / "model")
+    shutil.rmtree(killed / "checkpoints" / "step_000006")
+    (killed / "checkpoints" / "latest.json").write_text(json.dumps({"step": 3, "dir": "step_000003"}))
+    resumed = run(recipe, killed, resume=True)
+    for part in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        a, b = load_file(str(whole / part)), load_file(str(resumed / part))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert (killed / "metrics.jsonl").read_text().count("\n") == 6
