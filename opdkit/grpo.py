@@ -193,6 +193,7 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
                     model, drawn.records, drawn.seeds, steps=sampler.steps, cfg=sampler.cfg,
                     noise_level=sampler.noise_level, resolution=sampler.resolution, shift=sampler.shift,
                     window=window, micro_batch=micro,
+                    noise_seeds=policy.shared_noise_seeds(drawn.seeds, group) if sampler.shared_initial_noise else None,
                 )  # fmt: skip
             t_rollout = time.perf_counter()
 

@@ -45,7 +45,14 @@ import torch
 
 from opdkit.errors import OpdkitError
 from opdkit.rundir import atomic_path, atomic_write_json
-from opdkit.sampling import SdeStep, guided_velocity, sample_sde, sde_step_with_logprob
+from opdkit.sampling import (
+    SdeStep,
+    guided_velocity,
+    initial_noise,
+    make_generators,
+    sample_sde,
+    sde_step_with_logprob,
+)
 
 if TYPE_CHECKING:
     from opdkit.recipe import LoraSpec, RewardSpec
@@ -235,6 +242,7 @@ def rollout(
     window: tuple[int, int] | None = None,
     micro_batch: int | None = None,
     decode: bool = True,
+    noise_seeds: Sequence[int] | None = None,
 ) -> Rollout:
     """Sample one image per (record, seed) with the Flow-GRPO SDE sampler, in micro-batches.
 
@@ -250,12 +258,22 @@ def rollout(
         window: stochastic steps [start, stop).
         micro_batch: images per forward pass (default: all).
         decode: decode the final samples to ``images`` (else ``images`` is empty).
+        noise_seeds: one seed per image for the initial noise x_1 (default: drawn from
+            ``seeds``, before the SDE noise); equal seeds give equal starts, see
+            :func:`shared_noise_seeds`.
     """
     n = len(records)
     if len(seeds) != n:
         raise ValueError(f"{len(seeds)} seeds for {n} records")
+    if noise_seeds is not None and len(noise_seeds) != n:
+        raise ValueError(f"{len(noise_seeds)} noise seeds for {n} records")
     micro = min(micro_batch or n, n)
     cond = encode_unique(model, [r["prompt"] for r in records])
+
+    def start_noise(rows_seeds: list[int]) -> torch.Tensor:
+        shape = model.latent_shape(resolution)
+        return initial_noise(shape, make_generators(rows_seeds, len(rows_seeds)), model.device, len(rows_seeds))
+
     states, log_probs, images = [], [], []
     traj = None
     for start in range(0, n, micro):
@@ -271,6 +289,7 @@ def rollout(
             noise_level=noise_level,
             seed=list(seeds[rows]),
             sde_window=window,
+            noise=None if noise_seeds is None else start_noise(list(noise_seeds[rows])),
         )
         states.append(traj.states)
         log_probs.append(traj.log_probs)
@@ -290,6 +309,16 @@ def rollout(
         cfg=cfg,
         noise_level=noise_level,
     )
+
+
+def shared_noise_seeds(seeds: Sequence[int], group_size: int) -> list[int]:
+    """Initial-noise seeds that give every image of a group its group's one starting noise.
+
+    Derived from the group's first image seed but different from it, so that image's SDE noise
+    (drawn from its own seed) is not the starting noise again.
+    """
+    first = [int(seeds[i - i % group_size]) for i in range(len(seeds))]
+    return [(s * 6364136223846793005 + 1442695040888963407) % 2**62 for s in first]
 
 
 def transition(model: Any, batch: Rollout, t: int, rows: slice) -> SdeStep:
@@ -602,7 +631,10 @@ class EMA:
         missing = [n for n in self.names if n not in state]
         if missing:
             raise OpdkitError(f"EMA state lacks {len(missing)} parameters (first: {missing[0]})")
-        self.shadow = [state[n].detach().clone().float() for n in self.names]
+        # onto the device of the weights (a checkpoint loads on the CPU; training may run on a GPU)
+        self.shadow = [
+            state[n].detach().float().to(old.device, copy=True) for n, old in zip(self.names, self.shadow, strict=True)
+        ]
 
     @contextlib.contextmanager
     @torch.no_grad()

@@ -72,6 +72,26 @@ def test_rollout_window_and_seeds(tiny: Any) -> None:
     torch.testing.assert_close(whole.states, batch.states, atol=1e-5, rtol=1e-5)
 
 
+def test_shared_initial_noise_per_group(tiny: Any) -> None:
+    records = [r for r in RECORDS for _ in range(2)]  # 2 prompts x group of 2
+    seeds = [11, 12, 13, 14]
+    noise_seeds = policy.shared_noise_seeds(seeds, group_size=2)
+    assert noise_seeds[0] == noise_seeds[1] != noise_seeds[2] == noise_seeds[3]
+    assert not set(noise_seeds) & set(seeds)  # not an image's own seed: its SDE noise stays independent
+    batch = policy.rollout(
+        tiny, records, seeds, steps=4, cfg=3.0, noise_level=0.7, resolution=32, micro_batch=2, noise_seeds=noise_seeds
+    )
+    start = batch.states[0]
+    assert torch.equal(start[0], start[1]) and torch.equal(start[2], start[3]) and not torch.equal(start[0], start[2])
+    assert not torch.equal(batch.states[1, 0], batch.states[1, 1])  # the SDE steps still branch the group
+    assert not torch.equal(_rollout(tiny).states[0, 0], start[0])  # the start no longer comes from the seed
+    tiny.transformer.train()
+    for rows in batch.chunks():  # the stored log-probs are still re-scored exactly
+        new = policy.transition(tiny, batch, 1, rows)
+        assert float((new.log_prob.detach() - batch.log_probs[1, rows]).abs().max()) == 0.0
+    tiny.transformer.eval()
+
+
 def test_logprob_equals_torch_normal(tiny: Any) -> None:
     batch = _rollout(tiny)
     rows = slice(0, 4)
