@@ -59,12 +59,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from opdkit.checkpoint import load_training_state, save_training_state
 from opdkit.errors import OpdkitError
 from opdkit.prompts import load_prompts
 from opdkit.recipe import dump_recipe
 from opdkit.registry import models
-from opdkit.rundir import RunDir, read_jsonl, rewrite_jsonl
 
 if TYPE_CHECKING:
     import torch
@@ -94,16 +92,7 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
     device = accelerator.device
 
     # -- run directory (rank 0 writes; every rank reads the same checkpoint) ---------------------
-    rundir = RunDir(out_dir)
-    latest = rundir.latest()
-    if not resume and latest is not None:  # every rank stops, not only the one that writes
-        raise OpdkitError(
-            f"{rundir.root}: holds a previous run (checkpoint at step {latest[0]}); "
-            "pass --resume to continue it or --out to start elsewhere"
-        )
-    if main:
-        rundir.prepare(dump_recipe(recipe), resume)
-    accelerator.wait_for_everyone()
+    rundir = policy.open_run_dir(out_dir, dump_recipe(recipe), resume=resume, accelerator=accelerator)
 
     # -- model, trainable parameters, optimizer, EMA ----------------------------------------------
     model.to(device=device)
@@ -134,39 +123,18 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
     window = tuple(sampler.train_window) if sampler.train_window is not None else None
 
     modules = {"transformer": model.transformer}
-    start, elapsed_before, optimizer_steps = 0, 0.0, 0
-    latest = rundir.latest()
-    if resume and latest is not None:
-        state = load_training_state(latest[1], modules, optimizer)
-        start = int(state["step"])
-        elapsed_before = float(state.get("elapsed_s", 0.0))
-        optimizer_steps = int(state.get("optimizer_steps", 0))
-        if ema is not None:
-            from safetensors.torch import load_file
-
-            ema.load_state_dict(load_file(str(latest[1] / "ema.safetensors")))
-        if main:
-            rundir.truncate_metrics(start)
-    rank_log = rundir.root / "ranks" / f"rank_{rank}.jsonl" if world > 1 else None
-    if rank_log is not None:
-        kept = [r for r in read_jsonl(rank_log) if int(r.get("step", 0)) <= start and "weights_sha256" not in r]
-        rewrite_jsonl(rank_log, kept)
-    board = policy.TensorBoardLog(rundir.root / "tensorboard", purge_step=start + 1) if main else None
+    restored = policy.restore_run(rundir, modules, optimizer, ema, resume=resume, accelerator=accelerator)
+    start, elapsed_before, optimizer_steps = restored.step, restored.elapsed_s, restored.optimizer_steps
+    rank_log, board = restored.rank_log, restored.board
 
     def lr_at(step: int) -> float:
-        return train.lr * (min(1.0, step / train.warmup_steps) if train.warmup_steps else 1.0)
+        return policy.warmup_lr(train, step)
 
     def save(step: int, elapsed: float) -> None:
-        if main:
-            save_training_state(
-                rundir.checkpoint_dir(step),
-                modules,
-                optimizer,
-                {"step": step, "elapsed_s": elapsed, "optimizer_steps": optimizer_steps},
-                extra_tensors={"ema": ema.state_dict()} if ema is not None else None,
-            )
-            rundir.commit_checkpoint(step, keep=train.keep_checkpoints)
-        accelerator.wait_for_everyone()
+        policy.save_checkpoint(
+            rundir, modules, optimizer, ema, step=step, elapsed=elapsed, optimizer_steps=optimizer_steps,
+            keep=train.keep_checkpoints, accelerator=accelerator,
+        )  # fmt: skip
 
     t0 = time.perf_counter()
     step = start

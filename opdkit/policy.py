@@ -56,12 +56,14 @@ from opdkit.sampling import (
 
 if TYPE_CHECKING:
     from opdkit.recipe import LoraSpec, RewardSpec
+    from opdkit.rundir import RunDir
 
 __all__ = [
     "ADAPTER",
     "EMA",
     "RewardScores",
     "Rollout",
+    "RunStart",
     "StepPrompts",
     "TensorBoardLog",
     "Trainable",
@@ -73,16 +75,21 @@ __all__ = [
     "finish_run",
     "gaussian_kl",
     "group_advantages",
+    "open_run_dir",
     "out_of_time",
     "parameters_sha256",
     "precision_context",
+    "restore_run",
     "rollout",
+    "save_checkpoint",
     "save_final",
     "save_rollout_grid",
     "setup_trainable",
+    "shared_noise_seeds",
     "step_prompts",
     "summarize",
     "transition",
+    "warmup_lr",
 ]
 
 # Name of the trained LoRA adapter on the policy's transformer.
@@ -718,6 +725,91 @@ def summarize(values: torch.Tensor) -> dict[str, float | None]:
 
 # ----------------------------------------------------------------------------------------------
 # run plumbing shared by the trainers (final weights, grids, time limit, TensorBoard)
+
+
+def open_run_dir(out_dir: str | Path, recipe_yaml: str, *, resume: bool, accelerator: Any) -> RunDir:
+    """The run directory; a previous run there is an error unless resuming.
+
+    Every rank checks (so every rank stops, not only the one that writes); rank 0 writes the
+    resolved recipe.
+    """
+    from opdkit.rundir import RunDir
+
+    rundir = RunDir(out_dir)
+    latest = rundir.latest()
+    if not resume and latest is not None:
+        raise OpdkitError(
+            f"{rundir.root}: holds a previous run (checkpoint at step {latest[0]}); "
+            "pass --resume to continue it or --out to start elsewhere"
+        )
+    if accelerator.is_main_process:
+        rundir.prepare(recipe_yaml, resume)
+    accelerator.wait_for_everyone()
+    return rundir
+
+
+@dataclass
+class RunStart:
+    """Where a GRPO / OPD run starts: step 0, or the last checkpoint's step when resuming."""
+
+    step: int
+    elapsed_s: float
+    optimizer_steps: int
+    rank_log: Path | None  # per-rank log of prompts and seeds under data parallelism
+    board: TensorBoardLog | None  # rank 0 only
+
+
+def restore_run(
+    rundir: RunDir, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, ema: EMA | None,
+    *, resume: bool, accelerator: Any,
+) -> RunStart:  # fmt: skip
+    """Load the last checkpoint (weights, optimizer, EMA) when resuming, and cut every log back to
+    its step so that a resumed run appends exactly what an uninterrupted one would have written."""
+    from opdkit.checkpoint import load_training_state
+    from opdkit.rundir import read_jsonl, rewrite_jsonl
+
+    main = accelerator.is_main_process
+    start, elapsed, optimizer_steps = 0, 0.0, 0
+    latest = rundir.latest()
+    if resume and latest is not None:
+        state = load_training_state(latest[1], modules, optimizer)
+        start, elapsed = int(state["step"]), float(state.get("elapsed_s", 0.0))
+        optimizer_steps = int(state.get("optimizer_steps", 0))
+        if ema is not None:
+            from safetensors.torch import load_file
+
+            ema.load_state_dict(load_file(str(latest[1] / "ema.safetensors")))
+        if main:
+            rundir.truncate_metrics(start)
+    rank_log = None
+    if accelerator.num_processes > 1:
+        rank_log = rundir.root / "ranks" / f"rank_{accelerator.process_index}.jsonl"
+        kept = [r for r in read_jsonl(rank_log) if int(r.get("step", 0)) <= start and "weights_sha256" not in r]
+        rewrite_jsonl(rank_log, kept)
+    board = TensorBoardLog(rundir.root / "tensorboard", purge_step=start + 1) if main else None
+    return RunStart(start, elapsed, optimizer_steps, rank_log, board)
+
+
+def save_checkpoint(
+    rundir: RunDir, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, ema: EMA | None,
+    *, step: int, elapsed: float, optimizer_steps: int, keep: int, accelerator: Any,
+) -> None:  # fmt: skip
+    """Rank 0 writes a complete checkpoint (weights, optimizer, EMA, trainer state) atomically; all ranks sync."""
+    if accelerator.is_main_process:
+        from opdkit.checkpoint import save_training_state
+
+        save_training_state(
+            rundir.checkpoint_dir(step), modules, optimizer,
+            {"step": step, "elapsed_s": elapsed, "optimizer_steps": optimizer_steps},
+            extra_tensors={"ema": ema.state_dict()} if ema is not None else None,
+        )  # fmt: skip
+        rundir.commit_checkpoint(step, keep=keep)
+    accelerator.wait_for_everyone()
+
+
+def warmup_lr(train: Any, step: int) -> float:
+    """``train.lr`` after a linear warm-up over ``train.warmup_steps`` (1-based steps)."""
+    return train.lr * (min(1.0, step / train.warmup_steps) if train.warmup_steps else 1.0)
 
 
 def end_of_step(
