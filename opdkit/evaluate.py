@@ -139,6 +139,9 @@ def run_eval(
         "resolution": sampler.get("resolution", 512),
         "shift": sampler.get("shift"),
         "protocol": benchmark.protocol,
+        # results are kept per model *name*: retrained weights under the same name must not
+        # resume from, or be mixed with, the images of the old weights
+        "weights": flow_model.base_fingerprint(),
     }
     root = Path(out_dir) / model_name
     root.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,18 @@ def test_changed_settings_refuse_to_mix_results(tiny_shapes_dir: Path, tmp_path:
         run_eval("shapes-ocr", str(tiny_shapes_dir), out_dir=tmp_path, limit=1, samples=1, steps=3)
 
 
+def test_other_weights_under_the_same_name_refuse_to_mix_results(tiny_shapes_dir: Path, tmp_path: Path) -> None:
+    from opdkit.models.shapes import shapes_vocabulary
+    from opdkit.models.tiny import ShapesModelConfig, build_shapes_pipeline
+
+    config = ShapesModelConfig(patch_size=4, num_layers=1, num_heads=2, head_dim=8, text_hidden_size=16, text_projection_dim=16)
+    retrained = build_shapes_pipeline(tmp_path / "retrained", shapes_vocabulary(), config, seed=1)
+    run_eval("shapes-ocr", str(tiny_shapes_dir), out_dir=tmp_path / "results", limit=1, samples=1, steps=2, name="m")
+    run_eval("shapes-ocr", str(tiny_shapes_dir), out_dir=tmp_path / "results", limit=1, samples=1, steps=2, name="m")
+    with pytest.raises(OpdkitError, match="other settings \\(weights\\)"):
+        run_eval("shapes-ocr", str(retrained), out_dir=tmp_path / "results", limit=1, samples=1, steps=2, name="m")
+
+
 def test_wrong_world_is_refused_with_one_line(tmp_path: Path) -> None:
     from opdkit.models.tiny import build_tiny_sd3_pipeline
 
