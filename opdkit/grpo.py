@@ -127,9 +127,6 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
     start, elapsed_before, optimizer_steps = restored.step, restored.elapsed_s, restored.optimizer_steps
     rank_log, board = restored.rank_log, restored.board
 
-    def lr_at(step: int) -> float:
-        return policy.warmup_lr(train, step)
-
     def save(step: int, elapsed: float) -> None:
         policy.save_checkpoint(
             rundir, modules, optimizer, ema, step=step, elapsed=elapsed, optimizer_steps=optimizer_steps,
@@ -176,7 +173,7 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
             # 4. policy update ----------------------------------------------------------------------
             stats = policy_update(
                 model, batch, advantages, trainable, optimizer, scaler, ema, autocast, train,
-                updates_per_epoch=updates_per_epoch, world=world, lr=lr_at(step),
+                updates_per_epoch=updates_per_epoch, world=world, lr=policy.scheduled_lr(train, step),
                 optimizer_steps=optimizer_steps,
             )  # fmt: skip
             optimizer_steps = stats.pop("optimizer_steps")
@@ -185,7 +182,7 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
             # 5. bookkeeping -------------------------------------------------------------------------
             gathered = {k: accelerator.gather(v.to(device)).cpu() if v.numel() else v for k, v in stats.items()}
             elapsed = elapsed_before + time.perf_counter() - t0
-            record = _metrics(step, lr_at(step), all_rewards, all_parts, advantages_all, gathered, group)
+            record = _metrics(step, policy.scheduled_lr(train, step), all_rewards, all_parts, advantages_all, gathered, group)
             record.update(
                 rollout_seconds=round(t_rollout - t_step, 3),
                 reward_seconds=round(t_reward - t_rollout, 3),

@@ -261,9 +261,6 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
     start, elapsed_before, optimizer_steps = restored.step, restored.elapsed_s, restored.optimizer_steps
     rank_log, board = restored.rank_log, restored.board
 
-    def lr_at(step: int) -> float:
-        return policy.warmup_lr(train, step)
-
     def save(step: int, elapsed: float) -> None:
         policy.save_checkpoint(
             rundir, modules, optimizer, ema, step=step, elapsed=elapsed, optimizer_steps=optimizer_steps,
@@ -304,13 +301,13 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
 
             stats = distill_update(
                 model, batch, routes, loaded_teachers, anchors, task_adv, trainable, optimizer, ema, train,
-                world=world, lr=lr_at(step), optimizer_steps=optimizer_steps,
+                world=world, lr=policy.scheduled_lr(train, step), optimizer_steps=optimizer_steps,
             )  # fmt: skip
             optimizer_steps = stats.pop("optimizer_steps")
             t_update = time.perf_counter()
 
             elapsed = elapsed_before + time.perf_counter() - t0
-            record = _metrics(step, lr_at(step), stats, routes, teacher_names, accelerator, device)
+            record = _metrics(step, policy.scheduled_lr(train, step), stats, routes, teacher_names, accelerator, device)
             if scores is not None:
                 for name, values in scores.parts.items():
                     values = accelerator.gather(values.to(device)).cpu()

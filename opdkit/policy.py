@@ -84,12 +84,12 @@ __all__ = [
     "save_checkpoint",
     "save_final",
     "save_rollout_grid",
+    "scheduled_lr",
     "setup_trainable",
     "shared_noise_seeds",
     "step_prompts",
     "summarize",
     "transition",
-    "warmup_lr",
 ]
 
 # Name of the trained LoRA adapter on the policy's transformer.
@@ -807,8 +807,13 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
 
-def warmup_lr(train: Any, step: int) -> float:
-    """``train.lr`` after a linear warm-up over ``train.warmup_steps`` (1-based steps)."""
+def scheduled_lr(train: Any, step: int) -> float:
+    """The learning rate of (1-based) ``step`` for every method: a linear warm-up over
+    ``train.warmup_steps``, then ``train.lr`` held (``lr_decay: constant``) or falling to 0 at
+    ``train.max_steps`` along a cosine (``lr_decay: cosine``)."""
+    if train.lr_decay == "cosine" and step > train.warmup_steps:
+        done = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
+        return train.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
     return train.lr * (min(1.0, step / train.warmup_steps) if train.warmup_steps else 1.0)
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from opdkit.checkpoint import load_module_state, load_training_state, save_training_state
 from opdkit.errors import OpdkitError
-from opdkit.policy import EMA
+from opdkit.policy import EMA, scheduled_lr
 from opdkit.prompts import load_prompts
 from opdkit.recipe import dump_recipe
 from opdkit.registry import models
@@ -81,13 +81,6 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
     # An EMA of the weights samples far cleaner than the raw weights of a small, high-lr model.
     ema = EMA([n for n, _ in named], params, train.ema.decay, train.ema.every) if train.ema else None
 
-    def lr_at(step: int) -> float:
-        warm = min(1.0, step / train.warmup_steps) if train.warmup_steps else 1.0
-        if train.lr_decay == "cosine" and step > train.warmup_steps:
-            done = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
-            return train.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
-        return train.lr * warm
-
     start = 0
     elapsed_before = 0.0
     latest = rundir.latest()
@@ -141,7 +134,7 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
                 v = model.velocity(x_t, sigma, cond)
                 loss = torch.nn.functional.mse_loss(v.float(), (eps - x0).float())
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
+                group["lr"] = scheduled_lr(train, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = (
@@ -159,7 +152,7 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
             if not math.isfinite(value):
                 raise OpdkitError(f"{loaded.path}: loss became {value} at step {step}; lower train.lr")
             if step % train.log_every == 0 or step == train.max_steps:
-                rundir.log({"step": step, "loss": value, "grad_norm": float(grad_norm), "lr": lr_at(step), "seconds": round(elapsed, 3)})
+                rundir.log({"step": step, "loss": value, "grad_norm": float(grad_norm), "lr": scheduled_lr(train, step), "seconds": round(elapsed, 3)})
             bar.update(step, loss=value)
             out_of_time = train.max_minutes is not None and elapsed >= 60.0 * train.max_minutes
             if step % train.checkpoint_every == 0 or step == train.max_steps or out_of_time:

@@ -168,7 +168,7 @@ class TrainSpec(_Strict):
     weight_decay: float = Field(default=1e-4, ge=0.0)
     max_grad_norm: float | None = Field(default=1.0, gt=0.0)
     warmup_steps: int = Field(default=0, ge=0)
-    # pretrain: after warm-up the lr stays constant, or falls to 0 at max_steps along a cosine
+    # after warm-up the lr stays constant, or falls to 0 at max_steps along a cosine (every method)
     lr_decay: Literal["constant", "cosine"] = "constant"
     # GRPO / OPD
     clip_range: float = Field(default=1e-4, gt=0.0)

@@ -324,3 +324,13 @@ def test_average_gradients_single_process_is_identity_and_checksum() -> None:
     with torch.no_grad():
         q.add_(1e-7)
     assert policy.parameters_sha256([p]) != policy.parameters_sha256([q])
+
+
+def test_scheduled_lr_warmup_then_constant_or_cosine() -> None:
+    from opdkit.recipe import TrainSpec
+
+    constant = TrainSpec(seed=0, lr=1e-3, warmup_steps=2, max_steps=6)
+    assert [policy.scheduled_lr(constant, s) for s in range(1, 7)] == pytest.approx([5e-4] + [1e-3] * 5)
+    cosine = TrainSpec(seed=0, lr=1e-3, warmup_steps=2, max_steps=6, lr_decay="cosine")
+    expected = [5e-4, 1e-3] + [1e-3 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in (1, 2, 3, 4)]
+    assert [policy.scheduled_lr(cosine, s) for s in range(1, 7)] == pytest.approx(expected, abs=1e-12)
