@@ -16,13 +16,18 @@ run repeats exactly what an uninterrupted one would have done):
    between the two Gaussian transitions (:func:`opdkit.policy.gaussian_kl`, scaling
    ``train.kl_scaling``), used by ``train.loss_mode``:
 
-   * ``kl_only`` — advantage ``A_t = clamp(-KL_t, +-adv_clip)`` through the PPO-clipped ratio;
+   * ``kl_only`` — advantage ``A_t = clamp(-k_t, +-adv_clip)`` through the PPO-clipped ratio;
    * ``mixed`` — ``A_t`` plus the group-normalised task reward of the recipe's ``rewards``;
    * ``direct`` — minimise ``mean KL_t`` itself (no ratio).
 
-   ``train.detach_kl`` (default true, as the paper describes): the KL inside an advantage carries
-   no gradient of its own, so the student learns only through rho. With ``false`` the gradient
-   also flows through KL_t (what Flow-OPD's code does). Regularizers add
+   ``k_t`` is set by ``train.kl_advantage``. ``sampled`` (default): ``log pi_old(x_{t+1}|x_t) -
+   log pi_teacher(x_{t+1}|x_t)`` at the state the rollout drew, whose mean is KL_t and which
+   depends on the action, so ``E[A_t grad log pi] = -grad KL_t`` (:func:`opdkit.policy.sampled_kl`;
+   the per-token estimator of LLM on-policy distillation). ``analytic``: KL_t itself, as Flow-OPD.
+   KL_t depends only on x_t, not on the action, and the score function has mean zero, so with
+   ``train.detach_kl: true`` (what the paper describes: "gradients flow only through rho") its
+   expected gradient is ZERO. It teaches only with ``detach_kl: false`` (what Flow-OPD's code
+   does), where the gradient flows through KL_t itself, i.e. mostly ``direct``. Regularizers add
    ``weight * KL(student || anchor)`` on every sample: ``mar`` (Manifold Anchor Regularization,
    anchor = a task-agnostic teacher or the base) and ``ref_kl`` (the base).
 6. **Bookkeeping** as GRPO: ``metrics.jsonl`` (KL per teacher, routing counts, anchor KLs,
@@ -373,6 +378,17 @@ def distill_update(
             targets[(c, t)] = routed_teacher_means(model, batch, t, rows, routes, loaded_teachers)
         return targets[(c, t)]
 
+    sampled: dict[tuple[int, int], torch.Tensor] = {}
+
+    def sampled_estimate(c: int, t: int, rows: slice, std: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        # log pi_old - log pi_teacher at the drawn next state: fixed per rollout, like pi_old
+        if (c, t) not in sampled:
+            sampled[(c, t)] = policy.sampled_kl(
+                batch.log_probs[t, rows], batch.states[t + 1, rows], teacher_target(c, t, rows), std.detach(), dt,
+                train.kl_scaling,
+            )  # fmt: skip
+        return sampled[(c, t)]
+
     kl_per_image = torch.zeros(n)
     stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("kl", "loss", "ratio", "clipped", "ratio_first")}
     anchor_kls: dict[str, list[torch.Tensor]] = {label: [] for label, _, _ in anchors}
@@ -395,9 +411,11 @@ def distill_update(
                         loss = kl
                         ratio = torch.exp(new.log_prob.detach() - batch.log_probs[t, rows])
                     else:
-                        adv = (-kl).clamp(-train.adv_clip, train.adv_clip)
-                        if train.detach_kl:
-                            adv = adv.detach()
+                        if train.kl_advantage == "sampled":
+                            adv = -sampled_estimate(c, t, rows, new.std, dt)
+                        else:
+                            adv = -kl if not train.detach_kl else -kl.detach()
+                        adv = adv.clamp(-train.adv_clip, train.adv_clip)
                         if task_adv is not None:
                             adv = adv + task_adv[rows]
                         loss, ratio = policy.clipped_policy_loss(

@@ -47,6 +47,7 @@ from opdkit.errors import OpdkitError
 from opdkit.rundir import atomic_path, atomic_write_json
 from opdkit.sampling import (
     SdeStep,
+    gaussian_log_prob,
     guided_velocity,
     initial_noise,
     make_generators,
@@ -419,6 +420,47 @@ def gaussian_kl(
     if scaling == "flow_grpo":
         minus_dt = -torch.as_tensor(dt, dtype=torch.float32, device=var.device).reshape(-1)
         return diff2.mean(dim=dims) * minus_dt / (2.0 * var)  # = mean(diff2) / (2 s_t^2)
+    raise ValueError(f"unknown KL scaling {scaling!r} (expected 'flow_grpo' or 'exact')")
+
+
+def sampled_kl(
+    log_prob: torch.Tensor,
+    sample: torch.Tensor,
+    mean_ref: torch.Tensor,
+    std: torch.Tensor,
+    dt: torch.Tensor | float,
+    scaling: KlScaling = "flow_grpo",
+) -> torch.Tensor:
+    """One-sample estimate of KL(pi || pi_ref) at the action taken: ``log pi(x') - log pi_ref(x')``.
+
+    Its mean over ``x' ~ pi`` is :func:`gaussian_kl` (same ``scaling``). Unlike that analytic KL,
+    which depends only on the state x, this estimate depends on the action x', so used as a
+    (detached) advantage through the policy ratio it gives the gradient of the KL in expectation:
+    ``E[grad log pi(x') * (log pi(x') - log pi_ref(x'))] = grad KL``. A state-only advantage times
+    ``grad log pi`` has expectation zero (the score function has mean zero), so the analytic KL as
+    a detached advantage teaches nothing but noise. This is the per-token estimator of on-policy
+    distillation for language models, applied per SDE step.
+
+    Args:
+        log_prob: (B,) log pi(x' | x) from the rollout (the dims-averaged convention of
+            :func:`~opdkit.sampling.sde_step_with_logprob`).
+        sample: (B, C, h, w) the next state x' that the rollout drew.
+        mean_ref: (B, C, h, w) the reference (teacher) transition mean at x.
+        std: (B,) transition standard deviation (shared by both policies).
+        dt: ``sigma_next - sigma`` (< 0), scalar or (B,).
+        scaling: ``"flow_grpo"`` or ``"exact"``, as :func:`gaussian_kl`.
+
+    Returns:
+        (B,) float32 (any sign), no gradient.
+    """
+    with torch.no_grad():
+        std_b = std.float().reshape(-1, *([1] * (sample.ndim - 1)))
+        log_ratio = log_prob.float() - gaussian_log_prob(sample.float(), mean_ref.float(), std_b)  # dims-averaged
+        if scaling == "exact":
+            return log_ratio * sample[0].numel()
+        if scaling == "flow_grpo":
+            minus_dt = -torch.as_tensor(dt, dtype=torch.float32, device=log_ratio.device).reshape(-1)
+            return log_ratio * minus_dt  # exact KL * (-dt) / D, as gaussian_kl
     raise ValueError(f"unknown KL scaling {scaling!r} (expected 'flow_grpo' or 'exact')")
 
 

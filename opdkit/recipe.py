@@ -178,6 +178,11 @@ class TrainSpec(_Strict):
     kl_scaling: Literal["flow_grpo", "exact"] = "flow_grpo"
     loss_mode: Literal["kl_only", "mixed", "direct"] = "kl_only"  # opd only
     detach_kl: bool = True  # opd: KL used as an advantage carries no gradient of its own
+    # opd kl_only/mixed: the KL advantage is log pi - log pi_teacher at the sampled next state
+    # ("sampled", an action-dependent estimate whose policy gradient is grad KL in expectation) or
+    # the analytic KL of the state ("analytic", Flow-OPD's code; detached it has zero expected
+    # gradient, so it only teaches through detach_kl: false). See opdkit/opd.py.
+    kl_advantage: Literal["sampled", "analytic"] = "sampled"
     # pretrain
     cond_dropout: float = Field(default=0.1, ge=0.0, le=1.0)
     # pretrain: training sigmas are logit-normal(0, 1) then shifted like the sampling schedule

@@ -226,10 +226,24 @@ def sde_step_with_logprob(
         sample = mean + std * _draw_noise(x32.shape, noise, x32.device)
     else:
         sample = prev_sample.float()
-    # Gaussian log-density of the (detached) sample; the mean over dims is the documented choice.
-    log_density = -((sample.detach() - mean) ** 2) / (2.0 * std**2) - torch.log(std) - _LOG_SQRT_2PI
-    log_prob = log_density.mean(dim=tuple(range(1, log_density.ndim)))
+    log_prob = gaussian_log_prob(sample.detach(), mean, std)
     return SdeStep(sample, log_prob, mean, std.reshape(batch))
+
+
+def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(sample; mean, std^2 I) averaged over dimensions (the SDE step's log-prob convention).
+
+    Args:
+        sample, mean: (B, C, h, w).
+        std: (B, 1, 1, 1) (or anything broadcasting to the sample).
+
+    Returns:
+        (B,) float32; differentiable w.r.t. ``mean`` (and ``sample`` unless detached).
+    """
+    # The mean over dims (not the sum) is the documented choice: it is flow_grpo's, and keeps the
+    # PPO ratio's scale independent of resolution.
+    log_density = -((sample - mean) ** 2) / (2.0 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    return log_density.mean(dim=tuple(range(1, log_density.ndim)))
 
 
 # ----------------------------------------------------------------------------------------------
