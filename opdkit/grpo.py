@@ -159,6 +159,7 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
                     noise_level=sampler.noise_level, resolution=sampler.resolution, shift=sampler.shift,
                     window=window, micro_batch=micro,
                     noise_seeds=policy.shared_noise_seeds(drawn.seeds, group) if sampler.shared_initial_noise else None,
+                    logprob_pool=sampler.logprob_pool,
                 )  # fmt: skip
             t_rollout = time.perf_counter()
 

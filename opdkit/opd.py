@@ -291,6 +291,7 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
                 noise_level=sampler.noise_level, resolution=sampler.resolution, shift=sampler.shift,
                 window=window, micro_batch=micro, decode=reward_fn is not None or bool(train.sample_every),
                 noise_seeds=policy.shared_noise_seeds(drawn.seeds, group) if sampler.shared_initial_noise else None,
+                logprob_pool=sampler.logprob_pool,
             )  # fmt: skip
             routes = route(batch.records, teacher_names)
             t_rollout = time.perf_counter()
@@ -385,7 +386,7 @@ def distill_update(
         if (c, t) not in sampled:
             sampled[(c, t)] = policy.sampled_kl(
                 batch.log_probs[t, rows], batch.states[t + 1, rows], teacher_target(c, t, rows), std.detach(), dt,
-                train.kl_scaling,
+                train.kl_scaling, batch.logprob_pool,
             )  # fmt: skip
         return sampled[(c, t)]
 

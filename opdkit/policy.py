@@ -194,6 +194,7 @@ class Rollout:
         micro_batch: images per forward pass; :func:`transition` must use the same chunks.
         cfg: guidance weight used.
         noise_level: SDE noise level ``a`` used.
+        logprob_pool: block size of the log-probs (``sampler.logprob_pool``; 1 = every dimension).
     """
 
     records: list[dict[str, Any]]
@@ -207,6 +208,7 @@ class Rollout:
     micro_batch: int
     cfg: float
     noise_level: float
+    logprob_pool: int = 1
 
     def __len__(self) -> int:
         return int(self.states.shape[1])
@@ -251,6 +253,7 @@ def rollout(
     micro_batch: int | None = None,
     decode: bool = True,
     noise_seeds: Sequence[int] | None = None,
+    logprob_pool: int = 1,
 ) -> Rollout:
     """Sample one image per (record, seed) with the Flow-GRPO SDE sampler, in micro-batches.
 
@@ -269,6 +272,8 @@ def rollout(
         noise_seeds: one seed per image for the initial noise x_1 (default: drawn from
             ``seeds``, before the SDE noise); equal seeds give equal starts, see
             :func:`shared_noise_seeds`.
+        logprob_pool: log-probs of the k x k block means of the SDE noise
+            (:func:`opdkit.sampling.gaussian_log_prob`).
     """
     n = len(records)
     if len(seeds) != n:
@@ -298,6 +303,7 @@ def rollout(
             seed=list(seeds[rows]),
             sde_window=window,
             noise=None if noise_seeds is None else start_noise(list(noise_seeds[rows])),
+            logprob_pool=logprob_pool,
         )
         states.append(traj.states)
         log_probs.append(traj.log_probs)
@@ -316,6 +322,7 @@ def rollout(
         micro_batch=micro,
         cfg=cfg,
         noise_level=noise_level,
+        logprob_pool=logprob_pool,
     )
 
 
@@ -344,7 +351,8 @@ def transition(model: Any, batch: Rollout, t: int, rows: slice) -> SdeStep:
     uncond = model.uncond(n) if batch.cfg != 1.0 else None
     v = guided_velocity(model, x, batch.sigmas[t], batch.cond[rows], uncond, batch.cfg)
     return sde_step_with_logprob(
-        x, v, batch.sigmas[t], batch.sigmas[t + 1], batch.noise_level, prev_sample=batch.states[t + 1, rows]
+        x, v, batch.sigmas[t], batch.sigmas[t + 1], batch.noise_level, prev_sample=batch.states[t + 1, rows],
+        logprob_pool=batch.logprob_pool,
     )
 
 
@@ -430,6 +438,7 @@ def sampled_kl(
     std: torch.Tensor,
     dt: torch.Tensor | float,
     scaling: KlScaling = "flow_grpo",
+    pool: int = 1,
 ) -> torch.Tensor:
     """One-sample estimate of KL(pi || pi_ref) at the action taken: ``log pi(x') - log pi_ref(x')``.
 
@@ -449,15 +458,17 @@ def sampled_kl(
         std: (B,) transition standard deviation (shared by both policies).
         dt: ``sigma_next - sigma`` (< 0), scalar or (B,).
         scaling: ``"flow_grpo"`` or ``"exact"``, as :func:`gaussian_kl`.
+        pool: the rollout's ``logprob_pool`` (``log_prob`` must use the same); with k > 1 the
+            estimate is of the KL between the k x k block-mean parts of the two steps.
 
     Returns:
         (B,) float32 (any sign), no gradient.
     """
     with torch.no_grad():
         std_b = std.float().reshape(-1, *([1] * (sample.ndim - 1)))
-        log_ratio = log_prob.float() - gaussian_log_prob(sample.float(), mean_ref.float(), std_b)  # dims-averaged
+        log_ratio = log_prob.float() - gaussian_log_prob(sample.float(), mean_ref.float(), std_b, pool)
         if scaling == "exact":
-            return log_ratio * sample[0].numel()
+            return log_ratio * sample[0].numel() / pool**2  # dims-averaged -> summed
         if scaling == "flow_grpo":
             minus_dt = -torch.as_tensor(dt, dtype=torch.float32, device=log_ratio.device).reshape(-1)
             return log_ratio * minus_dt  # exact KL * (-dt) / D, as gaussian_kl

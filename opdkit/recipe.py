@@ -125,6 +125,10 @@ class SamplerSpec(_Strict):
     # grpo/opd: the images of a group start from the same initial noise (DanceGRPO), so the
     # reward differences inside a group come from the trained SDE steps alone
     shared_initial_noise: bool = False
+    # grpo/opd: the policy's log-prob (score function) sees only the k x k block means of each SDE
+    # step's noise; sampling is unchanged. Fewer noise dimensions per image, less variance in the
+    # policy gradient (docs/grpo.md). 1: every dimension, as Flow-GRPO.
+    logprob_pool: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _window_inside(self) -> SamplerSpec:

@@ -184,6 +184,7 @@ def sde_step_with_logprob(
     noise: torch.Tensor | Generators = None,
     prev_sample: torch.Tensor | None = None,
     sigma_max: torch.Tensor | float | None = None,
+    logprob_pool: int = 1,
 ) -> SdeStep:
     """One Flow-GRPO SDE step from ``sigma`` to ``sigma_next`` and its log-probability.
 
@@ -207,6 +208,7 @@ def sde_step_with_logprob(
         prev_sample: if given, no sampling: its log-probability under this step is computed
             (the PPO ratio's numerator/denominator). It is treated as data (detached).
         sigma_max: value replacing sigma in ``1 - sigma`` where sigma == 1 (default sigma_next).
+        logprob_pool: log-prob of the k x k block means of the noise only (:func:`gaussian_log_prob`).
 
     Returns:
         :class:`SdeStep` (prev_sample, log_prob (B,), mean, std (B,)).
@@ -226,23 +228,37 @@ def sde_step_with_logprob(
         sample = mean + std * _draw_noise(x32.shape, noise, x32.device)
     else:
         sample = prev_sample.float()
-    log_prob = gaussian_log_prob(sample.detach(), mean, std)
+    log_prob = gaussian_log_prob(sample.detach(), mean, std, logprob_pool)
     return SdeStep(sample, log_prob, mean, std.reshape(batch))
 
 
-def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, pool: int = 1) -> torch.Tensor:
     """log N(sample; mean, std^2 I) averaged over dimensions (the SDE step's log-prob convention).
+
+    With ``pool = k > 1`` it is the log-density of the step's noise averaged over k x k blocks:
+    ``z = k * avg_pool_k((sample - mean) / std)``, which is N(0, I) on the (C, h/k, w/k) block grid
+    when the step's noise is white. The sampler is unchanged (white noise, same marginals); only
+    the policy's score function is restricted to the low-frequency part of the noise, see
+    ``sampler.logprob_pool`` in docs/grpo.md.
 
     Args:
         sample, mean: (B, C, h, w).
         std: (B, 1, 1, 1) (or anything broadcasting to the sample).
+        pool: block size k (h and w divisible by k).
 
     Returns:
         (B,) float32; differentiable w.r.t. ``mean`` (and ``sample`` unless detached).
     """
-    # The mean over dims (not the sum) is the documented choice: it is flow_grpo's, and keeps the
-    # PPO ratio's scale independent of resolution.
-    log_density = -((sample - mean) ** 2) / (2.0 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    if pool == 1:
+        # The mean over dims (not the sum) is the documented choice: it is flow_grpo's, and keeps
+        # the PPO ratio's scale independent of resolution.
+        log_density = -((sample - mean) ** 2) / (2.0 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    else:
+        h, w = sample.shape[-2:]
+        if h % pool or w % pool:
+            raise ValueError(f"logprob_pool {pool} does not divide the state's {h}x{w} grid")
+        z = torch.nn.functional.avg_pool2d((sample - mean) / std, pool) * pool
+        log_density = -(z**2) / 2.0 - torch.log(std) - _LOG_SQRT_2PI
     return log_density.mean(dim=tuple(range(1, log_density.ndim)))
 
 
@@ -379,6 +395,7 @@ def sample_sde(
     cond: Any | None = None,
     uncond: Any | None = None,
     noise: torch.Tensor | None = None,
+    logprob_pool: int = 1,
 ) -> Trajectory:
     """Flow-GRPO rollout: SDE steps with log-probs (ODE steps outside ``sde_window``).
 
@@ -387,6 +404,7 @@ def sample_sde(
         noise_level: SDE noise level ``a``.
         sde_window: ``(start, end)``: only steps ``start <= t < end`` are stochastic (a training
             window); None = every step.
+        logprob_pool: see :func:`sde_step_with_logprob`.
         (others as in :func:`sample_ode`)
 
     Returns:
@@ -404,7 +422,9 @@ def sample_sde(
     for i in range(steps):
         v = guided_velocity(model, x, sigmas[i], cond, uncond, cfg)
         if sde_steps[i]:
-            step = sde_step_with_logprob(x, v, sigmas[i], sigmas[i + 1], noise_level, noise=generators)
+            step = sde_step_with_logprob(
+                x, v, sigmas[i], sigmas[i + 1], noise_level, noise=generators, logprob_pool=logprob_pool
+            )
             x, log_prob = step.prev_sample, step.log_prob
         else:
             x = euler_step(x, v, sigmas[i], sigmas[i + 1])

@@ -132,6 +132,46 @@ def test_sde_logprob_equals_normal_mean_over_dims() -> None:
     assert step.log_prob.shape == (4,)
 
 
+def test_pooled_logprob_is_the_density_of_the_block_means_of_the_noise() -> None:
+    torch.manual_seed(0)
+    x, v = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    full = sde_step_with_logprob(x, v, 0.8, 0.6, noise_level=0.7, noise=torch.Generator().manual_seed(1))
+    pooled = sde_step_with_logprob(
+        x, v, 0.8, 0.6, noise_level=0.7, noise=torch.Generator().manual_seed(1), logprob_pool=4
+    )
+    # The sampler is unchanged: same draw, same mean and std.
+    assert torch.equal(pooled.prev_sample, full.prev_sample) and torch.equal(pooled.mean, full.mean)
+    std = float(full.std[0])
+    z = torch.nn.functional.avg_pool2d((full.prev_sample - full.mean) / std, 4) * 4  # (4, 3, 2, 2)
+    expected = (torch.distributions.Normal(0.0, 1.0).log_prob(z) - math.log(std)).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(pooled.log_prob, expected)
+    again = sde_step_with_logprob(x, v, 0.8, 0.6, noise_level=0.7, prev_sample=pooled.prev_sample, logprob_pool=4)
+    assert torch.equal(again.log_prob, pooled.log_prob)  # ratio exactly 1 with unchanged weights
+    with pytest.raises(ValueError, match="logprob_pool 3 does not divide the state's 8x8 grid"):
+        sde_step_with_logprob(x, v, 0.8, 0.6, noise_level=0.7, logprob_pool=3)
+
+
+def test_pooled_score_function_estimates_a_low_frequency_gradient_with_less_noise() -> None:
+    # Reward = a block-constant (low-frequency) linear function of the next state. The policy
+    # gradient E[R grad_mean log pi] points along the reward's weights; with the log-prob of the
+    # 4x4 block means the per-draw noise of the estimate lives in 16x fewer dimensions.
+    gen = torch.Generator().manual_seed(0)
+    n, std = 256, 0.5
+    weights = torch.nn.functional.interpolate(torch.randn(1, 3, 4, 4, generator=gen), scale_factor=4.0)
+    mean = torch.nn.Parameter(torch.zeros(1, 3, 16, 16))
+    draws = (std * torch.randn(n, 3, 16, 16, generator=gen)).detach()
+    reward = (draws * weights).sum(dim=(1, 2, 3))
+    advantage = reward - reward.mean()
+    cosines = {}
+    for pool in (1, 4):
+        from opdkit.sampling import gaussian_log_prob
+
+        log_prob = gaussian_log_prob(draws, mean.expand_as(draws), torch.tensor(std), pool)
+        grad = torch.autograd.grad((advantage * log_prob).mean(), mean)[0]
+        cosines[pool] = float(torch.nn.functional.cosine_similarity(grad.flatten(), weights.flatten(), dim=0))
+    assert cosines[4] > 0.85 and 0.0 < cosines[1] < cosines[4] - 0.3
+
+
 def test_sde_given_noise_and_prev_sample_consistent() -> None:
     torch.manual_seed(0)
     x, v, z = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
