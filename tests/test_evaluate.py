@@ -97,12 +97,16 @@ def test_unknown_model_and_bench_are_one_line_errors(tmp_path: Path) -> None:
 def test_atomic_writes_get_ordinary_permissions(tmp_path: Path) -> None:
     import os
 
-    from opdkit.rundir import atomic_write_text
+    import torch
+
+    from opdkit.rundir import atomic_write_text, save_safetensors_atomic
 
     atomic_write_text(tmp_path / "a.txt", "x")
+    save_safetensors_atomic({"w": torch.zeros(2)}, tmp_path / "w.safetensors")  # safetensors recreates the file
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_real_benchmark_on_a_shapes_model_points_to_the_twin_before_asking_for_files(
