@@ -193,3 +193,49 @@ def test_sd3_path_with_two_lora_teachers(tmp_path: Path) -> None:
     assert metrics[0]["routed/objects"] == 2 and metrics[0]["routed/text"] == 2
     assert metrics[0]["kl_anchor/mar:base"] is not None
     assert (tmp_path / "run" / "final" / "lora.safetensors").is_file()
+
+
+# -- the committed shapes teachers ----------------------------------------------------------------
+
+COMMITTED_TEACHERS = ("geneval", "ocr", "quality")
+
+
+def test_shipped_opd_recipe_uses_the_committed_teachers() -> None:
+    from opdkit.checkpoint import COMMITTED_DIR
+    from opdkit.recipe import load_recipe, resolve_recipe_path
+    from opdkit.registry import teachers
+
+    recipe = load_recipe(resolve_recipe_path("shapes/opd")).recipe
+    assert sorted(t.name for t in recipe.teachers) == sorted(COMMITTED_TEACHERS)
+    for spec in recipe.teachers:
+        source = teachers.build(spec.type, {"path": spec.path})
+        assert source.path is not None and source.path.is_relative_to(COMMITTED_DIR), source.path
+        assert (source.path / "final" / "lora.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", COMMITTED_TEACHERS)
+def test_committed_teacher_is_a_run_of_its_shipped_recipe_and_loads_by_name(name: str) -> None:
+    from opdkit.checkpoint import COMMITTED_DIR
+    from opdkit.evaluate import resolve_model
+    from opdkit.recipe import load_recipe, resolve_recipe_path
+    from opdkit.registry import models
+    from opdkit.runs import final_info, read_run_recipe
+
+    run = COMMITTED_DIR / "shapes-teachers" / name
+    made_by = read_run_recipe(run)
+    shipped = load_recipe(resolve_recipe_path(f"shapes/grpo_{name}")).recipe
+    # The recipe that made it (seed included) is the shipped one, up to the run's own budget keys.
+    assert made_by.method == "grpo" and made_by.train.seed == shipped.train.seed
+    assert made_by.rewards == shipped.rewards and made_by.sampler == shipped.sampler
+    assert made_by.train.lr == shipped.train.lr and made_by.train.lora == shipped.train.lora
+    assert final_info(run)["kind"] == "lora"
+
+    model, filed_as = resolve_model(f"shapes-teachers/{name}")
+    assert filed_as == f"shapes-teachers-{name}"
+    base = models.build("shapes-base")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    t = torch.full((2,), 0.5)
+    with torch.no_grad():
+        emb = base.encode_prompts(["a red circle", "a sign that says \"K7\""])
+        moved = (model.velocity(x, t, emb) - base.velocity(x, t, emb)).abs().max()
+    assert moved > 1e-4  # the adapter is really applied
