@@ -42,13 +42,11 @@ def resolve_model(spec: str) -> tuple[FlowModel, str]:
 
     Returns the model and the name results are filed under.
     """
-    from opdkit.checkpoint import COMMITTED_DIR
+    from opdkit.checkpoint import COMMITTED_DIR, resolve_weights_path
 
     path = Path(spec).expanduser()
-    committed = COMMITTED_DIR / spec
-    if not path.exists() and spec not in models.names() and (committed / "recipe.yaml").is_file():
-        # a run committed with the package, such as shapes-teachers/ocr: filed as shapes-teachers-ocr
-        return _load_run(spec, committed), spec.replace("/", "-")
+    if not path.exists() and spec not in models.names():
+        path = resolve_weights_path(spec)  # a run committed with the package, such as shapes-teachers/ocr
     if path.is_dir():
         if (path / "model" / "model_index.json").is_file():  # a pretrain run directory
             path = path / "model"
@@ -58,21 +56,19 @@ def resolve_model(spec: str) -> tuple[FlowModel, str]:
             name = path.parent.name if path.name == "model" else path.name
             return load_flow_model(path), name
         if (path / "recipe.yaml").is_file():  # a GRPO/OPD run directory: base + final weights
-            return _load_run(spec, path), path.name
+            from opdkit.runs import is_run_dir, load_run_model
+
+            if not is_run_dir(path):
+                raise OpdkitError(f"--model {spec}: the run in {str(path)!r} has no final weights yet (final/final.json)")
+            # a committed run is filed under its whole name: shapes-teachers/ocr -> shapes-teachers-ocr
+            name = spec.replace("/", "-") if path.is_relative_to(COMMITTED_DIR) else path.name
+            return load_run_model(path), name
         raise OpdkitError(f"--model {spec}: {str(path)!r} is not a pipeline or run directory (no model_index.json, no recipe.yaml)")
     if spec in models.names():
         return models.build(spec), spec
     if "/" in spec or spec.startswith("."):
         raise OpdkitError(f"--model {spec}: no such directory")
     raise OpdkitError(f"--model {spec}: {models.unknown_message(spec)}; or give a pipeline/run directory")
-
-
-def _load_run(spec: str, path: Path) -> FlowModel:
-    from opdkit.runs import is_run_dir, load_run_model
-
-    if not is_run_dir(path):
-        raise OpdkitError(f"--model {spec}: the run in {str(path)!r} has no final weights yet (final/final.json)")
-    return load_run_model(path)
 
 
 def check_world(bench: Benchmark, model_world: str, model_name: str) -> None:

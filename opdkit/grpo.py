@@ -172,9 +172,10 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
             t_reward = time.perf_counter()
 
             # 4. policy update ----------------------------------------------------------------------
+            lr = policy.scheduled_lr(train, step)
             stats = policy_update(
                 model, batch, advantages, trainable, optimizer, scaler, ema, autocast, train,
-                updates_per_epoch=updates_per_epoch, world=world, lr=policy.scheduled_lr(train, step),
+                updates_per_epoch=updates_per_epoch, world=world, lr=lr,
                 optimizer_steps=optimizer_steps,
             )  # fmt: skip
             optimizer_steps = stats.pop("optimizer_steps")
@@ -183,7 +184,7 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
             # 5. bookkeeping -------------------------------------------------------------------------
             gathered = {k: accelerator.gather(v.to(device)).cpu() if v.numel() else v for k, v in stats.items()}
             elapsed = elapsed_before + time.perf_counter() - t0
-            record = _metrics(step, policy.scheduled_lr(train, step), all_rewards, all_parts, advantages_all, gathered, group)
+            record = _metrics(step, lr, all_rewards, all_parts, advantages_all, gathered, group)
             record.update(
                 rollout_seconds=round(t_rollout - t_step, 3),
                 reward_seconds=round(t_reward - t_rollout, 3),

@@ -305,15 +305,16 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
                     adv_all = policy.group_advantages(all_rewards, group, train.adv_std, train.adv_clip)
                     task_adv = adv_all[rank * local_images : (rank + 1) * local_images].to(device)
 
+            lr = policy.scheduled_lr(train, step)
             stats = distill_update(
                 model, batch, routes, loaded_teachers, anchors, task_adv, trainable, optimizer, ema, train,
-                world=world, lr=policy.scheduled_lr(train, step), optimizer_steps=optimizer_steps,
+                world=world, lr=lr, optimizer_steps=optimizer_steps,
             )  # fmt: skip
             optimizer_steps = stats.pop("optimizer_steps")
             t_update = time.perf_counter()
 
             elapsed = elapsed_before + time.perf_counter() - t0
-            record = _metrics(step, policy.scheduled_lr(train, step), stats, routes, teacher_names, accelerator, device)
+            record = _metrics(step, lr, stats, routes, teacher_names, accelerator, device)
             if scores is not None:
                 for name, values in scores.parts.items():
                     values = accelerator.gather(values.to(device)).cpu()

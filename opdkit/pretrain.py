@@ -133,8 +133,9 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
                 cond = model.encode_prompts(prompts, grad=True)
                 v = model.velocity(x_t, sigma, cond)
                 loss = torch.nn.functional.mse_loss(v.float(), (eps - x0).float())
+            lr = scheduled_lr(train, step)
             for group in optimizer.param_groups:
-                group["lr"] = scheduled_lr(train, step)
+                group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = (
@@ -152,7 +153,7 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
             if not math.isfinite(value):
                 raise OpdkitError(f"{loaded.path}: loss became {value} at step {step}; lower train.lr")
             if step % train.log_every == 0 or step == train.max_steps:
-                rundir.log({"step": step, "loss": value, "grad_norm": float(grad_norm), "lr": scheduled_lr(train, step), "seconds": round(elapsed, 3)})
+                rundir.log({"step": step, "loss": value, "grad_norm": float(grad_norm), "lr": lr, "seconds": round(elapsed, 3)})
             bar.update(step, loss=value)
             out_of_time = train.max_minutes is not None and elapsed >= 60.0 * train.max_minutes
             if step % train.checkpoint_every == 0 or step == train.max_steps or out_of_time:

@@ -35,13 +35,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    # mkstemp creates 0600; give the result the permissions an ordinary open() would
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~umask)  # again: some writers (safetensors) recreate the file as 0600
+        # mkstemp creates 0600, and some writers (safetensors) recreate the file as 0600: once
+        # written, give it the permissions an ordinary open() would
+        os.chmod(tmp_path, 0o666 & ~umask)
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
