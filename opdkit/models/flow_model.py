@@ -601,6 +601,10 @@ class FlowModel:
         for module in self.transformer.modules():
             if isinstance(module, BaseTunerLayer):
                 module.merge(adapter_names=[name])
+        remaining = [n for n in self.lora_names() if n != name]
+        if remaining and name in self.active_adapters():
+            # peft would switch to another adapter itself, with a warning; say which one here
+            self.set_adapter([n for n in self.active_adapters() if n != name] or remaining[0])
         self.transformer.delete_adapters(name)
         self._base_fingerprint = None  # the base weights changed
 
