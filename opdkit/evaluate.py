@@ -44,9 +44,8 @@ def resolve_model(spec: str) -> tuple[FlowModel, str]:
     """
     from opdkit.checkpoint import COMMITTED_DIR, resolve_weights_path
 
-    path = Path(spec).expanduser()
-    if not path.exists() and spec not in models.names():
-        path = resolve_weights_path(spec)  # a run committed with the package, such as shapes-teachers/ocr
+    # a user path, else a run committed with the package such as shapes-teachers/ocr
+    path = Path(spec).expanduser() if spec in models.names() else resolve_weights_path(spec)
     if path.is_dir():
         if (path / "model" / "model_index.json").is_file():  # a pretrain run directory
             path = path / "model"

@@ -601,10 +601,11 @@ class FlowModel:
         for module in self.transformer.modules():
             if isinstance(module, BaseTunerLayer):
                 module.merge(adapter_names=[name])
+        active = self.active_adapters()
         remaining = [n for n in self.lora_names() if n != name]
-        if remaining and name in self.active_adapters():
+        if remaining and name in active:
             # peft would switch to another adapter itself, with a warning; say which one here
-            self.set_adapter([n for n in self.active_adapters() if n != name] or remaining[0])
+            self.set_adapter([n for n in active if n != name] or remaining[0])
         self.transformer.delete_adapters(name)
         self._base_fingerprint = None  # the base weights changed
 
