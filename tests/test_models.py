@@ -342,6 +342,44 @@ def test_lora_add_disable_save_load(tiny_pixel_dir: Path, tmp_path: Path) -> Non
         torch.testing.assert_close(model.velocity(x, 0.5, cond), tuned)
 
 
+def test_lora_on_a_bf16_base_trains_in_fp32(tiny_pixel_dir: Path, tmp_path: Path) -> None:
+    """A bf16 base (the memory-saving set-up for SD3.5-M) keeps its LoRA weights in fp32.
+
+    peft would create them in bf16, where an AdamW step below 1/256 of a weight rounds away.
+    """
+    model = load_flow_model(tiny_pixel_dir, dtype=torch.bfloat16)
+    model.add_lora("policy", rank=4, alpha=8)
+    params = model.lora_parameters("policy")
+    assert params and {p.dtype for p in params} == {torch.float32}
+    assert {p.dtype for n, p in model.transformer.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    cond = model.encode_prompts(["a red cube"]).expand(2)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for p in params:  # weights of size ~0.1, where bf16's spacing is ~5e-4
+            p.add_(0.1 * torch.randn_like(p))
+    with torch.enable_grad():
+        model.velocity(x, 0.5, cond).square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+    # (the last block's context queries get no gradient: SD3 drops its context output)
+    learning = [p for p in params if p.grad is not None and bool(p.grad.abs().max() > 0)]
+    assert len(learning) >= len(params) - 2
+    before = [p.detach().clone() for p in learning]
+    torch.optim.AdamW(learning, lr=1e-5, weight_decay=0.0).step()  # |update| ~ 1e-5
+    assert all(not torch.equal(p, b) for p, b in zip(learning, before, strict=True))
+    with torch.no_grad():
+        tuned = model.velocity(x, 0.5, cond)
+    path = model.save_lora("policy", tmp_path / "policy.safetensors")
+    fresh = load_flow_model(tiny_pixel_dir, dtype=torch.bfloat16)
+    fresh.load_lora(path, name="teacher")
+    assert {p.dtype for p in fresh.lora_parameters("teacher")} == {torch.float32}
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.velocity(x, 0.5, cond), tuned)
+        fresh.merge_lora("teacher")  # folded into the bf16 base: equal up to bf16 rounding
+        merged = fresh.velocity(x, 0.5, cond)
+    assert fresh.lora_names() == [] and next(fresh.transformer.parameters()).dtype == torch.bfloat16
+    torch.testing.assert_close(merged, tuned, atol=0.05, rtol=0.05)
+
+
 def test_lora_refuses_another_base(tiny_pixel_dir: Path, tmp_path: Path) -> None:
     """A LoRA delta only means something on the base it was trained on: loading it elsewhere fails."""
     model = load_flow_model(tiny_pixel_dir)

@@ -442,6 +442,12 @@ class FlowModel:
 
         ``init_lora_weights="gaussian"`` (flow_grpo's choice) starts B at zero, so a fresh
         adapter leaves the model unchanged. peft marks only adapter weights trainable.
+
+        The adapter weights are float32 whatever the base dtype: on a bf16/fp16 base, peft would
+        create them in the base's dtype, where AdamW's small updates round away (bf16 keeps 8
+        mantissa bits: an update below 1/256 of a weight is lost). peft's LoRA layers cast their
+        input to the adapter's dtype and the result back, so a bf16 base with fp32 adapters is
+        the usual memory-saving setup, not a mixed-dtype error.
         """
         from peft import LoraConfig
 
@@ -456,6 +462,9 @@ class FlowModel:
             # peft warns on every second adapter; several named adapters are intended here.
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             self.transformer.add_adapter(config, adapter_name=name)
+        for param in self.lora_parameters(name):
+            if param.dtype != torch.float32:
+                param.data = param.data.float()
 
     def lora_names(self) -> list[str]:
         """Names of the adapters attached to the transformer."""
