@@ -656,6 +656,13 @@ def setup_trainable(model: Any, lora: LoraSpec | None) -> Trainable:
         for _, p in named:
             p.requires_grad_(True)
         return Trainable([n for n, _ in named], [p for _, p in named], lora=True)
+    dtype = next(transformer.parameters()).dtype
+    if dtype in (torch.bfloat16, torch.float16):
+        warnings.warn(
+            f"full fine-tuning of a {str(dtype).removeprefix('torch.')} transformer: AdamW steps below 1/256 "
+            "of a weight round away; load the model in float32 and set train.precision instead",
+            stacklevel=2,
+        )
     frozen = copy.deepcopy(transformer).eval().requires_grad_(False)
     transformer.requires_grad_(True)
     named = list(transformer.named_parameters())

@@ -337,6 +337,10 @@ def test_setup_trainable_lora_targets_and_alpha() -> None:
         policy.setup_trainable(models.build("shapes_new", TINY_SHAPES), LoraSpec(targets=["no_such_layer"]))
     with pytest.raises(OpdkitError, match="whole number"):
         policy.setup_trainable(models.build("shapes_new", TINY_SHAPES), LoraSpec(alpha=2.5))
+    half = models.build("shapes_new", TINY_SHAPES)
+    half.transformer.to(torch.bfloat16)
+    with pytest.warns(UserWarning, match="full fine-tuning of a bfloat16 transformer"):
+        policy.setup_trainable(half, None)
 
 
 def test_precision_context_falls_back_to_fp32_on_cpu() -> None:
