@@ -380,6 +380,21 @@ def test_lora_on_a_bf16_base_trains_in_fp32(tiny_pixel_dir: Path, tmp_path: Path
     torch.testing.assert_close(merged, tuned, atol=0.05, rtol=0.05)
 
 
+def test_text_encoders_in_their_own_dtype(tiny_dir: Path, tiny: FlowModel) -> None:
+    """``text_dtype: bf16`` next to an fp32 transformer: bf16 encoders, fp32 embeddings."""
+    from opdkit.registry import models
+
+    model = models.build("sd3", {"path": str(tiny_dir), "text_dtype": "bf16"})
+    assert len(model.text_encoders) == 3
+    assert {p.dtype for e in model.text_encoders for p in e.parameters()} == {torch.bfloat16}
+    assert model.dtype == torch.float32
+    cond = model.encode_prompts(["a red circle left of a blue square"])
+    reference = tiny.encode_prompts(["a red circle left of a blue square"])
+    assert cond.prompt_embeds.dtype == torch.float32 and cond.pooled.dtype == torch.float32
+    torch.testing.assert_close(cond.prompt_embeds, reference.prompt_embeds, atol=0.05, rtol=0.05)
+    assert not torch.equal(cond.prompt_embeds, reference.prompt_embeds)  # bf16 really ran
+
+
 def test_lora_refuses_another_base(tiny_pixel_dir: Path, tmp_path: Path) -> None:
     """A LoRA delta only means something on the base it was trained on: loading it elsewhere fails."""
     model = load_flow_model(tiny_pixel_dir)

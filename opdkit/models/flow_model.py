@@ -775,6 +775,7 @@ def load_flow_model(
     device: torch.device | str = "cpu",
     world: str | None = None,
     max_sequence_length: int | None = None,
+    text_dtype: torch.dtype | str | None = None,
 ) -> FlowModel:
     """Load an SD3-family model (SD3.5, tiny test pipelines, the shapes model) from a pipeline dir.
 
@@ -791,6 +792,9 @@ def load_flow_model(
         world: ``"sd3"``/``"shapes"``; default from ``opdkit.json`` in the directory, else
             ``"sd3"``.
         max_sequence_length: T5 (or zero-padding) tokens; default from ``opdkit.json``, else 256.
+        text_dtype: weights dtype of the (frozen) text encoders; default ``dtype``. bf16 halves
+            SD3.5's T5-XXL (4.7B parameters: 19 GB in fp32) next to an fp32 transformer; the
+            prompt embeddings are cast to the transformer's dtype either way.
 
     Raises:
         OpdkitError: one line naming the path and component when something is missing/broken.
@@ -799,6 +803,7 @@ def load_flow_model(
     index = _read_json(root / "model_index.json", f"model {str(path)!r}")
     extra = _read_json(root / OPDKIT_CONFIG, "opdkit config") if (root / OPDKIT_CONFIG).exists() else {}
     torch_dtype = parse_dtype(dtype)
+    encoder_dtype = torch_dtype if text_dtype is None else parse_dtype(text_dtype)
 
     transformer_cls = _component_class(root, index, "transformer")
     if transformer_cls is None:
@@ -817,7 +822,7 @@ def load_flow_model(
             raise OpdkitError(
                 f"model {str(path)!r}: {encoder_name!r} is present but {tokenizer_name!r} is not"
             )
-        encoder = _load_component(root, encoder_name, encoder_cls, dtype=torch_dtype)
+        encoder = _load_component(root, encoder_name, encoder_cls, dtype=encoder_dtype)
         if _encoder_kind(encoder) != kind:
             raise OpdkitError(
                 f"model {str(path)!r}: {encoder_name!r} is a {type(encoder).__name__}; SD3 expects "
