@@ -97,7 +97,7 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
     # -- model, trainable parameters, optimizer, EMA ----------------------------------------------
     model.to(device=device)
     torch.manual_seed(train.seed)  # LoRA init: identical on every rank
-    trainable = policy.setup_trainable(model, train.lora)
+    trainable = policy.setup_trainable(model, train.lora, train.gradient_checkpointing)
     params = trainable.params
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     ema = policy.EMA(trainable.names, params, train.ema.decay, train.ema.every) if train.ema else None

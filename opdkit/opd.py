@@ -229,7 +229,7 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
     model.to(device=device)
     loaded_teachers = load_teachers(model, recipe.teachers, device)
     torch.manual_seed(train.seed)
-    trainable = policy.setup_trainable(model, train.lora)  # adds and activates the student adapter
+    trainable = policy.setup_trainable(model, train.lora, train.gradient_checkpointing)  # adds and activates the student adapter
     if not trainable.lora and any(t.kind == "lora" for t in loaded_teachers.values()):
         raise OpdkitError(f"{loaded.path}: LoRA teachers share the base with a LoRA student; set train.lora")
     init_error = None

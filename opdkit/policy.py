@@ -627,14 +627,20 @@ class Trainable:
         return {name: p.detach() for name, p in zip(self.names, self.params, strict=True)}
 
 
-def setup_trainable(model: Any, lora: LoraSpec | None) -> Trainable:
+def setup_trainable(model: Any, lora: LoraSpec | None, gradient_checkpointing: bool = False) -> Trainable:
     """Make the policy trainable: add a LoRA adapter (peft) or unfreeze the whole transformer.
 
     Text encoders and VAE stay frozen. LoRA's ``A`` is drawn from the global torch RNG (seed it
     first); ``B`` starts at zero, so the policy starts equal to the reference.
+    ``gradient_checkpointing`` switches on diffusers' per-block activation recomputation (it
+    acts only in forwards that record a graph; no-grad rollouts are unchanged).
     """
     transformer = model.transformer
     transformer.requires_grad_(False)
+    if gradient_checkpointing:
+        if not hasattr(transformer, "enable_gradient_checkpointing"):
+            raise OpdkitError(f"train.gradient_checkpointing: {type(transformer).__name__} does not support it")
+        transformer.enable_gradient_checkpointing()
     if lora is not None:
         if not float(lora.alpha).is_integer():
             raise OpdkitError(f"train.lora.alpha must be a whole number (adapter files store it so), got {lora.alpha}")
