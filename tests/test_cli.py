@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,7 +57,7 @@ def test_no_arguments_shows_help() -> None:
     assert "Traceback" not in result.output
 
 
-def test_help_is_fast_and_imports_no_torch(tmp_path: Path) -> None:
+def test_help_imports_no_torch(tmp_path: Path) -> None:
     code = textwrap.dedent(
         f"""
         import sys
@@ -74,23 +73,7 @@ def test_help_is_fast_and_imports_no_torch(tmp_path: Path) -> None:
     result = run_python(code, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Usage: opdkit" in result.stdout
-
-    # Wall time of the real entry point, best of three (two CPU cores are shared with others).
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "opdkit.cli", "--help"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        best = min(best, time.perf_counter() - start)
-        assert proc.returncode == 0, proc.stderr
-        if best < 1.0:
-            break
-    assert best < 2.0, f"`opdkit --help` took {best:.2f} s"
+    # Its wall time is measured by perf/startup_and_render.py: timings are not test assertions.
 
 
 # -- list ----------------------------------------------------------------------------------------

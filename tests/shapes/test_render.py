@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -79,12 +77,3 @@ def test_bad_records_are_rejected() -> None:
 def test_other_sizes_scale() -> None:
     image = render(P.counting("cross", 4), np.random.default_rng(0), size=64)
     assert image.shape == (64, 64, 3)
-
-
-def test_render_is_fast() -> None:
-    records = P.generate_prompts(30, seed=0, unique=False)
-    render_batch(records, seed=0)  # warm caches
-    start = time.perf_counter()
-    render_batch(records, seed=1)
-    per_image = (time.perf_counter() - start) / len(records)
-    assert per_image < 2e-3  # measured ~0.1 ms; loose bound for a loaded CI machine
