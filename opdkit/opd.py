@@ -88,11 +88,13 @@ def load_teachers(model: Any, specs: list[TeacherSpec], device: Any) -> dict[str
             model.load_lora(path, adapter)
             loaded[spec.name] = Teacher(spec.name, "lora", adapter=adapter, lora_path=path)
         elif kind == "full":
-            from opdkit.models.flow_model import load_flow_model
+            from opdkit.models.flow_model import load_transformer
 
-            other = load_flow_model(source.path, dtype=model.dtype, device=device)
-            other.transformer.eval().requires_grad_(False)
-            loaded[spec.name] = Teacher(spec.name, "full", transformer=other.transformer)
+            # the teacher's transformer runs on the student's prompt embeddings: its text
+            # encoders and VAE are never used, so they are not loaded
+            transformer = load_transformer(source.path, dtype=model.dtype, device=device)
+            transformer.eval().requires_grad_(False)
+            loaded[spec.name] = Teacher(spec.name, "full", transformer=transformer)
         elif kind == "base":
             loaded[spec.name] = Teacher(spec.name, "base")
         else:

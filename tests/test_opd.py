@@ -160,6 +160,44 @@ def test_opd_refusals_are_one_line(tmp_path: Path, teachers: tuple[Path, Path]) 
         run_opd(tmp_path / "c", unrouted, teachers)
 
 
+def test_full_teacher_loads_only_its_transformer_and_is_what_the_student_consults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opdkit.models import flow_model
+    from opdkit.opd import acting_as, load_teachers
+    from opdkit.recipe import TeacherSpec
+
+    other = tiny_model()
+    with torch.no_grad():
+        for p in other.transformer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    other.save_pretrained(tmp_path / "full")
+    student = tiny_model()
+
+    loaded_components: list[str] = []
+    real_load = flow_model._load_component
+
+    def spy(root: Path, name: str, cls: Any, *, dtype: Any) -> Any:
+        loaded_components.append(name)
+        return real_load(root, name, cls, dtype=dtype)
+
+    monkeypatch.setattr(flow_model, "_load_component", spy)
+    teacher = load_teachers(student, [TeacherSpec(name="t", type="full", path=str(tmp_path / "full"))], "cpu")["t"]
+    assert loaded_components == ["transformer"]  # no text encoder, tokenizer or VAE
+    assert teacher.kind == "full" and not any(p.requires_grad for p in teacher.transformer.parameters())
+
+    x = torch.randn(2, *student.latent_shape(32), generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.9, 0.4])
+    cond = student.encode_prompts(["a photo of a cube", 'a sign that says "K7"'])
+    with torch.no_grad():
+        expected = other.velocity(x, sigma, other.encode_prompts(["a photo of a cube", 'a sign that says "K7"']))
+        with acting_as(student, teacher, "student"):
+            as_teacher = student.velocity(x, sigma, cond)
+        as_student = student.velocity(x, sigma, cond)
+    torch.testing.assert_close(as_teacher, expected)
+    assert not torch.allclose(as_student, expected, atol=1e-4)  # and the student is back afterwards
+
+
 def test_sd3_path_with_two_lora_teachers(tmp_path: Path) -> None:
     from opdkit.models.flow_model import load_flow_model
     from opdkit.models.tiny import build_tiny_sd3_pipeline

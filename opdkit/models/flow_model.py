@@ -768,6 +768,26 @@ def _load_component(root: Path, name: str, cls: Any, *, dtype: torch.dtype | Non
         ) from exc
 
 
+def _load_transformer(root: Path, index: dict[str, Any], path: str | Path, dtype: torch.dtype) -> Any:
+    transformer_cls = _component_class(root, index, "transformer")
+    if transformer_cls is None:
+        raise OpdkitError(f"model {str(path)!r}: model_index.json has no 'transformer' component")
+    return _load_component(root, "transformer", transformer_cls, dtype=dtype)
+
+
+def load_transformer(
+    path: str | Path, *, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu"
+) -> Any:
+    """Only the ``transformer`` component of a pipeline directory (``path`` as in :func:`load_flow_model`).
+
+    A full-checkpoint OPD teacher is run on the student's prompt embeddings, so its own text
+    encoders and VAE would be loaded only to be thrown away (about 10 GB for SD3.5-M).
+    """
+    root = _resolve_path(path)
+    index = _read_json(root / "model_index.json", f"model {str(path)!r}")
+    return _load_transformer(root, index, path, parse_dtype(dtype)).to(device=device)
+
+
 def load_flow_model(
     path: str | Path,
     *,
@@ -805,10 +825,7 @@ def load_flow_model(
     torch_dtype = parse_dtype(dtype)
     encoder_dtype = torch_dtype if text_dtype is None else parse_dtype(text_dtype)
 
-    transformer_cls = _component_class(root, index, "transformer")
-    if transformer_cls is None:
-        raise OpdkitError(f"model {str(path)!r}: model_index.json has no 'transformer' component")
-    transformer = _load_component(root, "transformer", transformer_cls, dtype=torch_dtype)
+    transformer = _load_transformer(root, index, path, torch_dtype)
 
     encoders: list[Any] = []
     tokenizers: list[Any] = []
