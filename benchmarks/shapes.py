@@ -13,7 +13,7 @@ from opdkit.registry import benchmarks
 
 # Sampler settings of every shapes benchmark: the base model was pretrained at 32 px.
 SHAPES_SAMPLER: dict[str, Any] = {"steps": 20, "cfg": 3.0, "resolution": 32, "shift": None}
-# 2: objects on the 4 px grid may touch the border; the majority filter replicates edge pixels.
+# 2: objects on the placement grid may touch the border; the majority filter replicates edge pixels.
 PROTOCOL_VERSION = "2"
 
 

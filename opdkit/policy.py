@@ -876,9 +876,10 @@ def save_checkpoint(
 def scheduled_lr(train: Any, step: int) -> float:
     """The learning rate of (1-based) ``step`` for every method: a linear warm-up over
     ``train.warmup_steps``, then ``train.lr`` held (``lr_decay: constant``) or falling to 0 at
-    ``train.max_steps`` along a cosine (``lr_decay: cosine``)."""
+    ``train.lr_decay_steps`` (default ``train.max_steps``) along a cosine (``lr_decay: cosine``)."""
     if train.lr_decay == "cosine" and step > train.warmup_steps:
-        done = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
+        horizon = train.lr_decay_steps or train.max_steps
+        done = (step - train.warmup_steps) / max(1, horizon - train.warmup_steps)
         return train.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
     return train.lr * (min(1.0, step / train.warmup_steps) if train.warmup_steps else 1.0)
 

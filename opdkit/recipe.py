@@ -177,6 +177,9 @@ class TrainSpec(_Strict):
     warmup_steps: int = Field(default=0, ge=0)
     # after warm-up the lr stays constant, or falls to 0 at max_steps along a cosine (every method)
     lr_decay: Literal["constant", "cosine"] = "constant"
+    # the step where the cosine reaches 0 (default max_steps). Larger than max_steps is "stop
+    # early": the run is the first max_steps of a longer schedule, step for step
+    lr_decay_steps: int | None = Field(default=None, ge=1)
     # GRPO / OPD
     clip_range: float = Field(default=1e-4, gt=0.0)
     adv_clip: float = Field(default=5.0, gt=0.0)

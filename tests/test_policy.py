@@ -372,3 +372,13 @@ def test_scheduled_lr_warmup_then_constant_or_cosine() -> None:
     cosine = TrainSpec(seed=0, lr=1e-3, warmup_steps=2, max_steps=6, lr_decay="cosine")
     expected = [5e-4, 1e-3] + [1e-3 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in (1, 2, 3, 4)]
     assert [policy.scheduled_lr(cosine, s) for s in range(1, 7)] == pytest.approx(expected, abs=1e-12)
+
+
+def test_lr_decay_steps_stops_early_on_the_longer_schedule() -> None:
+    """``lr_decay_steps`` > ``max_steps``: the run's lr is the first steps of the longer cosine."""
+    from opdkit.recipe import TrainSpec
+
+    full = TrainSpec(seed=0, lr=1e-3, warmup_steps=2, max_steps=10, lr_decay="cosine")
+    early = TrainSpec(seed=0, lr=1e-3, warmup_steps=2, max_steps=7, lr_decay="cosine", lr_decay_steps=10)
+    assert [policy.scheduled_lr(early, s) for s in range(1, 8)] == [policy.scheduled_lr(full, s) for s in range(1, 8)]
+    assert policy.scheduled_lr(early, 7) > 0.0

@@ -1,8 +1,9 @@
 """Ground-truth renderer of the shapes world: records -> exact uint8 RGB images.
 
 Every object is a palette-coloured shape stamped on a black background, axis-aligned, in a
-square box whose side and position are multiples of :data:`PLACEMENT_GRID` pixels (the
-model's patch size) where the border allows; boxes keep a clear gap, so objects never touch. Rasterisation samples pixel centres, and the same function
+square box whose side and position are multiples of :data:`PLACEMENT_GRID` pixels (two of the
+model's 4 px patches) where the border allows; boxes keep a clear gap, so objects never touch.
+Sign text sits on the finer :data:`SIGN_GRID`. Rasterisation samples pixel centres, and the same function
 (:func:`shape_mask`) gives the detector its templates, so a clean render matches its template
 exactly (IoU 1). Placement and colours are random but seeded by the caller's generator.
 
@@ -30,6 +31,7 @@ from opdkit.shapes.vocab import (
     OCR_TEXT_COLOR,
     PLACEMENT_GRID,
     SHAPES,
+    SIGN_GRID,
     SIZE_RANGE_MANY,
     SIZE_RANGE_ONE,
     SIZE_RANGE_TWO,
@@ -120,14 +122,15 @@ def _px(value: int, size: int) -> int:
     return max(1, round(value * size / DEFAULT_SIZE))
 
 
-def _on_grid(low: int, high: int, size: int) -> np.ndarray:
-    """The multiples of the placement grid in ``[low, high]``; ``[low]`` when there is none.
+def _on_grid(low: int, high: int, size: int, grid_px: int = PLACEMENT_GRID) -> np.ndarray:
+    """The multiples of a ``grid_px`` grid (pixels at 32 px, scaled to ``size``) in ``[low, high]``;
+    ``[low]`` when there is none.
 
     Returns:
         ``(n,)`` int64, ascending. The fallback keeps layouts possible where the border leaves
         no aligned slot (a 4-glyph sign is 30 px wide: its only origin is x = 1 at 32 px).
     """
-    grid = _px(PLACEMENT_GRID, size)
+    grid = _px(grid_px, size)
     values = np.arange(-(-low // grid) * grid, high + 1, grid, dtype=np.int64)
     return values if values.size else np.array([low], dtype=np.int64)
 
@@ -347,12 +350,12 @@ def render(record: Mapping[str, Any], rng: np.random.Generator, size: int = DEFA
     """A random ground-truth image of ``record``: ``(size, size, 3)`` uint8 RGB.
 
     GenEval tags: the objects of :func:`layout`. ``ocr``: ``record["text"]`` in the glyph font
-    (white, scale ``size // 16``) at a random grid position with a 1 px margin.
+    (white, scale ``size // 16``) at a random :data:`SIGN_GRID` position with a 1 px margin.
     """
     if record.get("tag") == "ocr":
         text = str(record["text"])
         (x_lo, x_hi), (y_lo, y_hi) = text_origin_range(len(text), size)
-        xs, ys = _on_grid(x_lo, x_hi, size), _on_grid(y_lo, y_hi, size)
+        xs, ys = _on_grid(x_lo, x_hi, size, SIGN_GRID), _on_grid(y_lo, y_hi, size, SIGN_GRID)
         origin = (int(xs[_randint(rng, 0, xs.size - 1)]), int(ys[_randint(rng, 0, ys.size - 1)]))
         return paint([], size, text=text, text_origin=origin)
     return paint(layout(record, rng, size), size)

@@ -76,18 +76,24 @@ SIZE_RANGE_TWO: tuple[int, int] = (8, 13)
 SIZE_RANGE_MANY: tuple[int, int] = (8, 12)
 
 # Clearances (pixels at 32 px). Objects keep >= 3 px between boxes so a 3x3 majority filter
-# never bridges two objects. They may touch the image border: with objects on the 4 px grid a
-# 1 px border would leave two 12 px objects no room side by side.
+# never bridges two objects. They may touch the image border: with objects on the 8 px grid a
+# 1 px border would leave two objects no room side by side.
 OBJECT_GAP: int = 3
 BORDER: int = 0
 
-PLACEMENT_GRID: int = 4
-"""Object sides, object origins and sign-text origins are multiples of this many pixels (at 32 px;
-scaled with the image) wherever the border allows. It equals the shapes model's patch size, so an
-object's edges fall on patch boundaries and every image token holds one of a few exact pieces of
-a shape. With free 1 px placement, 45 minutes of pretraining left the base drawing ragged blobs
-the detector could not name (GenEval 0.04); see ``docs/shapes.md``. Positions stay random: a
-16 px object has 5 x 5 origins, an 8 px one 7 x 7."""
+PLACEMENT_GRID: int = 8
+"""Object sides and object origins are multiples of this many pixels (at 32 px; scaled with the
+image) wherever the border allows: two of the shapes model's 4 px patches. With free 1 px
+placement, 45 minutes of pretraining left the base drawing ragged blobs the detector could not
+name (GenEval 0.04); on a 4 px grid it drew objects as unions of patch blocks (GenEval 0.243); on
+this grid the same recipe reaches GenEval ~0.5 (``docs/shapes.md``). Positions stay random: a
+16 px object has 3 x 3 origins, an 8 px one 4 x 4. The side ranges below then leave one side per
+object count (16 px alone, 8 px in twos and more)."""
+
+SIGN_GRID: int = 4
+"""Sign-text origins are multiples of this many pixels (at 32 px). Signs stay on the finer grid:
+on the 8 px one the base read its signs too well (OCR 0.945, above the 0.2-0.7 band of a base
+that should be imperfect the way SD3.5-M is)."""
 
 
 LABEL_NAMES: tuple[str, ...] = ("background", *COLOR_NAMES)
@@ -130,6 +136,7 @@ __all__ = [
     "PLURALS",
     "RELATIONS",
     "SHAPES",
+    "SIGN_GRID",
     "SIZE_RANGE_MANY",
     "SIZE_RANGE_ONE",
     "SIZE_RANGE_TWO",
