@@ -3,7 +3,9 @@ cold start by delta merging, the run directory, and the SD3 path with two LoRA t
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -236,7 +238,7 @@ def test_sd3_path_with_two_lora_teachers(tmp_path: Path) -> None:
 
 # -- the committed shapes teachers ----------------------------------------------------------------
 
-COMMITTED_TEACHERS = ("geneval", "ocr", "quality", "ocr_long")
+COMMITTED_TEACHERS = ("geneval", "ocr", "quality")
 # what a run may change without being a different recipe: its budget and its logging
 BUDGET_KEYS = {"max_steps", "max_minutes", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every"}
 
@@ -270,6 +272,11 @@ def test_committed_teacher_is_a_run_of_its_shipped_recipe_and_loads_by_name(name
     assert made_by.rewards == shipped.rewards and made_by.sampler == shipped.sampler
     assert made_by.train.model_dump(exclude=BUDGET_KEYS) == shipped.train.model_dump(exclude=BUDGET_KEYS)
     assert final_info(run)["kind"] == "lora"
+
+    # A LoRA is a delta on one base: it was trained on the committed shapes-base, not an older one.
+    base_weights = COMMITTED_DIR / "shapes-base" / "transformer" / "diffusion_pytorch_model.safetensors"
+    made_on = json.loads((run / "TRAINING.json").read_text())["base_transformer_sha256"]
+    assert made_on == hashlib.sha256(base_weights.read_bytes()).hexdigest()
 
     model, filed_as = resolve_model(f"shapes-teachers/{name}")
     assert filed_as == f"shapes-teachers-{name}"
