@@ -87,7 +87,7 @@ image) wherever the border allows: two of the shapes model's 4 px patches. With 
 placement, 45 minutes of pretraining left the base drawing ragged blobs the detector could not
 name (GenEval 0.04); on a 4 px grid it drew objects as unions of patch blocks (GenEval 0.243); on
 this grid the same recipe reaches GenEval ~0.5 (``docs/shapes.md``). Positions stay random: a
-16 px object has 3 x 3 origins, an 8 px one 4 x 4. The side ranges below then leave one side per
+16 px object has 3 x 3 origins, an 8 px one 4 x 4. The side ranges above then leave one side per
 object count (16 px alone, 8 px in twos and more)."""
 
 SIGN_GRID: int = 4
