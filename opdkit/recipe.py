@@ -175,10 +175,10 @@ class TrainSpec(_Strict):
     weight_decay: float = Field(default=1e-4, ge=0.0)
     max_grad_norm: float | None = Field(default=1.0, gt=0.0)
     warmup_steps: int = Field(default=0, ge=0)
-    # after warm-up the lr stays constant, or falls to 0 at max_steps along a cosine (every method)
+    # after warm-up the lr stays constant, or falls to 0 along a cosine at lr_decay_steps (default
+    # max_steps; every method). lr_decay_steps > max_steps is "stop early": the run is the first
+    # max_steps of the longer schedule, step for step
     lr_decay: Literal["constant", "cosine"] = "constant"
-    # the step where the cosine reaches 0 (default max_steps). Larger than max_steps is "stop
-    # early": the run is the first max_steps of a longer schedule, step for step
     lr_decay_steps: int | None = Field(default=None, ge=1)
     # GRPO / OPD
     clip_range: float = Field(default=1e-4, gt=0.0)
