@@ -238,7 +238,7 @@ def test_sd3_path_with_two_lora_teachers(tmp_path: Path) -> None:
 
 # -- the committed shapes teachers ----------------------------------------------------------------
 
-COMMITTED_TEACHERS = ("geneval", "ocr", "quality")
+COMMITTED_TEACHERS = ("geneval", "ocr", "quality", "ocr_long")
 # what a run may change without being a different recipe: its budget and its logging
 BUDGET_KEYS = {"max_steps", "max_minutes", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every"}
 
