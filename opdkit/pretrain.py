@@ -118,7 +118,7 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
                 batch = [by_tag[t][int(rng.integers(0, len(by_tag[t])))] for t in tags]
             else:
                 batch = [records[i] for i in rng.integers(0, len(records), size=train.batch_size)]
-            images = render_batch(batch, seed=int(rng.integers(2**31)), size=resolution)
+            images = render_batch(batch, seed=int(rng.integers(2**31)), size=resolution, sides=train.object_sides)
             x0 = model.encode_images(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)
             drop = rng.random(len(batch)) < train.cond_dropout
             prompts = ["" if d else r["prompt"] for r, d in zip(batch, drop, strict=True)]

@@ -199,6 +199,9 @@ class TrainSpec(_Strict):
     # (sigma' = k s / (1 + (k - 1) s)); None uses the model's shift. Without it the high-noise
     # steps where layout is decided are almost never trained (P(sigma > 0.9) ~ 1.4%).
     sigma_shift: float | None = Field(default=None, gt=0.0)
+    # pretrain: how the rendered training images draw object sides (opdkit.shapes.vocab.SIDE_MODES):
+    # "random" (small or large per object) or "by_count" (large alone, small in twos and more)
+    object_sides: Literal["random", "by_count"] = "random"
     # run directory
     checkpoint_every: int = Field(default=50, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)  # newest checkpoints kept on disk

@@ -72,3 +72,21 @@ def test_resumed_run_ends_with_the_same_weights(recipe: Path, tmp_path: Path) ->
         a, b = load_file(str(whole / part)), load_file(str(resumed / part))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     assert (killed / "metrics.jsonl").read_text().count("\n") == 6
+
+
+def test_object_sides_choose_the_rendered_training_data(recipe: Path, tmp_path: Path) -> None:
+    """``train.object_sides`` reaches the renderer: the two modes train on different images."""
+    random_sides = run(recipe, tmp_path / "random", ["train.max_steps=2"])
+    by_count = run(recipe, tmp_path / "by_count", ["train.max_steps=2", "train.object_sides=by_count"])
+    part = "transformer/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(random_sides / part)), load_file(str(by_count / part))
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_committed_base_records_the_shipped_pretraining_recipe() -> None:
+    """shapes-base's resolved recipe is the shipped one (object sides by count included)."""
+    from opdkit.models.shapes import checkpoint_path
+
+    committed = load_recipe(checkpoint_path("shapes-base") / "pretrain_recipe.yaml").recipe
+    shipped = load_recipe("shapes/pretrain").recipe
+    assert committed == shipped and shipped.train.object_sides == "by_count"

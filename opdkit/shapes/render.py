@@ -5,7 +5,8 @@ square box whose side and position are multiples of :data:`PLACEMENT_GRID` pixel
 model's 4 px patches) where the border allows; boxes keep a clear gap, so objects never touch.
 Sign text sits on the finer :data:`SIGN_GRID`. Rasterisation samples pixel centres, and the same function
 (:func:`shape_mask`) gives the detector its templates, so a clean render matches its template
-exactly (IoU 1). Placement and colours are random but seeded by the caller's generator.
+exactly (IoU 1). Placement, sides (:data:`OBJECT_SIDES`, by a :data:`SIDE_MODES` mode) and colours
+are random but seeded by the caller's generator.
 
 Coordinates: ``(x, y)`` pixels, x to the right, y down; a box ``(x1, y1, x2, y2)`` covers
 columns ``x1 .. x2 - 1`` and rows ``y1 .. y2 - 1`` (end-exclusive, so ``x2 - x1`` is the width).
@@ -28,13 +29,12 @@ from opdkit.shapes.vocab import (
     COLORS,
     DEFAULT_SIZE,
     OBJECT_GAP,
+    OBJECT_SIDES,
     OCR_TEXT_COLOR,
     PLACEMENT_GRID,
     SHAPES,
+    SIDE_MODES,
     SIGN_GRID,
-    SIZE_RANGE_MANY,
-    SIZE_RANGE_ONE,
-    SIZE_RANGE_TWO,
 )
 
 # A position prompt's relation must hold with this much room under GenEval's rule: the
@@ -111,12 +111,6 @@ def shape_mask(shape: str, width: int, height: int) -> np.ndarray:
     return mask
 
 
-def _scaled(bounds: tuple[int, int], size: int) -> tuple[int, int]:
-    """Object side range for an image of ``size`` pixels (defined at 32 px)."""
-    k = size / DEFAULT_SIZE
-    return max(1, round(bounds[0] * k)), max(1, round(bounds[1] * k))
-
-
 def _px(value: int, size: int) -> int:
     """A 32 px clearance scaled to ``size`` (at least 1 px)."""
     return max(1, round(value * size / DEFAULT_SIZE))
@@ -141,11 +135,23 @@ def _origins(side: int, size: int) -> np.ndarray:
     return _on_grid(border, size - border - side, size)
 
 
-def _sides(low: int, high: int, size: int, n: int, rng: np.random.Generator) -> list[int]:
-    """``n`` random object sides among the grid multiples in ``[low, high]`` (the nearest multiple
-    above ``low`` when the range holds none)."""
-    choices = _on_grid(low, high, size)
-    return [int(choices[_randint(rng, 0, choices.size - 1)]) for _ in range(n)]
+def _sides(n: int, size: int, rng: np.random.Generator, mode: str = "random") -> list[int]:
+    """Sides (pixels) for ``n`` objects under a :data:`SIDE_MODES` mode, on :data:`OBJECT_SIDES`
+    scaled to ``size``."""
+    small, large = (_px(side, size) for side in OBJECT_SIDES)
+    if mode == "by_count":
+        # One draw per object, as the renderer that made shapes-base drew a side from a one-element
+        # range per object: the same generator stream, so its recipe still reproduces the base.
+        for _ in range(n):
+            rng.random()
+        return [large] if n == 1 else [small] * n
+    if mode != "random":
+        raise ValueError(f"unknown object side mode {mode!r}; expected one of {list(SIDE_MODES)}")
+    sides = [small] * n
+    which = _randint(rng, 0, n)  # n: none large
+    if which < n:
+        sides[which] = large
+    return sides
 
 
 def _free_origins(side: int, boxes: Sequence[tuple[int, int, int, int]], size: int) -> np.ndarray:
@@ -298,8 +304,11 @@ def _place_relation(side_a: int, side_b: int, relation: str, size: int,
                        f"in a {size}px image")
 
 
-def layout(record: Mapping[str, Any], rng: np.random.Generator, size: int = DEFAULT_SIZE) -> list[PlacedObject]:
+def layout(record: Mapping[str, Any], rng: np.random.Generator, size: int = DEFAULT_SIZE,
+           sides: str = "random") -> list[PlacedObject]:
     """The objects a GenEval-schema record asks for, with random colours, sides and boxes.
+
+    ``sides`` is a :data:`SIDE_MODES` mode: how object sides are drawn.
 
     Counts are exact; an include clause without ``color`` gets a random palette colour per
     object; a ``position`` clause is placed relative to the first object of the clause it
@@ -318,18 +327,17 @@ def layout(record: Mapping[str, Any], rng: np.random.Generator, size: int = DEFA
                 raise ValueError(f"colour {color!r} is not in the shapes palette {list(COLORS)}")
             specs.append((str(clause["class"]), str(color)))
     n = len(specs)
-    low, high = _scaled(SIZE_RANGE_ONE if n == 1 else SIZE_RANGE_TWO if n == 2 else SIZE_RANGE_MANY, size)
-    sides = _sides(low, high, size, n, rng)
+    object_sides = _sides(n, size, rng, sides)
     relations = [(i, c["position"]) for i, c in enumerate(include) if c.get("position")]
     if relations:
         # Only GenEval's position shape: two single-object clauses, the second relative to the first.
         if n != 2 or len(include) != 2 or relations[0][0] != 1 or int(relations[0][1][1]) != 0:
             raise ValueError(f"position records must be [reference, object relative to include[0]]: {dict(record)!r}")
         relation = str(relations[0][1][0])
-        obj_box, ref_box = _place_relation(sides[1], sides[0], relation, size, rng)
+        obj_box, ref_box = _place_relation(object_sides[1], object_sides[0], relation, size, rng)
         boxes = [ref_box, obj_box]
     else:
-        boxes = _place(sides, size, rng)
+        boxes = _place(object_sides, size, rng)
     return [PlacedObject(shape, color, box) for (shape, color), box in zip(specs, boxes, strict=True)]
 
 
@@ -346,10 +354,11 @@ def paint(objects: Sequence[PlacedObject], size: int = DEFAULT_SIZE, text: str |
     return image
 
 
-def render(record: Mapping[str, Any], rng: np.random.Generator, size: int = DEFAULT_SIZE) -> np.ndarray:
+def render(record: Mapping[str, Any], rng: np.random.Generator, size: int = DEFAULT_SIZE,
+           sides: str = "random") -> np.ndarray:
     """A random ground-truth image of ``record``: ``(size, size, 3)`` uint8 RGB.
 
-    GenEval tags: the objects of :func:`layout`. ``ocr``: ``record["text"]`` in the glyph font
+    GenEval tags: the objects of :func:`layout` (``sides``: a :data:`SIDE_MODES` mode). ``ocr``: ``record["text"]`` in the glyph font
     (white, scale ``size // 16``) at a random :data:`SIGN_GRID` position with a 1 px margin.
     """
     if record.get("tag") == "ocr":
@@ -358,16 +367,17 @@ def render(record: Mapping[str, Any], rng: np.random.Generator, size: int = DEFA
         xs, ys = _on_grid(x_lo, x_hi, size, SIGN_GRID), _on_grid(y_lo, y_hi, size, SIGN_GRID)
         origin = (int(xs[_randint(rng, 0, xs.size - 1)]), int(ys[_randint(rng, 0, ys.size - 1)]))
         return paint([], size, text=text, text_origin=origin)
-    return paint(layout(record, rng, size), size)
+    return paint(layout(record, rng, size, sides), size)
 
 
 def render_batch(records: Sequence[Mapping[str, Any]], seed: int | np.random.Generator,
-                 size: int = DEFAULT_SIZE) -> np.ndarray:
-    """Render every record: ``(B, size, size, 3)`` uint8; one generator seeded by ``seed`` drives all."""
+                 size: int = DEFAULT_SIZE, sides: str = "random") -> np.ndarray:
+    """Render every record: ``(B, size, size, 3)`` uint8; one generator seeded by ``seed`` drives all.
+    ``sides``: a :data:`SIDE_MODES` mode."""
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     out = np.empty((len(records), size, size, 3), dtype=np.uint8)
     for i, record in enumerate(records):
-        out[i] = render(record, rng, size)
+        out[i] = render(record, rng, size, sides)
     return out
 
 

@@ -69,11 +69,18 @@ RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 DEFAULT_SIZE: int = 32
 """Default image side in pixels."""
 
-# Object side ranges (pixels at 32 px; scaled linearly for other sizes) by number of objects.
-# Lower bound 8: a rasterised circle smaller than that is too close to a square (see above).
-SIZE_RANGE_ONE: tuple[int, int] = (10, 16)
-SIZE_RANGE_TWO: tuple[int, int] = (8, 13)
-SIZE_RANGE_MANY: tuple[int, int] = (8, 12)
+OBJECT_SIDES: tuple[int, int] = (8, 16)
+"""Small and large object side, pixels at 32 px (scaled linearly for other sizes). Lower bound 8:
+a rasterised circle smaller than that is too close to a square (see above)."""
+
+SIDE_MODES: tuple[str, ...] = ("random", "by_count")
+"""How the renderer picks object sides (both on :data:`OBJECT_SIDES`):
+
+- ``random`` (the default): each object is small or large at random, with at most one large
+  object per image (two 16 px objects leave no room for a clear gap at 32 px); all ``n + 1``
+  assignments of ``n`` objects are equally likely.
+- ``by_count``: one side per object count, large alone and small in twos and more. The
+  committed ``shapes-base`` was pretrained on this narrower data (``docs/shapes.md``)."""
 
 # Clearances (pixels at 32 px). Objects keep >= 3 px between boxes so a 3x3 majority filter
 # never bridges two objects. They may touch the image border: with objects on the 8 px grid a
@@ -87,8 +94,7 @@ image) wherever the border allows: two of the shapes model's 4 px patches. With 
 placement, 45 minutes of pretraining left the base drawing ragged blobs the detector could not
 name (GenEval 0.04); on a 4 px grid it drew objects as unions of patch blocks (GenEval 0.243); on
 this grid the same recipe reaches GenEval ~0.5 (``docs/shapes.md``). Positions stay random: a
-16 px object has 3 x 3 origins, an 8 px one 4 x 4. The side ranges above then leave one side per
-object count (16 px alone, 8 px in twos and more)."""
+16 px object has 3 x 3 origins, an 8 px one 4 x 4."""
 
 SIGN_GRID: int = 4
 """Sign-text origins are multiples of this many pixels (at 32 px). Signs stay on the finer grid:
@@ -130,15 +136,14 @@ __all__ = [
     "MAX_TEXT_LEN",
     "NUMBER_WORDS",
     "OBJECT_GAP",
+    "OBJECT_SIDES",
     "OCR_TEXT_COLOR",
     "PALETTE_RGB",
     "PLACEMENT_GRID",
     "PLURALS",
     "RELATIONS",
     "SHAPES",
+    "SIDE_MODES",
     "SIGN_GRID",
-    "SIZE_RANGE_MANY",
-    "SIZE_RANGE_ONE",
-    "SIZE_RANGE_TWO",
     "palette_sq_distances",
 ]

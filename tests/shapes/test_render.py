@@ -8,7 +8,16 @@ import pytest
 from opdkit.scoring.geneval import relative_position
 from opdkit.shapes import prompts as P
 from opdkit.shapes.render import layout, paint, render, render_batch, shape_mask
-from opdkit.shapes.vocab import BACKGROUND, COLORS, OBJECT_GAP, PLACEMENT_GRID, SHAPES, palette_sq_distances
+from opdkit.shapes.vocab import (
+    BACKGROUND,
+    COLORS,
+    OBJECT_GAP,
+    OBJECT_SIDES,
+    PLACEMENT_GRID,
+    SHAPES,
+    SIDE_MODES,
+    palette_sq_distances,
+)
 
 
 def test_render_is_deterministic_under_seed() -> None:
@@ -35,11 +44,12 @@ def test_shape_masks_fill_their_box(shape: str) -> None:
         assert np.array_equal(m, m[:, ::-1])  # left-right symmetric
 
 
-def test_layout_counts_colours_gaps_and_relations() -> None:
+@pytest.mark.parametrize("sides", SIDE_MODES)
+def test_layout_counts_colours_gaps_and_relations(sides: str) -> None:
     rng = np.random.default_rng(0)
     for tag in P.GENEVAL_TAGS:
         for record in P.generate_prompts(40, seed=1, tags=[tag], unique=False):
-            objects = layout(record, rng)
+            objects = layout(record, rng, sides=sides)
             assert len(objects) == sum(c["count"] for c in record["include"])
             expected = [(c["class"], c.get("color")) for c in record["include"] for _ in range(c["count"])]
             for obj, (shape, colour) in zip(objects, expected, strict=True):
@@ -56,6 +66,26 @@ def test_layout_counts_colours_gaps_and_relations() -> None:
                 reference, obj = objects
                 # The relation holds, alone, even with twice GenEval's position threshold.
                 assert relative_position(obj.box, reference.box, 0.2) == {relation}
+
+
+def test_object_sides_by_mode() -> None:
+    """random: every object small or large, at most one large, each assignment about equally
+    often; by_count: large alone, small otherwise."""
+    small, large = OBJECT_SIDES
+    rng = np.random.default_rng(0)
+    for n, record in [(1, P.single_object("circle")), (2, P.two_object("circle", "square")),
+                      (4, P.counting("cross", 4)), (2, P.position("circle", "left of", "square"))]:
+        seen: dict[tuple[int, ...], int] = {}
+        for _ in range(600):
+            key = tuple(o.box[2] - o.box[0] for o in layout(record, rng, sides="random"))
+            seen[key] = seen.get(key, 0) + 1
+        assert all(set(k) <= {small, large} and k.count(large) <= 1 for k in seen)
+        assert len(seen) == n + 1  # none large, or object i large, for each i
+        assert min(seen.values()) > 600 / (n + 1) * 0.7
+        by_count = {tuple(o.box[2] - o.box[0] for o in layout(record, rng, sides="by_count")) for _ in range(50)}
+        assert by_count == {(large,) if n == 1 else (small,) * n}
+    with pytest.raises(ValueError, match="side mode"):
+        layout(P.single_object("circle"), rng, sides="tiny")
 
 
 def test_ocr_render_and_empty_layout() -> None:
