@@ -175,23 +175,26 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, one_thread: None)
     recipe = write_recipe(tmp_path, RECIPE)
     steps = ["--set", "train.max_steps=8", "--set", "train.sample_every=0"]
     command = [sys.executable, "-m", "opdkit.cli", "train", str(recipe), "--out", str(tmp_path / "killed"), *steps]
-    # Start the run to be killed first: it imports while this process trains the reference run.
     killed = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Kill right after a random step has been logged (so mid-way through the next step, or
+    # while it writes a checkpoint). Watching the log, not a clock, keeps the kill inside the
+    # run however fast the machine is; the reference run trains only after the kill.
+    kill_after = random.randint(3, 6)  # after the step-2 checkpoint, before the last step
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    pointer = tmp_path / "killed" / "checkpoints" / "latest.json"
     try:
-        train(recipe, tmp_path / "whole", ["train.max_steps=8", "train.sample_every=0"])
-        pointer = tmp_path / "killed" / "checkpoints" / "latest.json"
         deadline = time.monotonic() + 240
-        while not pointer.exists():
+        while not (pointer.exists() and metrics.read_text().count("\n") >= kill_after):
             assert killed.poll() is None, killed.stderr.read() if killed.stderr else ""
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.02)
-        time.sleep(random.uniform(0.0, 0.6))  # somewhere in the next steps
+            assert time.monotonic() < deadline, "the run logged no steps"
+            time.sleep(0.005)
         killed.send_signal(signal.SIGKILL)
         killed.wait(timeout=30)
     finally:
         if killed.poll() is None:
             killed.kill()
             killed.wait()
+    train(recipe, tmp_path / "whole", ["train.max_steps=8", "train.sample_every=0"])
     assert killed.returncode == -signal.SIGKILL
     done = read_jsonl(tmp_path / "killed" / "metrics.jsonl")
     assert done and done[-1]["step"] < 8, "the run finished before it was killed"
