@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -63,13 +64,21 @@ def tiny_vae() -> torch.nn.Module:
     )
 
 
-def rendered_batch(batch: int, seed: int, size: int = 32) -> torch.Tensor:
-    """``(B, 3, size, size)`` float in [-1, 1]: train-split prompts, every tag equally, rendered."""
+@functools.cache
+def train_records_by_tag() -> dict[str, list[dict]]:
+    """The train split grouped by task tag (read once: the VAE loop draws a batch every step)."""
     from opdkit.shapes.prompts import ALL_TAGS, load_split
-    from opdkit.shapes.render import render_batch
 
     records = load_split("train")
-    by_tag = {t: [r for r in records if r["tag"] == t] for t in ALL_TAGS}
+    return {t: [r for r in records if r["tag"] == t] for t in ALL_TAGS}
+
+
+def rendered_batch(batch: int, seed: int, size: int = 32) -> torch.Tensor:
+    """``(B, 3, size, size)`` float in [-1, 1]: train-split prompts, every tag equally, rendered."""
+    from opdkit.shapes.prompts import ALL_TAGS
+    from opdkit.shapes.render import render_batch
+
+    by_tag = train_records_by_tag()
     rng = np.random.default_rng(seed)
     tags = [ALL_TAGS[i] for i in rng.integers(0, len(ALL_TAGS), size=batch)]
     picked = [by_tag[t][int(rng.integers(0, len(by_tag[t])))] for t in tags]
@@ -88,20 +97,9 @@ def make_step(space: str, batch: int) -> tuple[Callable[[], None], dict[str, int
     vae = None
     if space == "latent 32":
         vae = tiny_vae().eval().requires_grad_(False)
-        transformer = SD3Transformer2DModel(
-            sample_size=8,
-            patch_size=1,
-            in_channels=4,
-            out_channels=4,
-            num_layers=config.num_layers,
-            attention_head_dim=config.head_dim,
-            num_attention_heads=config.num_heads,
-            joint_attention_dim=config.text_hidden_size,
-            caption_projection_dim=config.width,
-            pooled_projection_dim=config.text_projection_dim,
-            pos_embed_max_size=8,
-            qk_norm=config.qk_norm,
-        )
+        # The shipped transformer's own config, moved to 8x8x4 latents at patch 1 (64 tokens).
+        latent = {"sample_size": 8, "patch_size": 1, "in_channels": 4, "out_channels": 4, "pos_embed_max_size": 8}
+        transformer = SD3Transformer2DModel.from_config({**transformer.config, **latent})
     transformer.train()
     text_encoder.train().requires_grad_(True)
     params = [*transformer.parameters(), *text_encoder.parameters()]
@@ -128,7 +126,7 @@ def make_step(space: str, batch: int) -> tuple[Callable[[], None], dict[str, int
         loss.backward()
         optimizer.step()
 
-    tokens = (resolution // config.patch_size) ** 2 if vae is None else 64
+    tokens = (transformer.config.sample_size // transformer.config.patch_size) ** 2
     return step, {"tokens": tokens, "params": sum(p.numel() for p in transformer.parameters())}
 
 

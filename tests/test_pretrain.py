@@ -90,3 +90,13 @@ def test_the_committed_base_records_the_shipped_pretraining_recipe() -> None:
     committed = load_recipe(checkpoint_path("shapes-base") / "pretrain_recipe.yaml").recipe
     shipped = load_recipe("shapes/pretrain").recipe
     assert committed == shipped and shipped.train.object_sides == "by_count"
+
+
+def test_object_sides_key_lists_the_renderer_modes() -> None:
+    """The recipe key's allowed values are the renderer's modes, no more, no fewer."""
+    from typing import get_args
+
+    from opdkit.recipe import TrainSpec
+    from opdkit.shapes.vocab import SIDE_MODES
+
+    assert get_args(TrainSpec.model_fields["object_sides"].annotation) == SIDE_MODES

@@ -358,8 +358,9 @@ def render(record: Mapping[str, Any], rng: np.random.Generator, size: int = DEFA
            sides: str = "random") -> np.ndarray:
     """A random ground-truth image of ``record``: ``(size, size, 3)`` uint8 RGB.
 
-    GenEval tags: the objects of :func:`layout` (``sides``: a :data:`SIDE_MODES` mode). ``ocr``: ``record["text"]`` in the glyph font
-    (white, scale ``size // 16``) at a random :data:`SIGN_GRID` position with a 1 px margin.
+    GenEval tags: the objects of :func:`layout` (``sides``: a :data:`SIDE_MODES` mode). ``ocr``:
+    ``record["text"]`` in the glyph font (white, scale ``size // 16``) at a random
+    :data:`SIGN_GRID` position with a 1 px margin.
     """
     if record.get("tag") == "ocr":
         text = str(record["text"])
