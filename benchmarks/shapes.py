@@ -2,6 +2,11 @@
 
 Same rules as the real benchmarks (the GenEval verdicts and the OCR metric live in
 :mod:`opdkit.scoring`), on the shapes world's shipped test split, 4 images per prompt.
+
+``split: train`` (``opdkit eval -p split=train``) scores a validation set instead: as many train
+prompts per tag as the test split has (all of the small tags, a seeded sample of the large ones),
+so a recipe's settings can be chosen without looking at the test split. Its protocol names the
+split, so a leaderboard never ranks it beside test numbers as the same column.
 """
 
 from __future__ import annotations
@@ -17,11 +22,36 @@ SHAPES_SAMPLER: dict[str, Any] = {"steps": 20, "cfg": 3.0, "resolution": 32, "sh
 PROTOCOL_VERSION = "2"
 
 
-def _test_records(tags: tuple[str, ...] | None) -> list[dict[str, Any]]:
+# seeds the sample of the large train tags (color_attr, ocr) in the validation set
+VALIDATION_SEED = 0
+
+
+def _split_records(split: str, tags: tuple[str, ...] | None) -> list[dict[str, Any]]:
+    """Records of the benchmark: the test split, or (``"train"``) the validation set drawn from the
+    train split with the test split's count per tag; in both, only ``tags`` (None: all)."""
+    import numpy as np
+
+    from opdkit.errors import OpdkitError
     from opdkit.shapes.prompts import load_split
 
-    records = load_split("test")
-    return [r for r in records if tags is None or r["tag"] in tags]
+    if split not in ("test", "train"):
+        raise OpdkitError(f"shapes benchmarks: param split must be 'test' or 'train' (a validation set), got {split!r}")
+    test = [r for r in load_split("test") if tags is None or r["tag"] in tags]
+    if split == "test":
+        return test
+    wanted: dict[str, int] = {}
+    for r in test:
+        wanted[r["tag"]] = wanted.get(r["tag"], 0) + 1
+    by_tag: dict[str, list[dict[str, Any]]] = {}
+    for r in load_split("train"):
+        if r["tag"] in wanted:
+            by_tag.setdefault(r["tag"], []).append(r)
+    out: list[dict[str, Any]] = []
+    for i, (tag, count) in enumerate(wanted.items()):
+        pool = by_tag.get(tag, [])
+        order = np.random.default_rng([VALIDATION_SEED, i]).permutation(len(pool))
+        out.extend(pool[int(j)] for j in sorted(order[:count]))  # train order kept: stable rows
+    return out
 
 
 def _mean(rows: list[dict[str, Any]], key: str = "score") -> float:
@@ -29,7 +59,7 @@ def _mean(rows: list[dict[str, Any]], key: str = "score") -> float:
 
 
 @benchmarks.register("shapes-geneval")
-def shapes_geneval_bench(samples_per_prompt: int = 4) -> Benchmark:
+def shapes_geneval_bench(samples_per_prompt: int = 4, split: str = "test") -> Benchmark:
     """GenEval protocol on the shapes test split (six tags), exact shapes detector, strict verdicts."""
     from opdkit.rewards.shapes import to_uint8_hwc
 
@@ -51,19 +81,19 @@ def shapes_geneval_bench(samples_per_prompt: int = 4) -> Benchmark:
     return Benchmark(
         name="shapes-geneval",
         world="shapes",
-        prompts=_test_records(tuple(GENEVAL_TAGS)),
+        prompts=_split_records(split, tuple(GENEVAL_TAGS)),
         samples_per_prompt=samples_per_prompt,
         score=score,
         summarize=summarize_rows,
         sampler=dict(SHAPES_SAMPLER),
-        protocol=f"geneval-official/shapes-test/{PROTOCOL_VERSION}",
+        protocol=f"geneval-official/shapes-{split}/{PROTOCOL_VERSION}",
         engine="shapes-detector",
         family="GenEval",
     )
 
 
 @benchmarks.register("shapes-ocr")
-def shapes_ocr_bench(samples_per_prompt: int = 4) -> Benchmark:
+def shapes_ocr_bench(samples_per_prompt: int = 4, split: str = "test") -> Benchmark:
     """flow_grpo's OCR metric (1 - capped edit distance / length) on the shapes test split's signs."""
     from opdkit.rewards.shapes import to_uint8_hwc
 
@@ -77,19 +107,19 @@ def shapes_ocr_bench(samples_per_prompt: int = 4) -> Benchmark:
     return Benchmark(
         name="shapes-ocr",
         world="shapes",
-        prompts=_test_records(("ocr",)),
+        prompts=_split_records(split, ("ocr",)),
         samples_per_prompt=samples_per_prompt,
         score=score,
         summarize=lambda rows: {"overall": _mean(rows)},
         sampler=dict(SHAPES_SAMPLER),
-        protocol=f"flow_grpo-ocr/shapes-test/{PROTOCOL_VERSION}",
+        protocol=f"flow_grpo-ocr/shapes-{split}/{PROTOCOL_VERSION}",
         engine="shapes-glyph-reader",
         family="OCR",
     )
 
 
 @benchmarks.register("shapes-quality")
-def shapes_quality_bench(samples_per_prompt: int = 4) -> Benchmark:
+def shapes_quality_bench(samples_per_prompt: int = 4, split: str = "test") -> Benchmark:
     """Task-agnostic image quality in [0, 1] over every prompt of the shapes test split."""
     from opdkit.rewards.shapes import to_uint8_hwc
 
@@ -109,12 +139,12 @@ def shapes_quality_bench(samples_per_prompt: int = 4) -> Benchmark:
     return Benchmark(
         name="shapes-quality",
         world="shapes",
-        prompts=_test_records(None),
+        prompts=_split_records(split, None),
         samples_per_prompt=samples_per_prompt,
         score=score,
         summarize=summarize_rows,
         sampler=dict(SHAPES_SAMPLER),
-        protocol=f"shapes-quality/shapes-test/{PROTOCOL_VERSION}",
+        protocol=f"shapes-quality/shapes-{split}/{PROTOCOL_VERSION}",
         engine="shapes-quality",
         family="Quality",
     )

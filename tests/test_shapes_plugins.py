@@ -61,3 +61,20 @@ def test_benchmarks_score_ground_truth_perfectly(name: str, tags: int) -> None:
     rows = [{**r, "score": float(s)} for r, s in zip(records, scores["score"], strict=True)]
     metrics = bench.summarize(rows)
     assert metrics["overall"] >= (0.9 if name == "shapes-quality" else 1.0)
+
+
+@pytest.mark.parametrize("name", ["shapes-geneval", "shapes-ocr", "shapes-quality"])
+def test_validation_split_mirrors_test_counts_without_test_prompts(name: str) -> None:
+    from collections import Counter
+
+    from opdkit.errors import OpdkitError
+
+    test, val = benchmarks.build(name), benchmarks.build(name, {"split": "train"})
+    assert Counter(r["tag"] for r in val.prompts) == Counter(r["tag"] for r in test.prompts)
+    assert not {r["prompt"] for r in val.prompts} & {r["prompt"] for r in test.prompts}
+    train = {r["prompt"] for r in load_split("train")}
+    assert {r["prompt"] for r in val.prompts} <= train
+    assert [r["prompt"] for r in benchmarks.build(name, {"split": "train"}).prompts] == [r["prompt"] for r in val.prompts]
+    assert "shapes-train" in val.protocol and "shapes-test" in test.protocol
+    with pytest.raises(OpdkitError, match="split must be 'test' or 'train'"):
+        benchmarks.build(name, {"split": "val"})
