@@ -233,6 +233,21 @@ def leaderboard(
     run_leaderboard(results_dir, out, runs_dir=runs)
 
 
+@app.command()
+@user_errors
+def compare(
+    model_a: Annotated[str, typer.Argument(help="Model name in the results (the first term of the difference).")],
+    model_b: Annotated[str, typer.Argument(help="Model name in the results (subtracted).")],
+    results_dir: Annotated[Path, typer.Option("--results", "-r", help="Directory of results/<model>/<bench>.json files.")] = Path("results"),
+    bench: Annotated[list[str] | None, typer.Option("--bench", "-b", help="Only this benchmark (repeatable; default: all both have).")] = None,
+) -> None:
+    """Difference of two models on each benchmark, with its standard error paired over prompts."""
+    from opdkit.compare import compare as compare_models
+    from opdkit.compare import print_differences
+
+    print_differences(compare_models(results_dir, model_a, model_b, bench or None), model_a, model_b)
+
+
 @app.command("list")
 @user_errors
 def list_(

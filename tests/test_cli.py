@@ -47,7 +47,7 @@ def table_rows(output: str) -> list[tuple[str, str, str, str]]:
 def test_help_lists_commands() -> None:
     result = RUNNER.invoke(app, ["--help"], env=WIDE)
     assert result.exit_code == 0, result.output
-    for command in ("train", "distill", "eval", "leaderboard", "list", "validate"):
+    for command in ("train", "distill", "eval", "leaderboard", "compare", "merge", "list", "validate"):
         assert command in result.output
 
 

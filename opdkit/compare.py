@@ -1,0 +1,142 @@
+"""``opdkit compare``: the difference between two models on each benchmark, with its paired error.
+
+Two models evaluated with the same protocol, sampler and seed draw image ``(p, s)`` of prompt ``p``
+from the same starting noise, so their scores are paired. The difference of a headline metric is
+then estimated from per-prompt differences ``d_p`` (the mean over the prompt's samples of
+``score_A - score_B``), which cancels most of the prompt-to-prompt and noise-to-noise spread that
+each model's own stderr carries:
+
+* a metric that is the mean of all images (OCR, quality, preference scores):
+  ``diff = mean_p d_p``, ``SE = sd(d_p) / sqrt(P)``;
+* a GenEval-family ``overall`` (the mean over tags of each tag's accuracy):
+  ``diff = mean_t mean_{p in t} d_p``, ``SE = sqrt(sum_t sd_t^2 / n_t) / T``
+  (a tag with a single prompt adds no variance term).
+
+Each difference is checked against the two summaries' own ``overall`` before it is reported, so a
+benchmark whose headline is some other function of its rows is refused, not misreported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from opdkit.errors import OpdkitError
+from opdkit.leaderboard import load_results
+from opdkit.rundir import read_jsonl
+
+# the summary fields that must agree for two results to be paired image by image
+PAIRED_FIELDS = ("protocol", "engine", "seed", "sampler", "n_prompts", "n_images", "limit")
+
+
+@dataclass(frozen=True)
+class Difference:
+    """``a - b`` on one benchmark's headline metric (``overall``), with its paired standard error."""
+
+    bench: str
+    a: float
+    b: float
+    diff: float
+    stderr: float
+    n_prompts: int
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """The normal 95% interval of the difference."""
+        return self.diff - 1.96 * self.stderr, self.diff + 1.96 * self.stderr
+
+
+def _per_prompt(rows: list[dict[str, Any]]) -> dict[int, tuple[str, dict[int, float]]]:
+    """``{prompt_index: (tag, {sample_index: score})}``."""
+    out: dict[int, tuple[str, dict[int, float]]] = {}
+    for r in rows:
+        _, samples = out.setdefault(int(r["prompt_index"]), (str(r.get("tag", "")), {}))
+        samples[int(r["sample_index"])] = float(r["score"])
+    return out
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _var(xs: list[float]) -> float:
+    if len(xs) < 2:
+        return 0.0
+    m = _mean(xs)
+    return sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+
+
+def paired_difference(bench: str, a: dict[str, Any], b: dict[str, Any], rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> Difference:
+    """The paired difference of two results of ``bench`` (summaries ``a``, ``b`` and their rows)."""
+    for key in PAIRED_FIELDS:
+        if a.get(key) != b.get(key):
+            raise OpdkitError(f"{bench}: the two results differ in {key} ({a.get(key)!r} against {b.get(key)!r}); rerun one of them to pair them")
+    pa, pb = _per_prompt(rows_a), _per_prompt(rows_b)
+    if pa.keys() != pb.keys() or any(pa[p][1].keys() != pb[p][1].keys() for p in pa):
+        raise OpdkitError(f"{bench}: the two results hold different images (prompt and sample indices); rerun one of them")
+    if not pa:
+        raise OpdkitError(f"{bench}: no scored images")
+    by_tag: dict[str, list[tuple[float, float, float]]] = {}  # tag -> per prompt (mean a, mean b, diff)
+    all_a: list[float] = []
+    all_b: list[float] = []
+    for p in sorted(pa):
+        tag, sa = pa[p]
+        sb = pb[p][1]
+        all_a.extend(sa.values())
+        all_b.extend(sb.values())
+        ma, mb = _mean(list(sa.values())), _mean(list(sb.values()))
+        by_tag.setdefault(tag, []).append((ma, mb, ma - mb))
+    if a.get("family") == "GenEval":
+        tags = sorted(by_tag)
+        value_a = _mean([_mean([x[0] for x in by_tag[t]]) for t in tags])
+        value_b = _mean([_mean([x[1] for x in by_tag[t]]) for t in tags])
+        stderr = math.sqrt(sum(_var([x[2] for x in by_tag[t]]) / len(by_tag[t]) for t in tags)) / len(tags)
+    else:
+        diffs = [x[2] for xs in by_tag.values() for x in xs]
+        value_a, value_b = _mean(all_a), _mean(all_b)
+        stderr = math.sqrt(_var(diffs) / len(diffs))
+    for value, summary, name in ((value_a, a, "first"), (value_b, b, "second")):
+        reported = summary.get("metrics", {}).get("overall")
+        if reported is None or abs(value - float(reported)) > 1e-6:
+            raise OpdkitError(
+                f"{bench}: the {name} model's overall ({reported}) is not the mean of its rows ({value:.6f}); "
+                "compare knows image means and GenEval's mean over tags only"
+            )
+    return Difference(bench, value_a, value_b, value_a - value_b, stderr, len(pa))
+
+
+def compare(results_dir: str | Path, model_a: str, model_b: str, benches: list[str] | None = None) -> list[Difference]:
+    """``model_a - model_b`` on every benchmark both have (or on ``benches``), from ``results_dir``."""
+    root = Path(results_dir)
+    results = load_results(root)
+    for model in (model_a, model_b):
+        if model not in results:
+            raise OpdkitError(f"{root}: no results for model {model!r} (have: {', '.join(sorted(results))})")
+    shared = [x for x in results[model_a] if x in results[model_b]]
+    chosen = benches or shared
+    missing = [x for x in chosen if x not in shared]
+    if missing or not chosen:
+        raise OpdkitError(f"{root}: {model_a!r} and {model_b!r} do not both have results for {missing or 'any benchmark'}")
+    out = []
+    for bench in chosen:
+        a, b = results[model_a][bench], results[model_b][bench]
+        rows_a = read_jsonl(root / a["_dir"] / f"{bench}.jsonl")
+        rows_b = read_jsonl(root / b["_dir"] / f"{bench}.jsonl")
+        out.append(paired_difference(bench, a, b, rows_a, rows_b))
+    return out
+
+
+def print_differences(differences: list[Difference], model_a: str, model_b: str) -> None:
+    """The differences as a terminal table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"A = {model_a}, B = {model_b}: A - B, SE paired over prompts")
+    for title in ("benchmark", "A", "B", "A - B", "SE", "95% CI", "prompts"):
+        table.add_column(title, justify="left" if title == "benchmark" else "right", no_wrap=True)
+    for d in differences:
+        lo, hi = d.interval
+        table.add_row(d.bench, f"{d.a:.3f}", f"{d.b:.3f}", f"{d.diff:+.3f}", f"{d.stderr:.3f}", f"{lo:+.3f}..{hi:+.3f}", str(d.n_prompts))
+    Console().print(table)
