@@ -35,7 +35,8 @@ run repeats exactly what an uninterrupted one would have done):
 
 Cold start (``init``): the student's adapter starts from the teachers' LoRA adapters merged on
 their weight deltas (:mod:`opdkit.merge`: mean, weighted or TIES), compressed to the student's
-rank by truncated SVD when needed; without ``init`` the student starts as the base (B = 0).
+rank by truncated SVD when needed; without ``init`` (or with ``method: none``) the student starts
+as the base (B = 0). ``init.sft`` then fine-tunes it on teacher samples (:func:`sft_cold_start`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
     import torch
 
     from opdkit.policy import Rollout
-    from opdkit.recipe import InitSpec, LoadedRecipe, TeacherSpec
+    from opdkit.recipe import InitSpec, LoadedRecipe, SftSpec, TeacherSpec
 
 BASE = "base"
 
@@ -132,14 +133,16 @@ def acting_as(model: Any, teacher: Teacher | None, student_adapter: str) -> Iter
             model.transformer = student
 
 
-def cold_start(model: Any, trainable: Any, loaded: dict[str, Teacher], init: InitSpec, rank: int, alpha: float) -> float:
+def cold_start(model: Any, trainable: Any, loaded: dict[str, Teacher], init: InitSpec, rank: int, alpha: float) -> float | None:
     """Initialise the student's adapter from the merged teacher deltas; returns the relative
-    Frobenius error of the rank-``rank`` compression (0 when exact)."""
+    Frobenius error of the rank-``rank`` compression (0 when exact), None when nothing is merged."""
     import torch
 
     from opdkit.merge import merge_loras, read_lora
     from opdkit.policy import ADAPTER
 
+    if init.method == "none" and init.adapter is None:
+        return None  # no merge: the student adapter stays at B = 0
     if init.adapter is not None:
         from opdkit.merge import find_adapter
 
@@ -168,6 +171,110 @@ def cold_start(model: Any, trainable: Any, loaded: dict[str, Teacher], init: Ini
             errors += float((merged.delta(module) - exact.delta(module)).pow(2).sum())
             norms += float(exact.delta(module).pow(2).sum())
     return math.sqrt(errors / norms) if norms > 0 else 0.0
+
+
+def teacher_samples(
+    model: Any, loaded: dict[str, Teacher], routes: list[str], cond: Any, seeds: list[int], sampler: Any, *, micro_batch: int
+) -> torch.Tensor:
+    """Image ``i`` drawn by teacher ``routes[i]`` from seed ``seeds[i]`` with the Euler sampler (the
+    recipe's steps, CFG, shift and resolution), batched per teacher, no grad. (N, C, h, w) float32."""
+    import torch
+
+    from opdkit.policy import ADAPTER
+    from opdkit.sampling import sample_ode
+
+    x0: torch.Tensor | None = None
+    for name, teacher in loaded.items():
+        index = torch.tensor([i for i, r in enumerate(routes) if r == name], dtype=torch.long)
+        for chunk in index.split(micro_batch) if len(index) else ():
+            with torch.no_grad(), acting_as(model, teacher, ADAPTER):
+                images = sample_ode(
+                    model, steps=sampler.steps, cfg=sampler.cfg, shift=sampler.shift, resolution=sampler.resolution,
+                    seed=[seeds[int(i)] for i in chunk], cond=cond[chunk],
+                    uncond=model.uncond(len(chunk)) if sampler.cfg != 1.0 else None,
+                )  # fmt: skip
+            if x0 is None:
+                x0 = torch.empty((len(routes), *images.shape[1:]), dtype=images.dtype, device=images.device)
+            x0[chunk] = images
+    if x0 is None:
+        raise OpdkitError("init.sft: no prompt was routed to a teacher")
+    return x0
+
+
+def sft_cold_start(
+    model: Any,
+    trainable: Any,
+    loaded: dict[str, Teacher],
+    route: Any,
+    records: list[dict[str, Any]],
+    sft: SftSpec,
+    sampler: Any,
+    *,
+    seed: int,
+    balance_tags: bool,
+    show_progress: bool = False,
+) -> dict[str, float]:
+    """Fine-tune the student adapter on images its routed teachers draw (cold start by SFT).
+
+    ``sft.samples`` prompts are drawn from ``records`` as step 0 of the run would (training steps
+    start at 1), each routed to its teacher; every teacher draws its images with the Euler sampler
+    (the recipe's steps, CFG and resolution), one batched pass per teacher. The student then takes
+    ``sft.steps`` flow-matching steps (:func:`opdkit.pretrain.flow_matching_loss`) on random
+    batches of those images, with its own AdamW, which OPD does not inherit. Every rank does the
+    same (same seeds), so the ranks start OPD from the same weights.
+
+    Returns ``{"sft_loss_first", "sft_loss_last", "sft_seconds"}`` (mean loss of the first and
+    last 10 steps).
+    """
+    import numpy as np
+    import torch
+
+    from opdkit import policy
+    from opdkit.progress import progress_bar
+
+    t0 = time.perf_counter()
+    drawn = policy.step_prompts(records, seed=seed, step=0, batch_size=sft.samples, group_size=1, balance_tags=balance_tags)
+    routes = route(drawn.records, list(loaded))
+    cond = policy.encode_unique(model, [r["prompt"] for r in drawn.records])
+    x0 = teacher_samples(model, loaded, routes, cond, drawn.seeds, sampler, micro_batch=sft.batch_size)
+    params = trainable.params
+    optimizer = torch.optim.AdamW(params, lr=sft.lr)
+    rng = np.random.default_rng([seed, 0])
+    losses: list[float] = []
+    model.transformer.train()
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(progress_bar("init.sft", total=sft.steps)) if show_progress else None
+        for k in range(1, sft.steps + 1):
+            losses.append(_sft_step(model, x0, cond, rng, optimizer, params, sft))
+            if bar is not None:
+                bar.update(k, loss=losses[-1])
+    optimizer.zero_grad(set_to_none=True)
+    model.transformer.eval()
+    return {
+        "sft_loss_first": sum(losses[:10]) / len(losses[:10]),
+        "sft_loss_last": sum(losses[-10:]) / len(losses[-10:]),
+        "sft_seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _sft_step(model: Any, x0: torch.Tensor, cond: Any, rng: Any, optimizer: Any, params: list[Any], sft: SftSpec) -> float:
+    """One flow-matching step of the student on a random batch of teacher images; its loss."""
+    import torch
+
+    from opdkit.pretrain import flow_matching_loss
+
+    rows = torch.from_numpy(rng.permutation(len(x0))[: sft.batch_size])
+    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    loss = flow_matching_loss(model, x0[rows], cond[rows], gen, model.shift)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if sft.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, sft.max_grad_norm)
+    optimizer.step()
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise OpdkitError(f"init.sft: loss became {value}; lower init.sft.lr")
+    return value
 
 
 def frozen_means(model: Any, batch: Rollout, teacher: Teacher | None, t: int, index: torch.Tensor) -> torch.Tensor:
@@ -241,6 +348,13 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
     assert recipe.router is not None
     route = routers.build(recipe.router.type, recipe.router.params)
     teacher_names = list(loaded_teachers)
+    records = load_prompts(recipe.prompts)
+    sft_stats: dict[str, float] = {}
+    if recipe.init is not None and recipe.init.sft is not None and not (resume and rundir.latest() is not None):
+        sft_stats = sft_cold_start(
+            model, trainable, loaded_teachers, route, records, recipe.init.sft, sampler,
+            seed=train.seed, balance_tags=recipe.prompts.balance_tags, show_progress=main,
+        )  # fmt: skip
     anchors: list[tuple[str, float, Teacher | None]] = []
     for spec in recipe.regularizers:
         anchor = regularizers.build(spec.type, spec.params).anchor
@@ -252,7 +366,6 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
     params = trainable.params
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     ema = policy.EMA(trainable.names, params, train.ema.decay, train.ema.every) if train.ema else None
-    records = load_prompts(recipe.prompts)
     group = train.group_size
     local_images = train.batch_size // world * group if train.batch_size % world == 0 else 0
     micro = train.micro_batch or local_images
@@ -324,6 +437,8 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
                 record["reward"] = float(all_rewards.mean())
             if init_error is not None and step == 1:
                 record["init_merge_rel_error"] = init_error
+            if step == 1:
+                record.update(sft_stats)
             record.update(
                 rollout_seconds=round(t_rollout - t_step, 3), update_seconds=round(t_update - t_rollout, 3),
                 seconds=round(elapsed, 3),

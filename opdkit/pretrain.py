@@ -18,7 +18,7 @@ import contextlib
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from opdkit.checkpoint import load_module_state, load_training_state, save_training_state
 from opdkit.errors import OpdkitError
@@ -34,6 +34,23 @@ if TYPE_CHECKING:
 
     from opdkit.models.flow_model import FlowModel
     from opdkit.recipe import LoadedRecipe
+
+
+def flow_matching_loss(model: Any, x0: torch.Tensor, cond: Any, generator: torch.Generator, sigma_shift: float) -> torch.Tensor:
+    """Rectified-flow loss ``mean ||v(x_t, sigma) - (eps - x0)||^2`` on clean samples ``x0``.
+
+    ``x0``: (B, C, h, w) in model space; ``cond``: their conditioning. sigma in [0, 1] is drawn
+    logit-normal(0, 1) and shifted toward high noise like the sampling schedule; ``x_t = (1 -
+    sigma) x0 + sigma eps``. ``generator`` (CPU) draws sigma, then eps. Returns a 0-dim tensor.
+    """
+    import torch
+
+    sigma = shift_sigmas(torch.sigmoid(torch.randn(len(x0), generator=generator)), sigma_shift).to(x0.device)
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+    s = sigma.view(-1, 1, 1, 1)
+    x_t = (1.0 - s) * x0 + s * eps
+    v = model.velocity(x_t, sigma, cond)
+    return torch.nn.functional.mse_loss(v.float(), (eps - x0).float())
 
 
 def trained_modules(model: FlowModel) -> dict[str, torch.nn.Module]:
@@ -123,16 +140,9 @@ def run(loaded: LoadedRecipe, out_dir: str | Path, resume: bool = False) -> Path
             drop = rng.random(len(batch)) < train.cond_dropout
             prompts = ["" if d else r["prompt"] for r, d in zip(batch, drop, strict=True)]
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            # logit-normal(0, 1), shifted toward high noise like the sampling schedule
-            sigma = shift_sigmas(torch.sigmoid(torch.randn(len(batch), generator=gen)), sigma_shift)
-            eps = torch.randn(x0.shape, generator=gen).to(device)
-            sigma = sigma.to(device)
-            s = sigma.view(-1, 1, 1, 1)
-            x_t = (1.0 - s) * x0 + s * eps
             with torch.enable_grad():
                 cond = model.encode_prompts(prompts, grad=True)
-                v = model.velocity(x_t, sigma, cond)
-                loss = torch.nn.functional.mse_loss(v.float(), (eps - x0).float())
+                loss = flow_matching_loss(model, x0, cond, gen, sigma_shift)
             lr = scheduled_lr(train, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr

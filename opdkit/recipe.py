@@ -214,14 +214,39 @@ class TrainSpec(_Strict):
         return _finite(v, "value")
 
 
-class InitSpec(_Strict):
-    """OPD cold start: the student's adapter starts from merged teacher adapters (or one adapter)."""
+class SftSpec(_Strict):
+    """OPD cold start by supervised fine-tuning on teacher samples (after the merge, if any).
 
-    method: Literal["mean", "weighted", "ties"] = "mean"  # merged on the weight deltas B @ A
+    Each routed teacher draws ``samples`` images once (its prompts from the recipe's prompt set,
+    Euler sampler with the recipe's steps and CFG); the student then takes ``steps`` flow-matching
+    steps on them (batches of ``batch_size``, its own AdamW at ``lr``), as pretraining does.
+    """
+
+    steps: int = Field(default=100, ge=1)
+    samples: int = Field(default=224, ge=1)  # teacher images, drawn once before the steps
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=1.0e-3, gt=0.0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0.0)
+
+
+class InitSpec(_Strict):
+    """OPD cold start: the student's adapter starts from merged teacher adapters (or one adapter),
+    then optionally fine-tunes on teacher samples (``sft``). ``method: none`` skips the merge."""
+
+    method: Literal["mean", "weighted", "ties", "none"] = "mean"  # merged on the weight deltas B @ A
     teachers: list[str] | None = None  # LoRA teachers to merge (default: all of them)
     weights: list[float] | None = None  # for weighted / ties
     density: float = Field(default=0.2, gt=0.0, le=1.0)  # ties: fraction of entries kept
     adapter: str | None = None  # start from this adapter file or run directory instead
+    sft: SftSpec | None = None  # then supervised fine-tuning on teacher samples
+
+    @model_validator(mode="after")
+    def _does_something(self) -> InitSpec:
+        if self.method == "none" and self.sft is None and self.adapter is None:
+            raise ValueError("method none merges nothing: add sft (fine-tune on teacher samples) or drop init")
+        if self.method == "none" and self.adapter is not None:
+            raise ValueError("adapter starts the student from that adapter; it cannot go with method none")
+        return self
 
     @field_validator("weights")
     @classmethod

@@ -151,6 +151,80 @@ def test_opd_run_with_merge_init_writes_a_loadable_student(tmp_path: Path, teach
     assert load_run_model(tmp_path / "run").world == "shapes"
 
 
+def test_sft_cold_start_draws_each_image_from_its_routed_teacher(teachers: tuple[Path, Path]) -> None:
+    from types import SimpleNamespace
+
+    from opdkit.opd import acting_as, load_teachers, teacher_samples
+    from opdkit.policy import ADAPTER, encode_unique, setup_trainable
+    from opdkit.recipe import TeacherSpec
+    from opdkit.sampling import sample_ode
+
+    model = tiny_model()
+    loaded = load_teachers(
+        model, [TeacherSpec(name="shapes", type="lora", path=str(teachers[0])), TeacherSpec(name="signs", type="lora", path=str(teachers[1]))], "cpu"
+    )
+    setup_trainable(model, _lora())
+    prompts = ["a photo of a circle", 'a sign that says "K7"', "a photo of a square", 'a sign that says "A"', "a photo of two circles"]
+    routes = ["shapes", "signs", "signs", "shapes", "shapes"]
+    seeds = [11, 12, 13, 14, 15]
+    sampler = SimpleNamespace(steps=3, cfg=3.0, shift=None, resolution=32)
+    cond = encode_unique(model, prompts)
+    x0 = teacher_samples(model, loaded, routes, cond, seeds, sampler, micro_batch=2)
+    for name in ("shapes", "signs"):
+        rows = torch.tensor([i for i, r in enumerate(routes) if r == name])
+        with torch.no_grad(), acting_as(model, loaded[name], ADAPTER):
+            alone = sample_ode(model, steps=3, cfg=3.0, resolution=32, seed=[seeds[i] for i in rows], cond=cond[rows], uncond=model.uncond(len(rows)))
+        torch.testing.assert_close(x0[rows], alone)
+    with torch.no_grad(), acting_as(model, loaded["signs"], ADAPTER):
+        other = sample_ode(model, steps=3, cfg=3.0, resolution=32, seed=seeds[:1], cond=cond[:1], uncond=model.uncond(1))
+    assert not torch.allclose(x0[:1], other)  # the teachers draw different images
+
+
+def test_sft_cold_start_fits_the_student_to_teacher_samples(teachers: tuple[Path, Path]) -> None:
+    from types import SimpleNamespace
+
+    from opdkit.opd import load_teachers, sft_cold_start, teacher_samples
+    from opdkit.policy import encode_unique, setup_trainable
+    from opdkit.pretrain import flow_matching_loss
+    from opdkit.recipe import SftSpec, TeacherSpec
+    from opdkit.registry import routers
+    from opdkit.shapes.prompts import load_split
+
+    model = tiny_model()
+    loaded = load_teachers(model, [TeacherSpec(name="shapes", type="lora", path=str(teachers[1]))], "cpu")
+    trainable = setup_trainable(model, _lora())
+    records = [r for r in load_split("train") if r["tag"] == "single_object"]
+    route = routers.build("tag", {"mapping": {"single_object": "shapes"}})
+    sampler = SimpleNamespace(steps=3, cfg=3.0, shift=None, resolution=32)
+    prompts = [r["prompt"] for r in records] * 4
+    cond = encode_unique(model, prompts)
+    held_out = teacher_samples(model, loaded, ["shapes"] * len(prompts), cond, list(range(100, 100 + len(prompts))), sampler, micro_batch=8)
+
+    def loss_on_teacher_images() -> float:
+        with torch.no_grad():
+            return float(flow_matching_loss(model, held_out, cond, torch.Generator().manual_seed(0), model.shift))
+
+    before = loss_on_teacher_images()
+    sft = SftSpec(steps=40, samples=16, batch_size=8, lr=1e-2)
+    stats = sft_cold_start(model, trainable, loaded, route, records, sft, sampler, seed=0, balance_tags=False)
+    after = loss_on_teacher_images()
+    assert stats["sft_loss_last"] < stats["sft_loss_first"]
+    assert after < before  # on fresh teacher images, not only those it trained on
+    assert any(float(p.detach().abs().max()) > 0 for n, p in zip(trainable.names, trainable.params, strict=True) if "lora_B" in n)
+
+
+def test_opd_run_with_sft_init_logs_it_and_refuses_an_empty_init(tmp_path: Path, teachers: tuple[Path, Path]) -> None:
+    body = OPD + "init: {method: none, sft: {steps: 3, samples: 4, batch_size: 2}}\n"
+    metrics = run_opd(tmp_path / "a", body, teachers, ["train.max_steps=1"])
+    assert "init_merge_rel_error" not in metrics[0]
+    assert metrics[0]["sft_loss_first"] > 0 and metrics[0]["sft_seconds"] > 0
+    from opdkit.errors import RecipeError
+    from opdkit.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match="method none merges nothing"):
+        load_recipe(write_recipe(tmp_path / "b", OPD + "init: {method: none}\n"))
+
+
 def test_opd_refusals_are_one_line(tmp_path: Path, teachers: tuple[Path, Path]) -> None:
     body = OPD + "regularizers:\n  - {type: mar, weight: 0.04, params: {anchor: nobody}}\n"
     with pytest.raises(OpdkitError, match="anchors to 'nobody', which is not a teacher"):
