@@ -220,7 +220,9 @@ def sft_cold_start(
     start at 1), each routed to its teacher; every teacher draws its images with the Euler sampler
     (the recipe's steps, CFG and resolution), one batched pass per teacher. The student then takes
     ``sft.steps`` flow-matching steps (:func:`opdkit.pretrain.flow_matching_loss`) on random
-    batches of those images, with its own AdamW, which OPD does not inherit. Every rank does the
+    batches of those images (``sft.cond_dropout`` of them with the empty prompt, so CFG's
+    unconditional branch moves with the conditional one), with its own AdamW, which OPD does not
+    inherit. Every rank does the
     same (same seeds), so the ranks start OPD from the same weights.
 
     Returns ``{"sft_loss_first", "sft_loss_last", "sft_seconds"}`` (mean loss of the first and
@@ -265,7 +267,15 @@ def _sft_step(model: Any, x0: torch.Tensor, cond: Any, rng: Any, optimizer: Any,
 
     rows = torch.from_numpy(rng.permutation(len(x0))[: sft.batch_size])
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    loss = flow_matching_loss(model, x0[rows], cond[rows], gen, model.shift)
+    step_cond = cond[rows]
+    if sft.cond_dropout > 0:  # these rows learn the teacher's image from the empty prompt
+        drop = torch.from_numpy(rng.random(len(rows)) < sft.cond_dropout).to(step_cond.prompt_embeds.device)
+        empty = model.uncond(len(rows))
+        step_cond = type(step_cond)(
+            torch.where(drop.view(-1, 1, 1), empty.prompt_embeds, step_cond.prompt_embeds),
+            torch.where(drop.view(-1, 1), empty.pooled, step_cond.pooled),
+        )
+    loss = flow_matching_loss(model, x0[rows], step_cond, gen, model.shift)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if sft.max_grad_norm is not None:

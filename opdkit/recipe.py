@@ -227,6 +227,9 @@ class SftSpec(_Strict):
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=1.0e-3, gt=0.0)
     max_grad_norm: float | None = Field(default=1.0, gt=0.0)
+    # share of images trained with the empty prompt, so CFG's unconditional branch follows the
+    # conditional one (as in pretraining); 0 trains the conditional branch alone
+    cond_dropout: float = Field(default=0.1, ge=0.0, le=1.0)
 
 
 class InitSpec(_Strict):
