@@ -222,8 +222,7 @@ def sft_cold_start(
     ``sft.steps`` flow-matching steps (:func:`opdkit.pretrain.flow_matching_loss`) on random
     batches of those images (``sft.cond_dropout`` of them with the empty prompt, so CFG's
     unconditional branch moves with the conditional one), with its own AdamW, which OPD does not
-    inherit. Every rank does the
-    same (same seeds), so the ranks start OPD from the same weights.
+    inherit. Every rank does the same (same seeds), so the ranks start OPD from the same weights.
 
     Returns ``{"sft_loss_first", "sft_loss_last", "sft_seconds"}`` (mean loss of the first and
     last 10 steps).
