@@ -60,7 +60,9 @@ def _mean(rows: list[dict[str, Any]], key: str = "score") -> float:
 
 @benchmarks.register("shapes-geneval")
 def shapes_geneval_bench(samples_per_prompt: int = 4, split: str = "test") -> Benchmark:
-    """GenEval protocol on the shapes test split (six tags), exact shapes detector, strict verdicts."""
+    """GenEval protocol on the shapes test split (six tags), exact shapes detector, strict verdicts.
+
+    ``split="train"``: the validation set instead (module docstring)."""
     from opdkit.rewards.shapes import to_uint8_hwc
 
     from opdkit.scoring.geneval import GENEVAL_TAGS, summarize
@@ -94,7 +96,9 @@ def shapes_geneval_bench(samples_per_prompt: int = 4, split: str = "test") -> Be
 
 @benchmarks.register("shapes-ocr")
 def shapes_ocr_bench(samples_per_prompt: int = 4, split: str = "test") -> Benchmark:
-    """flow_grpo's OCR metric (1 - capped edit distance / length) on the shapes test split's signs."""
+    """flow_grpo's OCR metric (1 - capped edit distance / length) on the shapes test split's signs.
+
+    ``split="train"``: the validation set instead (module docstring)."""
     from opdkit.rewards.shapes import to_uint8_hwc
 
     from opdkit.shapes.detect import score_ocr
@@ -120,7 +124,9 @@ def shapes_ocr_bench(samples_per_prompt: int = 4, split: str = "test") -> Benchm
 
 @benchmarks.register("shapes-quality")
 def shapes_quality_bench(samples_per_prompt: int = 4, split: str = "test") -> Benchmark:
-    """Task-agnostic image quality in [0, 1] over every prompt of the shapes test split."""
+    """Task-agnostic image quality in [0, 1] over every prompt of the shapes test split.
+
+    ``split="train"``: the validation set instead (module docstring)."""
     from opdkit.rewards.shapes import to_uint8_hwc
 
     from opdkit.shapes.quality import score_quality
