@@ -29,6 +29,8 @@ VALIDATION_SEED = 0
 def _split_records(split: str, tags: tuple[str, ...] | None) -> list[dict[str, Any]]:
     """Records of the benchmark: the test split, or (``"train"``) the validation set drawn from the
     train split with the test split's count per tag; in both, only ``tags`` (None: all)."""
+    from collections import Counter
+
     import numpy as np
 
     from opdkit.errors import OpdkitError
@@ -39,9 +41,7 @@ def _split_records(split: str, tags: tuple[str, ...] | None) -> list[dict[str, A
     test = [r for r in load_split("test") if tags is None or r["tag"] in tags]
     if split == "test":
         return test
-    wanted: dict[str, int] = {}
-    for r in test:
-        wanted[r["tag"]] = wanted.get(r["tag"], 0) + 1
+    wanted = Counter(r["tag"] for r in test)  # in the test split's tag order
     by_tag: dict[str, list[dict[str, Any]]] = {}
     for r in load_split("train"):
         if r["tag"] in wanted:

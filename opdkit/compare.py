@@ -19,6 +19,7 @@ benchmark whose headline is some other function of its rows is refused, not misr
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,15 +58,9 @@ def _per_prompt(rows: list[dict[str, Any]]) -> dict[int, tuple[str, dict[int, fl
     return out
 
 
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
-
-
 def _var(xs: list[float]) -> float:
-    if len(xs) < 2:
-        return 0.0
-    m = _mean(xs)
-    return sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+    """Sample variance; 0 for a single value (it adds no variance term)."""
+    return statistics.variance(xs) if len(xs) > 1 else 0.0
 
 
 def paired_difference(bench: str, a: dict[str, Any], b: dict[str, Any], rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> Difference:
@@ -86,16 +81,16 @@ def paired_difference(bench: str, a: dict[str, Any], b: dict[str, Any], rows_a: 
         sb = pb[p][1]
         all_a.extend(sa.values())
         all_b.extend(sb.values())
-        ma, mb = _mean(list(sa.values())), _mean(list(sb.values()))
+        ma, mb = statistics.fmean(list(sa.values())), statistics.fmean(list(sb.values()))
         by_tag.setdefault(tag, []).append((ma, mb, ma - mb))
     if a.get("family") == "GenEval":
         tags = sorted(by_tag)
-        value_a = _mean([_mean([x[0] for x in by_tag[t]]) for t in tags])
-        value_b = _mean([_mean([x[1] for x in by_tag[t]]) for t in tags])
+        value_a = statistics.fmean([statistics.fmean([x[0] for x in by_tag[t]]) for t in tags])
+        value_b = statistics.fmean([statistics.fmean([x[1] for x in by_tag[t]]) for t in tags])
         stderr = math.sqrt(sum(_var([x[2] for x in by_tag[t]]) / len(by_tag[t]) for t in tags)) / len(tags)
     else:
         diffs = [x[2] for xs in by_tag.values() for x in xs]
-        value_a, value_b = _mean(all_a), _mean(all_b)
+        value_a, value_b = statistics.fmean(all_a), statistics.fmean(all_b)
         stderr = math.sqrt(_var(diffs) / len(diffs))
     for value, summary, name in ((value_a, a, "first"), (value_b, b, "second")):
         reported = summary.get("metrics", {}).get("overall")

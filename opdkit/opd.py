@@ -141,7 +141,7 @@ def cold_start(model: Any, trainable: Any, loaded: dict[str, Teacher], init: Ini
     from opdkit.merge import merge_loras, read_lora
     from opdkit.policy import ADAPTER
 
-    if init.method == "none" and init.adapter is None:
+    if init.method == "none":  # (InitSpec refuses method none with an adapter)
         return None  # no merge: the student adapter stays at B = 0
     if init.adapter is not None:
         from opdkit.merge import find_adapter
