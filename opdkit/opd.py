@@ -540,10 +540,14 @@ def distill_update(
                         ratio = torch.exp(new.log_prob.detach() - batch.log_probs[t, rows])
                     else:
                         if train.kl_advantage == "sampled":
-                            adv = -sampled_estimate(c, t, rows, new.std, dt)
+                            # the log-probs are means over the D noise dims, so E[k grad log pi] is
+                            # grad(KL) / D: scaling by D gives the gradient of direct and MAR
+                            estimate = sampled_estimate(c, t, rows, new.std, dt)
+                            dims = batch.states[t + 1, rows][0].numel() / batch.logprob_pool**2
+                            adv = -estimate.clamp(-train.adv_clip, train.adv_clip) * dims
                         else:
                             adv = -kl if not train.detach_kl else -kl.detach()
-                        adv = adv.clamp(-train.adv_clip, train.adv_clip)
+                            adv = adv.clamp(-train.adv_clip, train.adv_clip)
                         if task_adv is not None:
                             adv = adv + task_adv[rows]
                         loss, ratio = policy.clipped_policy_loss(
