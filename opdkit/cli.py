@@ -70,13 +70,15 @@ SetOption = Annotated[
 
 EvalOption = Annotated[
     bool,
-    typer.Option("--eval/--no-eval", help="After training, run the recipe's eval.benchmarks on the final weights."),
+    typer.Option("--eval/--no-eval", help="After training, run the recipe's eval.benchmarks on the final weights (into RUN/results/)."),
 ]
 
 
 def _run_recipe(recipe_path: str, overrides: list[str] | None, out: Path | None, resume: bool, require: str | None,
                 evaluate: bool = True) -> None:
+    from opdkit.methods import method_for
     from opdkit.recipe import load_recipe
+    from opdkit.training.loop import run
 
     loaded = load_recipe(recipe_path, overrides or [])
     method = loaded.recipe.method
@@ -86,28 +88,7 @@ def _run_recipe(recipe_path: str, overrides: list[str] | None, out: Path | None,
             f"(use `opdkit train` for {method!r})"
         )
     out_dir = out if out is not None else Path("runs") / loaded.path.stem
-    if method == "pretrain":
-        from opdkit.pretrain import run
-    elif method == "grpo":
-        from opdkit.grpo import run  # type: ignore[no-redef]
-    else:
-        from opdkit.opd import run  # type: ignore[no-redef]
-    run(loaded, out_dir, resume=resume)
-    spec = loaded.recipe.eval
-    if evaluate and spec.benchmarks:
-        _evaluate_run(out_dir / "model" if method == "pretrain" else out_dir, out_dir.name, spec)
-
-
-def _evaluate_run(model_dir: Path, name: str, spec: Any) -> None:
-    """The recipe's ``eval:`` block: each benchmark on the run's final weights, into ``results/``."""
-    from opdkit.evaluate import run_eval
-
-    console = _console()
-    for bench in spec.benchmarks:
-        summary = run_eval(bench=bench, model=str(model_dir), out_dir=Path("results"), name=name,
-                           samples=spec.samples_per_prompt, limit=spec.limit)
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items())
-        console.print(f"eval {bench} · {summary['model']}: {metrics}", markup=False)
+    run(method_for(method), loaded, out_dir, resume=resume, evaluate=evaluate)
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""Recipe schema and loading: YAML -> validated :class:`Recipe`, in two stages, no model loaded.
+"""Recipe schema and loading: YAML -> a validated recipe of its method, in two stages, no model loaded.
 
 Stage 1 is the pydantic schema (unknown keys rejected, types checked, cross-field rules such as
 "method opd needs teachers and a router"). Stage 2 binds every plug-in's ``params`` against its
@@ -14,10 +14,18 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from opdkit.errors import OpdkitError, RecipeError
 
@@ -112,22 +120,29 @@ class PromptsSpec(_Strict):
     balance_tags: bool = False  # draw each step's prompts evenly over the task tags
 
 
-class SamplerSpec(_Strict):
-    """Sampling settings. sigma runs from 1 (noise) to 0 (image)."""
+class PretrainSamplerSpec(_Strict):
+    """What pretraining reads of the sampler: the image side it renders at."""
+
+    resolution: int = Field(default=512, ge=8)
+
+
+class SamplerSpec(PretrainSamplerSpec):
+    """Sampling settings of the on-policy methods. sigma runs from 1 (noise) to 0 (image)."""
 
     steps: int = Field(default=10, ge=1)
-    eval_steps: int | None = Field(default=None, ge=1)
     noise_level: float = Field(default=0.7, ge=0.0)
     cfg: float = Field(default=4.5, ge=0.0)
-    resolution: int = Field(default=512, ge=8)
     shift: float | None = Field(default=None, gt=0.0)  # None: the model's scheduler shift
-    train_window: tuple[int, int] | None = None  # [start, stop) of the steps trained on
-    # grpo/opd: the images of a group start from the same initial noise (DanceGRPO), so the
-    # reward differences inside a group come from the trained SDE steps alone
+    # [start, stop) of the steps that are stochastic and trained on; None: every step. flow_grpo
+    # trains steps 0-8 of 10 (timestep_fraction 0.99: the last, lowest-sigma step has huge
+    # likelihoods), i.e. [0, 9]; the shapes recipes train [0, 2] or [0, 3] (docs/grpo.md)
+    train_window: tuple[int, int] | None = None
+    # the images of a group start from the same initial noise (DanceGRPO), so the reward
+    # differences inside a group come from the trained SDE steps alone
     shared_initial_noise: bool = False
-    # grpo/opd: the policy's log-prob (score function) sees only the k x k block means of each SDE
-    # step's noise; sampling is unchanged. Fewer noise dimensions per image, less variance in the
-    # policy gradient (docs/grpo.md). 1: every dimension, as Flow-GRPO.
+    # the policy's log-prob (score function) sees only the k x k block means of each SDE step's
+    # noise; sampling is unchanged. Fewer noise dimensions per image, less variance in the policy
+    # gradient (docs/grpo.md). 1: every dimension, as Flow-GRPO.
     logprob_pool: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
@@ -152,66 +167,109 @@ class LoraSpec(_Strict):
 class EmaSpec(_Strict):
     decay: float = Field(default=0.9, gt=0.0, lt=1.0)
     every: int = Field(default=8, ge=1)
+    # decay min(decay, (1 + n) / (10 + n)) over the first optimizer steps n (flow_grpo's warm-up).
+    # Off for the LoRA methods: their adapter starts at B = 0, the reference policy itself, so the
+    # early average holds no random init to forget
+    warmup: bool = False
+
+
+class PretrainEmaSpec(EmaSpec):
+    # on: pretraining starts from random weights, which the first averages must forget
+    warmup: bool = True
 
 
 class TrainSpec(_Strict):
-    """Optimisation settings. ``batch_size`` counts prompts; each gets ``group_size`` samples."""
+    """Optimisation settings every method has."""
 
     seed: int  # required: every recipe names its seed
     lr: float = Field(default=1e-4, gt=0.0)
-    batch_size: int = Field(default=8, ge=1)
-    group_size: int = Field(default=8, ge=1)
-    grad_accum: int = Field(default=1, ge=1)  # grpo/opd: micro-batches per optimizer update
-    micro_batch: int | None = Field(default=None, ge=1)  # grpo/opd: images per forward; None: all
-    inner_epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=8, ge=1)  # pretrain: images; grpo/opd: prompts (x group_size images)
     max_steps: int = Field(default=100, ge=1)
     max_minutes: float | None = Field(default=None, gt=0.0)
-    lora: LoraSpec | None = None  # None: full fine-tuning
     ema: EmaSpec | None = None
+    # bf16/fp16 autocast the forward passes where the device supports it (fp16 with a gradient
+    # scaler); master weights and every SDE/log-prob computation stay fp32
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    # grpo/opd: recompute the transformer's block activations in the backward pass instead of
-    # keeping them (same numbers, less memory, roughly one more forward of time per update)
-    gradient_checkpointing: bool = False
     weight_decay: float = Field(default=1e-4, ge=0.0)
     max_grad_norm: float | None = Field(default=1.0, gt=0.0)
     warmup_steps: int = Field(default=0, ge=0)
     # after warm-up the lr stays constant, or falls to 0 along a cosine at lr_decay_steps (default
-    # max_steps; every method). lr_decay_steps > max_steps is "stop early": the run is the first
-    # max_steps of the longer schedule, step for step
+    # max_steps). lr_decay_steps > max_steps is "stop early": the run is the first max_steps of
+    # the longer schedule, step for step
     lr_decay: Literal["constant", "cosine"] = "constant"
     lr_decay_steps: int | None = Field(default=None, ge=1)
-    # GRPO / OPD
-    clip_range: float = Field(default=1e-4, gt=0.0)
-    adv_clip: float = Field(default=5.0, gt=0.0)
-    adv_std: Literal["group", "batch"] = "batch"
-    kl_beta: float = Field(default=0.0, ge=0.0)
-    kl_scaling: Literal["flow_grpo", "exact"] = "flow_grpo"
-    loss_mode: Literal["kl_only", "mixed", "direct"] = "kl_only"  # opd only
-    detach_kl: bool = True  # opd: KL used as an advantage carries no gradient of its own
-    # opd kl_only/mixed: the KL advantage is log pi - log pi_teacher at the sampled next state
-    # ("sampled", an action-dependent estimate whose policy gradient is grad KL in expectation) or
-    # the analytic KL of the state ("analytic", Flow-OPD's code; detached it has zero expected
-    # gradient, so it only teaches through detach_kl: false). See opdkit/opd.py.
-    kl_advantage: Literal["sampled", "analytic"] = "sampled"
-    # pretrain
-    cond_dropout: float = Field(default=0.1, ge=0.0, le=1.0)
-    # pretrain: training sigmas are logit-normal(0, 1) then shifted like the sampling schedule
-    # (sigma' = k s / (1 + (k - 1) s)); None uses the model's shift. Without it the high-noise
-    # steps where layout is decided are almost never trained (P(sigma > 0.9) ~ 1.4%).
-    sigma_shift: float | None = Field(default=None, gt=0.0)
-    # pretrain: how the rendered training images draw object sides (opdkit.shapes.vocab.SIDE_MODES):
-    # "random" (small or large per object) or "by_count" (large alone, small in twos and more)
-    object_sides: Literal["random", "by_count"] = "random"
-    # run directory
     checkpoint_every: int = Field(default=50, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)  # newest checkpoints kept on disk
     log_every: int = Field(default=1, ge=1)
-    sample_every: int = Field(default=0, ge=0)  # image grid every N steps; 0: never
 
-    @field_validator("lr", "weight_decay", "kl_beta")
+    @field_validator("lr", "weight_decay")
     @classmethod
     def _finite(cls, v: float) -> float:
         return _finite(v, "value")
+
+
+class PretrainTrainSpec(TrainSpec):
+    """``method: pretrain``: flow matching on rendered pairs, text encoder and transformer."""
+
+    ema: PretrainEmaSpec | None = None
+    cond_dropout: float = Field(default=0.1, ge=0.0, le=1.0)  # prompts replaced by "" (for CFG)
+    # training sigmas are logit-normal(0, 1) then shifted like the sampling schedule
+    # (sigma' = k s / (1 + (k - 1) s)); None uses the model's shift. Without it the high-noise
+    # steps where layout is decided are almost never trained (P(sigma > 0.9) ~ 1.4%).
+    sigma_shift: float | None = Field(default=None, gt=0.0)
+    # how the rendered training images draw object sides (opdkit.shapes.vocab.SIDE_MODES):
+    # "random" (small or large per object) or "by_count" (large alone, small in twos and more)
+    object_sides: Literal["random", "by_count"] = "random"
+
+
+class OnPolicyTrainSpec(TrainSpec):
+    """What GRPO and OPD share: rollouts of groups, micro-batched PPO-style updates, LoRA."""
+
+    group_size: int = Field(default=8, ge=1)  # images per prompt
+    grad_accum: int = Field(default=1, ge=1)  # micro-batches per optimizer update
+    micro_batch: int | None = Field(default=None, ge=1)  # images per forward; None: all
+    inner_epochs: int = Field(default=1, ge=1)
+    lora: LoraSpec | None = None  # None: full fine-tuning
+    # recompute the transformer's block activations in the backward pass instead of keeping them
+    # (same numbers, less memory, roughly one more forward of time per update)
+    gradient_checkpointing: bool = False
+    clip_range: float = Field(default=1e-4, gt=0.0)
+    adv_clip: float = Field(default=5.0, gt=0.0)
+    kl_scaling: Literal["flow_grpo", "exact"] = "flow_grpo"
+    # the CFG unconditional branch's velocity carries no gradient in the update. Off: the exact
+    # gradient of the guided velocity, as flow_grpo since its 2025-08 "fix cfg gradient detach"
+    # (it detached the branch from 2025-07 until then)
+    detach_uncond: bool = False
+    sample_every: int = Field(default=0, ge=0)  # image grid every N steps; 0: never
+
+
+class GrpoTrainSpec(OnPolicyTrainSpec):
+    """``method: grpo``."""
+
+    adv_std: Literal["group", "batch"] = "batch"
+    kl_beta: float = Field(default=0.0, ge=0.0)
+    # samples whose advantage is exactly 0 (every image of a group scored alike) leave the loss,
+    # policy and KL terms alike, and each micro-batch's mean runs over the rest, as flow_grpo drops
+    # them from its batch. Off: they stay, adding their KL term and diluting the mean
+    drop_zero_advantage: bool = False
+
+    @field_validator("kl_beta")
+    @classmethod
+    def _beta_finite(cls, v: float) -> float:
+        return _finite(v, "value")
+
+
+class OpdTrainSpec(OnPolicyTrainSpec):
+    """``method: opd``."""
+
+    loss_mode: Literal["kl_only", "mixed", "direct"] = "kl_only"
+    detach_kl: bool = True  # the KL used as an advantage carries no gradient of its own
+    # kl_only/mixed: the KL advantage from log pi - log pi_teacher at the sampled next state
+    # ("sampled": action-dependent, scaled so its expected policy gradient is grad KL) or the
+    # analytic KL of the state ("analytic", Flow-OPD's code: detached it has zero expected
+    # gradient, so it only teaches with detach_kl: false). See opdkit/methods/opd.py.
+    kl_advantage: Literal["sampled", "analytic"] = "sampled"
+    adv_std: Literal["group", "batch"] = "batch"  # mixed: the task reward's advantage
 
 
 class SftSpec(_Strict):
@@ -260,46 +318,65 @@ class InitSpec(_Strict):
 
 
 class EvalSpec(_Strict):
-    """What `opdkit train` / `distill` evaluate on the final weights (skip with ``--no-eval``)."""
+    """What `opdkit train` / `distill` evaluate on the final weights (skip with ``--no-eval``),
+    into ``<run>/results/step_<N>/``."""
 
     benchmarks: list[str] = Field(default_factory=list)
-    every: int = 0  # 0: only after training
     samples_per_prompt: int | None = Field(default=None, ge=1)  # None: the benchmark's own
     limit: int | None = Field(default=None, ge=1)  # only the first K prompts of each benchmark
 
-    @field_validator("every")
-    @classmethod
-    def _after_training_only(cls, v: int) -> int:
-        if v != 0:
-            raise ValueError("expected 0 (evaluate after training); periodic evaluation during training is not built yet")
-        return v
 
+class _RecipeBase(_Strict):
+    """The sections every method's recipe has."""
 
-class Recipe(_Strict):
-    """A whole run: which method, on which model, with which plug-ins."""
-
-    method: Literal["grpo", "opd", "pretrain"]
+    method: str
     description: str = ""
     model: ModelSpec = Field(default_factory=ModelSpec)
     prompts: PromptsSpec = Field(default_factory=PromptsSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+
+class PretrainRecipe(_RecipeBase):
+    """``method: pretrain``: a shapes-world model from scratch by flow matching on rendered pairs."""
+
+    method: Literal["pretrain"]
+    sampler: PretrainSamplerSpec = Field(default_factory=PretrainSamplerSpec)
+    train: PretrainTrainSpec
+
+
+class GrpoRecipe(_RecipeBase):
+    """``method: grpo``: Flow-GRPO on the weighted sum of ``rewards``."""
+
+    method: Literal["grpo"]
     rewards: list[RewardSpec] = Field(default_factory=list)
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
-    train: TrainSpec
+    train: GrpoTrainSpec
+
+    @model_validator(mode="after")
+    def _needs_rewards(self) -> GrpoRecipe:
+        if not self.rewards:
+            raise KeyedValueError(("rewards",), "method grpo needs at least one entry in 'rewards'")
+        return self
+
+
+class OpdRecipe(_RecipeBase):
+    """``method: opd``: Flow-OPD from ``teachers`` routed by ``router``, with ``regularizers``."""
+
+    method: Literal["opd"]
     teachers: list[TeacherSpec] = Field(default_factory=list)
     router: PluginSpec | None = None
     regularizers: list[RegularizerSpec] = Field(default_factory=list)
-    init: InitSpec | None = None  # opd: cold start of the student (default: the base, B = 0)
-    eval: EvalSpec = Field(default_factory=EvalSpec)
+    init: InitSpec | None = None  # cold start of the student (default: the base, B = 0)
+    rewards: list[RewardSpec] = Field(default_factory=list)  # logged, and the task reward of mixed
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    train: OpdTrainSpec
 
     @model_validator(mode="after")
-    def _method_needs(self) -> Recipe:
-        if self.method == "grpo" and not self.rewards:
-            raise KeyedValueError(("rewards",), "method grpo needs at least one entry in 'rewards'")
-        if self.method == "opd":
-            if not self.teachers:
-                raise KeyedValueError(("teachers",), "method opd needs at least one entry in 'teachers'")
-            if self.router is None:
-                raise KeyedValueError(("router",), "method opd needs a 'router' (e.g. router: {type: tag})")
+    def _needs(self) -> OpdRecipe:
+        if not self.teachers:
+            raise KeyedValueError(("teachers",), "method opd needs at least one entry in 'teachers'")
+        if self.router is None:
+            raise KeyedValueError(("router",), "method opd needs a 'router' (e.g. router: {type: tag})")
         seen: set[str] = set()
         for i, teacher in enumerate(self.teachers):
             if teacher.name in seen:
@@ -307,7 +384,49 @@ class Recipe(_Strict):
                     ("teachers", i, "name"), f"teacher names must be unique, {teacher.name!r} is repeated"
                 )
             seen.add(teacher.name)
+        if self.train.loss_mode == "mixed" and not self.rewards:
+            raise KeyedValueError(("train", "loss_mode"), "mixed needs 'rewards' (the task reward)")
+        if self.init is not None and self.train.lora is None:
+            raise KeyedValueError(("init",), "a cold start initialises the student's LoRA adapter; set train.lora")
         return self
+
+
+# One schema per method, chosen by the recipe's ``method`` key.
+Recipe = Annotated[PretrainRecipe | GrpoRecipe | OpdRecipe, Field(discriminator="method")]
+RECIPE_TYPES: dict[str, type[_RecipeBase]] = {"pretrain": PretrainRecipe, "grpo": GrpoRecipe, "opd": OpdRecipe}
+AnyRecipe = PretrainRecipe | GrpoRecipe | OpdRecipe
+_RECIPE_ADAPTER: TypeAdapter[AnyRecipe] = TypeAdapter(Recipe)
+
+
+def parse_recipe(data: Any, *, lenient: bool = False) -> AnyRecipe:
+    """Validate recipe data against its method's schema (pydantic ``ValidationError`` on failure).
+
+    ``lenient`` first drops keys the method's schema does not know: for reading the resolved
+    ``recipe.yaml`` of runs written before each method had a schema of its own (those listed every
+    method's keys). Never for recipes a user writes.
+    """
+    if lenient and isinstance(data, dict) and data.get("method") in RECIPE_TYPES:
+        data = _known_keys(data, RECIPE_TYPES[data["method"]])
+    return _RECIPE_ADAPTER.validate_python(data)
+
+
+def _known_keys(data: Any, model: Any) -> Any:
+    """``data`` without the keys ``model`` (a pydantic model class) does not declare, recursively."""
+    fields = getattr(model, "model_fields", None)
+    if fields is None or not isinstance(data, dict):
+        return data
+    kept = {}
+    for key, value in data.items():
+        if key not in fields:
+            continue
+        annotation = fields[key].annotation
+        sub = _field_model(annotation)
+        if sub is list and isinstance(value, list):
+            item = _item_model(annotation)
+            kept[key] = [_known_keys(v, item) for v in value]
+        else:
+            kept[key] = _known_keys(value, sub)
+    return kept
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,7 +437,7 @@ class Recipe(_Strict):
 class LoadedRecipe:
     """A validated recipe plus where it came from (for error messages and the run directory)."""
 
-    def __init__(self, recipe: Recipe, path: Path, overrides: list[str]) -> None:
+    def __init__(self, recipe: AnyRecipe, path: Path, overrides: list[str]) -> None:
         self.recipe = recipe
         self.path = path
         self.overrides = overrides
@@ -365,9 +484,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_plug
         return str(path)
 
     try:
-        recipe = Recipe.model_validate(data)
+        recipe = parse_recipe(data)
     except ValidationError as exc:
-        problems = [_format_pydantic_error(err, where) for err in exc.errors()]
+        root = RECIPE_TYPES.get(str(data.get("method")), _RecipeBase)
+        problems = [_format_pydantic_error(err, where, root) for err in exc.errors()]
         raise RecipeError("\n".join(problems)) from None
     if check_plugins:
         problems = check_recipe_plugins(recipe, where)
@@ -376,7 +496,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_plug
     return LoadedRecipe(recipe, path, overrides)
 
 
-def check_recipe_plugins(recipe: Recipe, where: Any = None) -> list[str]:
+def check_recipe_plugins(recipe: AnyRecipe, where: Any = None) -> list[str]:
     """Stage 2: every plug-in resolves and its params bind to its builder's signature."""
     from opdkit.registry import (
         benchmarks,
@@ -404,13 +524,13 @@ def check_recipe_plugins(recipe: Recipe, where: Any = None) -> list[str]:
             problems.append(f"{where((*loc, 'params'))}: {key}.params: {exc}")
 
     check(models, recipe.model.type, recipe.model.builder_params(), ("model",))
-    for i, spec in enumerate(recipe.rewards):
+    for i, spec in enumerate(getattr(recipe, "rewards", [])):
         check(rewards, spec.type, spec.params, ("rewards", i))
-    for i, spec in enumerate(recipe.teachers):
+    for i, spec in enumerate(getattr(recipe, "teachers", [])):
         check(teachers, spec.type, spec.builder_params(), ("teachers", i))
-    if recipe.router is not None:
+    if getattr(recipe, "router", None) is not None:
         check(routers, recipe.router.type, recipe.router.params, ("router",))
-    for i, spec in enumerate(recipe.regularizers):
+    for i, spec in enumerate(getattr(recipe, "regularizers", [])):
         check(regularizers, spec.type, spec.params, ("regularizers", i))
     for i, name in enumerate(recipe.eval.benchmarks):
         try:
@@ -426,7 +546,7 @@ def check_recipe_plugins(recipe: Recipe, where: Any = None) -> list[str]:
     return problems
 
 
-def dump_recipe(recipe: Recipe) -> str:
+def dump_recipe(recipe: AnyRecipe) -> str:
     """The resolved recipe as YAML (written into every run directory)."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
 
@@ -495,8 +615,8 @@ def _parse_override(item: str) -> tuple[tuple[str | int, ...], Any]:
 
 
 def _apply_override(data: dict[str, Any], key_path: tuple[str | int, ...], value: Any, item: str) -> None:
-    """Set ``data[key_path] = value`` after checking the path exists in the schema."""
-    model: Any = Recipe
+    """Set ``data[key_path] = value`` after checking the path exists in the schema of the method."""
+    model: Any = RECIPE_TYPES.get(str(data.get("method")), _RecipeBase)
     node: Any = data
     for depth, part in enumerate(key_path):
         last = depth == len(key_path) - 1
@@ -524,6 +644,9 @@ def _apply_override(data: dict[str, Any], key_path: tuple[str | int, ...], value
             close = difflib.get_close_matches(str(part), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             parent = ".".join(str(p) for p in key_path[:depth]) or "the recipe"
+            owners = _owner_methods(key_path[: depth + 1])
+            if owners:
+                raise RecipeError(f"--set {item}: {shown} {_belongs(owners, data.get('method'))}")
             raise RecipeError(f"--set {item}: unknown key {part!r} in {parent}{hint}")
         if not isinstance(node, dict):
             raise RecipeError(f"--set {item}: {shown} has no parent mapping")
@@ -566,8 +689,10 @@ def _item_model(annotation: Any) -> Any:
     return _field_model(args[0]) if args else None
 
 
-def _format_pydantic_error(err: Any, where: Any) -> str:
+def _format_pydantic_error(err: Any, where: Any, root: Any) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    if loc and loc[0] in RECIPE_TYPES:  # the discriminated union names the method first
+        loc = loc[1:]
     error = (err.get("ctx") or {}).get("error")
     if isinstance(error, KeyedValueError):
         loc = (*loc, *error.loc)
@@ -576,11 +701,22 @@ def _format_pydantic_error(err: Any, where: Any) -> str:
     msg = err["msg"]
     if kind == "extra_forbidden":
         parent_loc = loc[:-1]
-        model = _model_at(parent_loc)
+        model = _model_at(parent_loc, root)
         known = sorted(model.model_fields) if model is not None else []
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        msg = f"unknown key{hint} (allowed: {', '.join(known)})" if known else "unknown key"
+        owners = _owner_methods(loc)
+        if owners:
+            msg = _belongs(owners, getattr(root.model_fields["method"].annotation, "__args__", ["?"])[0])
+        else:
+            msg = f"unknown key{hint} (allowed: {', '.join(known)})" if known else "unknown key"
+    elif kind in ("union_tag_not_found", "union_tag_invalid"):
+        key = "method"
+        msg = f"expected one of: {', '.join(RECIPE_TYPES)}"
+        if kind == "union_tag_invalid":
+            msg += f" (got {(err.get('ctx') or {}).get('tag')!r})"
+        else:
+            msg = f"required key is missing ({msg})"
     elif kind == "missing":
         msg = "required key is missing"
     elif "input" in err and kind not in ("value_error", "assertion_error"):
@@ -590,8 +726,22 @@ def _format_pydantic_error(err: Any, where: Any) -> str:
     return f"{where(loc)}: {key}: {msg}"
 
 
-def _model_at(loc: tuple[str | int, ...]) -> Any:
-    model: Any = Recipe
+def _owner_methods(loc: tuple[str | int, ...]) -> list[str]:
+    """The methods whose schema has the key at ``loc`` (for "belongs to method X" errors)."""
+    owners = []
+    for name, recipe_type in RECIPE_TYPES.items():
+        parent = _model_at(loc[:-1], recipe_type)
+        if parent is not None and loc and loc[-1] in parent.model_fields:
+            owners.append(name)
+    return owners
+
+
+def _belongs(owners: list[str], method: Any) -> str:
+    return f"belongs to method {' and '.join(owners)}, not {method} (this recipe's method): remove it"
+
+
+def _model_at(loc: tuple[str | int, ...], root: Any) -> Any:
+    model: Any = root
     for part in loc:
         if isinstance(part, int):
             continue

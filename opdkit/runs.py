@@ -23,7 +23,7 @@ from opdkit.errors import OpdkitError
 
 if TYPE_CHECKING:
     from opdkit.models.flow_model import FlowModel
-    from opdkit.recipe import Recipe
+    from opdkit.recipe import AnyRecipe
 
 FINAL = "final"
 
@@ -34,17 +34,17 @@ def is_run_dir(path: str | Path) -> bool:
     return (root / "recipe.yaml").is_file() and (root / FINAL / "final.json").is_file()
 
 
-def read_run_recipe(path: str | Path) -> Recipe:
+def read_run_recipe(path: str | Path) -> AnyRecipe:
     """The resolved recipe a run directory was trained with (schema-checked, plug-ins not resolved)."""
     import yaml
     from pydantic import ValidationError
 
-    from opdkit.recipe import Recipe
+    from opdkit.recipe import parse_recipe
 
     file = Path(path) / "recipe.yaml"
     try:
         data = yaml.safe_load(file.read_text(encoding="utf-8"))
-        return Recipe.model_validate(data)
+        return parse_recipe(data, lenient=True)  # runs written before per-method schemas list every key
     except FileNotFoundError:
         raise OpdkitError(f"{path}: not a run directory (no recipe.yaml)") from None
     except (yaml.YAMLError, ValidationError) as exc:

@@ -116,11 +116,13 @@ def guided_velocity(
     cond: Any,
     uncond: Any | None,
     cfg: float,
+    detach_uncond: bool = False,
 ) -> torch.Tensor:
     """Classifier-free-guided velocity ``v_u + cfg * (v_c - v_u)``, (B, C, h, w).
 
     With ``cfg != 1`` both branches run in ONE batched forward (x twice, cond then uncond);
-    with ``cfg == 1`` (or no ``uncond``) only the conditional branch runs.
+    with ``cfg == 1`` (or no ``uncond``) only the conditional branch runs. ``detach_uncond``
+    stops the gradient through ``v_u`` (the values are unchanged).
     """
     if cfg == 1.0 or uncond is None:
         return model.velocity(x, sigma, cond)
@@ -129,6 +131,8 @@ def guided_velocity(
     sig = sig.expand(batch) if sig.numel() == 1 else sig
     v = model.velocity(torch.cat([x, x]), torch.cat([sig, sig]), cond.cat(uncond))
     v_cond, v_uncond = v.chunk(2)
+    if detach_uncond:
+        v_uncond = v_uncond.detach()
     return v_uncond + cfg * (v_cond - v_uncond)
 
 

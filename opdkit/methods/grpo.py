@@ -1,0 +1,128 @@
+"""``method: grpo`` — Flow-GRPO: reinforce a flow model's own SDE samples with group-relative rewards.
+
+One step ``k`` (the loop, :mod:`opdkit.training.loop`, does everything else):
+
+1. **Rollout.** ``train.batch_size`` prompts, ``train.group_size`` images each, sampled with the
+   Flow-GRPO SDE sampler; every state and log pi_old of the stochastic steps is kept. With
+   several processes each rank takes a contiguous share of whole groups.
+2. **Rewards.** Each rank scores its own images with the weighted sum of the recipe's rewards;
+   the rewards of all ranks are gathered and group-normalised into advantages
+   (:func:`~opdkit.training.losses.group_advantages`).
+3. **Loss** of each (micro-batch, trained step) term (:meth:`Grpo.term_loss`): recompute
+   log pi_theta with CFG exactly as sampled, the PPO-clipped surrogate, plus ``train.kl_beta``
+   x KL to the reference policy (the base: LoRA disabled, or a frozen copy when fine-tuning
+   fully). :func:`~opdkit.training.onpolicy.sweep_updates` runs ``inner_epochs`` passes of it.
+
+Run folder: ``final/lora.safetensors`` (EMA weights when ``train.ema`` is set; the raw ones as
+``lora_online.safetensors``) or ``final/transformer.safetensors`` for full fine-tuning, and
+``final/final.json``; see :mod:`opdkit.runs`. The PPO ratio of the first update is exactly 1 on
+CPU fp32 (logged as ``ratio_first_max_dev``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opdkit.training.loop import Optimization, RunContext, Setup, StepResult, summarize
+from opdkit.training.losses import clipped_policy_loss, gaussian_kl, group_advantages, kept_sample_weights
+from opdkit.training.onpolicy import OnPolicy, ratio_metrics, save_rollout_grid, sweep_updates
+from opdkit.training.rewards import WeightedReward
+from opdkit.training.rollout import Rollout, transition
+
+
+class Grpo:
+    """Flow-GRPO over the shared loop."""
+
+    name = "grpo"
+
+    def setup(self, ctx: RunContext) -> Setup:
+        from opdkit.prompts import load_prompts
+
+        self.ctx = ctx
+        self.policy = OnPolicy.create(ctx)
+        self.reward_fn = WeightedReward(ctx.recipe.rewards)
+        self.records = load_prompts(ctx.recipe.prompts)
+        return self.policy.setup(ctx)
+
+    def step(self, step: int, ctx: RunContext, optim: Optimization) -> StepResult:
+        train = ctx.train
+        t0 = time.perf_counter()
+        drawn, batch = self.policy.rollout(ctx, self.records, step)
+        t_rollout = time.perf_counter()
+
+        scores = self.reward_fn(batch.images, batch.prompts, batch.records)
+        rewards = ctx.gather(scores.total)
+        parts = {k: ctx.gather(v) for k, v in scores.parts.items()}
+        advantages_all = group_advantages(rewards, train.group_size, train.adv_std, train.adv_clip)
+        self.advantages = self.policy.my_rows(ctx, advantages_all)
+        t_reward = time.perf_counter()
+
+        self.batch, self.ref_means = batch, {}
+        stats = sweep_updates(ctx, optim, batch, self.term_loss)
+        t_update = time.perf_counter()
+
+        record = _reward_metrics(rewards, parts, advantages_all, train.group_size)
+        record.update(ratio_metrics(ctx, stats))
+        kl = ctx.gather(stats["kl"]) if "kl" in stats else torch.zeros(0)
+        record["kl"] = float(kl.mean()) if kl.numel() else None
+        record["policy_loss"] = float(ctx.gather(stats["policy_loss"]).mean())
+        record.update(
+            rollout_seconds=round(t_rollout - t0, 3),
+            reward_seconds=round(t_reward - t_rollout, 3),
+            update_seconds=round(t_update - t_reward, 3),
+        )
+        return StepResult(
+            record,
+            bar={"reward": record["reward"], "kl": record["kl"] if record["kl"] is not None else 0.0},
+            drawn=drawn,
+            grid=lambda path: save_rollout_grid(batch, scores.total, train.group_size, path),
+        )
+
+    def term_loss(self, c: int, t: int, rows: slice, epoch: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """PPO-clipped loss of stored transition ``t`` of micro-batch ``c`` (+ beta x KL to the reference)."""
+        model, batch, train = self.ctx.model, self.batch, self.ctx.train
+        with self.ctx.autocast():
+            new = transition(model, batch, t, rows, train.detach_uncond)
+            if train.kl_beta > 0 and (c, t) not in self.ref_means:  # the reference is fixed: once per step
+                with torch.no_grad(), self.policy.trainable.reference(model):
+                    self.ref_means[(c, t)] = transition(model, batch, t, rows).mean
+        policy_loss, ratio = clipped_policy_loss(new.log_prob, batch.log_probs[t, rows], self.advantages[rows], train.clip_range)
+        extras: dict[str, Any] = {"policy_loss": policy_loss}
+        total = policy_loss
+        if train.kl_beta > 0:
+            kl = gaussian_kl(new.mean, self.ref_means[(c, t)], new.std, _dt(batch, t), train.kl_scaling)
+            extras["kl"] = kl
+            total = policy_loss + train.kl_beta * kl
+        if train.drop_zero_advantage:
+            total = total * kept_sample_weights(self.advantages[rows])
+        return total, ratio, extras
+
+    def finish(self, ctx: RunContext, optim: Optimization, step: int) -> Path:
+        return self.policy.finish(ctx, optim, step)
+
+
+def _dt(batch: Rollout, t: int) -> torch.Tensor:
+    return batch.sigmas[t + 1] - batch.sigmas[t]
+
+
+def _reward_metrics(
+    rewards: torch.Tensor, parts: dict[str, torch.Tensor], advantages: torch.Tensor, group_size: int
+) -> dict[str, Any]:
+    """The reward and advantage part of a ``metrics.jsonl`` record, from all-rank values."""
+    reward = summarize(rewards)
+    adv = summarize(advantages)
+    record: dict[str, Any] = {"reward": reward["mean"], "reward_std": reward["std"]}
+    for name, values in parts.items():
+        summary = summarize(values)
+        record[f"reward/{name}/mean"] = summary["mean"]
+        record[f"reward/{name}/std"] = summary["std"]
+    groups = rewards.view(-1, group_size)
+    record.update(
+        adv_mean=adv["mean"], adv_std=adv["std"], adv_min=adv["min"], adv_max=adv["max"],
+        zero_std_groups=float((groups.std(dim=1, unbiased=False) == 0).float().mean()) if group_size > 1 else 0.0,
+    )  # fmt: skip
+    return record

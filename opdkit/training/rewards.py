@@ -1,0 +1,92 @@
+"""The weighted reward of GRPO (and of OPD's ``mixed`` mode and logged task rewards).
+
+A reward plug-in is a scorer: ``(images (N, 3, H, W) in [0, 1], prompts, records) -> {"score":
+(N,), ...}``. :class:`WeightedReward` builds the recipe's rewards once and sums them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from opdkit.errors import OpdkitError
+
+if TYPE_CHECKING:
+    from opdkit.recipe import RewardSpec
+
+
+@dataclass
+class RewardScores:
+    """Scores of a batch: the weighted total and every named part.
+
+    Attributes:
+        total: (N,) float32 ``sum_k w_k * r_k``.
+        parts: ``label -> (N,)`` for each reward's score, and ``label/key -> (N,)`` for the
+            other keys a reward returned (sub-scores, logged only).
+    """
+
+    total: torch.Tensor
+    parts: dict[str, torch.Tensor]
+
+
+class WeightedReward:
+    """R = sum_k weight_k * r_k over the recipe's ``rewards`` (plug-ins built once).
+
+    A reward plug-in returns ``(images (N, 3, H, W) in [0, 1], prompts, records) -> {"score":
+    (N,), ...}``. Labels (``name`` or the plug-in name) must be unique: they name the logged
+    metrics. A reward with ``tags`` scores only the images whose prompt record has one of those
+    tags (an OCR reward on sign prompts only); the others get 0 in the total and NaN in
+    :attr:`RewardScores.parts` (so logged means cover only the images it scored).
+    """
+
+    def __init__(self, specs: Sequence[RewardSpec], build: Any = None) -> None:
+        if build is None:
+            from opdkit.registry import rewards
+
+            build = rewards.build
+        self.labels = [spec.label for spec in specs]
+        repeated = sorted({label for label in self.labels if self.labels.count(label) > 1})
+        if repeated:
+            raise OpdkitError(
+                f"rewards: labels must be unique to be logged apart, {', '.join(repeated)} repeated; "
+                "give each a distinct 'name'"
+            )
+        self.weights = [float(spec.weight) for spec in specs]
+        self.tags = [set(spec.tags) if spec.tags is not None else None for spec in specs]
+        self.functions = [build(spec.type, spec.params) for spec in specs]
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], records: list[dict[str, Any]]) -> RewardScores:
+        n = images.shape[0]
+        total = torch.zeros(n, dtype=torch.float32)
+        parts: dict[str, torch.Tensor] = {}
+        for label, weight, tags, fn in zip(self.labels, self.weights, self.tags, self.functions, strict=True):
+            rows = [i for i, r in enumerate(records) if tags is None or r.get("tag") in tags]
+            if not rows:
+                parts[label] = torch.full((n,), math.nan)
+                continue
+            if len(rows) == n:
+                out = fn(images, prompts, records)
+            else:
+                out = fn(images[rows], [prompts[i] for i in rows], [records[i] for i in rows])
+            if not isinstance(out, dict) or "score" not in out:
+                raise OpdkitError(f"reward {label!r} must return a dict with a 'score' tensor")
+            index = torch.tensor(rows)
+            for key, value in out.items():
+                value = torch.as_tensor(value, dtype=torch.float32).detach().cpu().reshape(-1)
+                if value.numel() != len(rows):
+                    raise OpdkitError(f"reward {label!r}: {key!r} has {value.numel()} values for {len(rows)} images")
+                full = torch.full((n,), math.nan).index_copy(0, index, value)
+                if key == "score":
+                    if not bool(torch.isfinite(value).all()):
+                        raise OpdkitError(f"reward {label!r} returned a non-finite score")
+                    parts[label] = full
+                    total = total + weight * torch.nan_to_num(full, nan=0.0)
+                else:
+                    parts[f"{label}/{key}"] = full
+        return RewardScores(total, parts)
+
+

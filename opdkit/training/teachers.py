@@ -1,0 +1,155 @@
+"""Teachers of on-policy distillation, on the student's one shared base.
+
+LoRA teachers are named adapters on the base the student trains on (K teachers cost K
+adapters, not K models), switched per sub-batch; ``full`` teachers are separate transformers run
+on the student's prompt embeddings; ``base`` is the base with adapters off. :func:`acting_as`
+makes the model compute one of them; :func:`routed_teacher_means` gives, for a micro-batch of
+stored states, each row's transition mean under the teacher it was routed to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from opdkit.errors import OpdkitError
+from opdkit.registry import teachers
+from opdkit.training.trainable import ADAPTER
+
+if TYPE_CHECKING:
+    from opdkit.recipe import TeacherSpec
+    from opdkit.training.rollout import Rollout
+
+# The name a regularizer uses for the base model as its anchor.
+BASE = "base"
+
+
+@dataclass
+class Teacher:
+    """A loaded teacher. ``adapter``: its LoRA adapter name on the shared base (kind ``lora``);
+    ``transformer``: a separate transformer (kind ``full``); neither: the base (kind ``base``)."""
+
+    name: str
+    kind: str
+    adapter: str | None = None
+    transformer: Any = None
+    lora_path: Path | None = None
+
+
+def load_teachers(model: Any, specs: list[TeacherSpec], device: Any) -> dict[str, Teacher]:
+    """Build every teacher plug-in and load its weights beside the student on the shared base."""
+    loaded: dict[str, Teacher] = {}
+    for spec in specs:
+        source = teachers.build(spec.type, spec.builder_params())
+        kind = getattr(source, "kind", None)
+        if kind == "lora":
+            path = adapter_file(source.path)
+            adapter = f"teacher_{spec.name}"
+            model.load_lora(path, adapter)
+            loaded[spec.name] = Teacher(spec.name, "lora", adapter=adapter, lora_path=path)
+        elif kind == "full":
+            from opdkit.models.flow_model import load_transformer
+
+            # the teacher's transformer runs on the student's prompt embeddings: its text
+            # encoders and VAE are never used, so they are not loaded
+            transformer = load_transformer(source.path, dtype=model.dtype, device=device)
+            transformer.eval().requires_grad_(False)
+            loaded[spec.name] = Teacher(spec.name, "full", transformer=transformer)
+        elif kind == "base":
+            loaded[spec.name] = Teacher(spec.name, "base")
+        else:
+            raise OpdkitError(f"teacher {spec.name!r}: plug-in {spec.type!r} returned {source!r}, not a TeacherSource")
+    return loaded
+
+
+def adapter_file(path: Path | None) -> Path:
+    """A GRPO run directory (its final adapter) or an adapter file."""
+    if path is None:
+        raise OpdkitError("a lora teacher needs a path (run directory or adapter file)")
+    from opdkit.merge import find_adapter
+    from opdkit.runs import final_lora_path, is_run_dir
+
+    return final_lora_path(path) if is_run_dir(path) else find_adapter(path)
+
+
+@contextlib.contextmanager
+def acting_as(model: Any, teacher: Teacher | None, student_adapter: str) -> Iterator[None]:
+    """Inside the block the model computes ``teacher`` (None or ``base``: the base model)."""
+    if teacher is None or teacher.kind == "base":
+        with model.adapters_disabled():
+            yield
+    elif teacher.kind == "lora":
+        model.set_adapter(teacher.adapter)
+        try:
+            yield
+        finally:
+            model.set_adapter(student_adapter)  # peft makes the active adapter the trainable one
+    else:
+        student = model.transformer
+        model.transformer = teacher.transformer
+        try:
+            yield
+        finally:
+            model.transformer = student
+
+
+def teacher_samples(
+    model: Any, loaded: dict[str, Teacher], routes: list[str], cond: Any, seeds: list[int], sampler: Any, *, micro_batch: int
+) -> torch.Tensor:
+    """Image ``i`` drawn by teacher ``routes[i]`` from seed ``seeds[i]`` with the Euler sampler (the
+    recipe's steps, CFG, shift and resolution), batched per teacher, no grad. (N, C, h, w) float32."""
+    from opdkit.sampling import sample_ode
+
+    x0: torch.Tensor | None = None
+    for name, teacher in loaded.items():
+        index = torch.tensor([i for i, r in enumerate(routes) if r == name], dtype=torch.long)
+        for chunk in index.split(micro_batch) if len(index) else ():
+            with torch.no_grad(), acting_as(model, teacher, ADAPTER):
+                images = sample_ode(
+                    model, steps=sampler.steps, cfg=sampler.cfg, shift=sampler.shift, resolution=sampler.resolution,
+                    seed=[seeds[int(i)] for i in chunk], cond=cond[chunk],
+                    uncond=model.uncond(len(chunk)) if sampler.cfg != 1.0 else None,
+                )  # fmt: skip
+            if x0 is None:
+                x0 = torch.empty((len(routes), *images.shape[1:]), dtype=images.dtype, device=images.device)
+            x0[chunk] = images
+    if x0 is None:
+        raise OpdkitError("init.sft: no prompt was routed to a teacher")
+    return x0
+
+
+def frozen_means(model: Any, batch: Rollout, teacher: Teacher | None, t: int, index: torch.Tensor) -> torch.Tensor:
+    """Transition means of ``teacher`` (None: the base) at stored states ``batch.states[t, index]``.
+
+    One CFG-batched forward, no grad. Returns (len(index), C, h, w) float32.
+    """
+    from opdkit.sampling import guided_velocity, sde_step_with_logprob
+
+    with torch.no_grad():
+        x = batch.states[t, index]
+        uncond = model.uncond(len(index)) if batch.cfg != 1.0 else None
+        with acting_as(model, teacher, ADAPTER):
+            v = guided_velocity(model, x, batch.sigmas[t], batch.cond[index], uncond, batch.cfg)
+        step = sde_step_with_logprob(
+            x, v, batch.sigmas[t], batch.sigmas[t + 1], batch.noise_level, prev_sample=batch.states[t + 1, index]
+        )
+    return step.mean.float()
+
+
+def routed_teacher_means(
+    model: Any, batch: Rollout, t: int, rows: slice, routes: list[str], loaded_teachers: dict[str, Teacher]
+) -> torch.Tensor:
+    """mu_teacher(x_t) for rows ``rows``, each row from its routed teacher: one batched forward per
+    teacher over the rows routed to it (adapters switched per sub-batch). (n, C, h, w) float32."""
+    out = torch.empty(batch.states[t, rows].shape, dtype=torch.float32, device=batch.states.device)
+    for name, teacher in loaded_teachers.items():
+        index = torch.tensor([i for i in range(rows.start, rows.stop) if routes[i] == name], dtype=torch.long)
+        if len(index):
+            out[index - rows.start] = frozen_means(model, batch, teacher, t, index)
+    return out
+
