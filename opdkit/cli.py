@@ -76,9 +76,8 @@ EvalOption = Annotated[
 
 def _run_recipe(recipe_path: str, overrides: list[str] | None, out: Path | None, resume: bool, require: str | None,
                 evaluate: bool = True) -> None:
-    from opdkit.methods import method_for
+    from opdkit.methods import train
     from opdkit.recipe import load_recipe
-    from opdkit.training.loop import run
 
     loaded = load_recipe(recipe_path, overrides or [])
     method = loaded.recipe.method
@@ -88,7 +87,7 @@ def _run_recipe(recipe_path: str, overrides: list[str] | None, out: Path | None,
             f"(use `opdkit train` for {method!r})"
         )
     out_dir = out if out is not None else Path("runs") / loaded.path.stem
-    run(method_for(method), loaded, out_dir, resume=resume, evaluate=evaluate)
+    train(loaded, out_dir, resume=resume, evaluate=evaluate)
 
 
 @app.command()

@@ -57,8 +57,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from opdkit import policy
     from opdkit.grpo import policy_update
+
+    from opdkit import policy
     from opdkit.recipe import EmaSpec, LoraSpec, TrainSpec
     from opdkit.registry import models
     from opdkit.shapes.prompts import load_split

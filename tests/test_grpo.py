@@ -84,10 +84,10 @@ def one_thread() -> Iterator[None]:
 
 
 def train(recipe: Path, out: Path, overrides: list[str] | None = None, resume: bool = False) -> Path:
-    from opdkit import grpo
+    from opdkit.methods import train as train_recipe
     from opdkit.recipe import load_recipe
 
-    return grpo.run(load_recipe(recipe, overrides or []), out, resume=resume)
+    return train_recipe(load_recipe(recipe, overrides or []), out, resume=resume)
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -264,9 +264,9 @@ def test_full_finetuning_and_bad_micro_batch(tmp_path: Path, one_thread: None) -
 
 def test_gradient_checkpointing_gives_the_same_update(tmp_path: Path, one_thread: None) -> None:
     """train.gradient_checkpointing recomputes activations: the same weights and metrics."""
-    from opdkit.policy import setup_trainable
     from opdkit.recipe import LoraSpec
     from opdkit.registry import models
+    from opdkit.training.trainable import setup_trainable
 
     recipe = write_recipe(tmp_path, RECIPE)
     common = ["train.max_steps=2", "train.sample_every=0"]
@@ -324,7 +324,7 @@ def test_two_processes_data_parallel(tmp_path: Path, one_thread: None) -> None:
     """`accelerate launch` with two CPU processes (gloo): split prompts, identical weights (~35 s)."""
     if shutil.which("accelerate") is None:
         pytest.skip("accelerate CLI not on PATH")
-    recipe = write_recipe(tmp_path, RECIPE)
+    recipe = write_recipe(tmp_path, RECIPE + "eval: {benchmarks: [shapes-quality], samples_per_prompt: 1, limit: 3}\n")
     command = [
         "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
@@ -336,23 +336,28 @@ def test_two_processes_data_parallel(tmp_path: Path, one_thread: None) -> None:
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     logs = [read_jsonl(tmp_path / "ddp" / "ranks" / f"rank_{r}.jsonl") for r in (0, 1)]
-    from opdkit import policy
     from opdkit.prompts import load_prompts
     from opdkit.recipe import load_recipe
+    from opdkit.training.rollout import step_prompts
 
     loaded = load_recipe(recipe)
     records = load_prompts(loaded.recipe.prompts)
     for step in (1, 2):
         mine = [next(r for r in log if r["step"] == step and "prompt_indices" in r) for log in logs]
         assert set(mine[0]["prompt_indices"]).isdisjoint(mine[1]["prompt_indices"])
-        whole = policy.step_prompts(records, seed=0, step=step, batch_size=2, group_size=4)
+        whole = step_prompts(records, seed=0, step=step, batch_size=2, group_size=4)
         assert mine[0]["prompt_indices"] + mine[1]["prompt_indices"] == whole.indices
         assert mine[0]["seeds"] + mine[1]["seeds"] == whole.seeds
     sums = [next(r["weights_sha256"] for r in log if "weights_sha256" in r) for log in logs]
     assert sums[0] == sums[1]
     assert len(read_jsonl(tmp_path / "ddp" / "metrics.jsonl")) == 2
+    # The post-training eval runs on the main process only: each row once.
+    results = tmp_path / "ddp" / "results" / "step_000002" / "ddp"
+    rows = read_jsonl(results / "shapes-quality.jsonl")
+    assert sorted((r["prompt_index"], r["sample_index"]) for r in rows) == [(0, 0), (1, 0), (2, 0)]
+    assert json.loads((results / "shapes-quality.json").read_text())["n_images"] == 3
     # The same algorithm as one process over the same micro-batches (4 of them, one update).
-    single = train(recipe, tmp_path / "single", ["train.max_steps=2", "train.micro_batch=2", "train.grad_accum=4"])
+    single = train(recipe, tmp_path / "single", ["train.max_steps=2", "train.micro_batch=2", "train.grad_accum=4", "eval.benchmarks=[]"])
     a, b = tensors(tmp_path / "ddp" / "final" / "lora.safetensors"), tensors(single / "lora.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
@@ -394,10 +399,19 @@ def test_train_runs_the_recipes_eval_block(tmp_path: Path, one_thread: None, mon
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["train", str(recipe), "--out", "evaluated", "--set", "train.max_steps=1"])
     assert result.exit_code == 0, result.output
-    summary = json.loads((tmp_path / "results" / "evaluated" / "shapes-quality.json").read_text())
+    # results belong to the run, and to the weights of its last step
+    first = tmp_path / "evaluated" / "results" / "step_000001" / "evaluated" / "shapes-quality.json"
+    summary = json.loads(first.read_text())
     assert summary["n_images"] == 2 and 0.0 <= summary["metrics"]["overall"] <= 1.0
     assert "eval shapes-quality · evaluated" in result.output
+    assert not (tmp_path / "results").exists()  # nothing written into the current directory
+
+    # Resumed for more steps, the run trains on and evaluates its new weights beside the old results.
+    resumed = CliRunner().invoke(app, ["train", str(recipe), "--out", "evaluated", "--resume", "--set", "train.max_steps=2"])
+    assert resumed.exit_code == 0, resumed.output
+    second = tmp_path / "evaluated" / "results" / "step_000002" / "evaluated" / "shapes-quality.json"
+    assert json.loads(second.read_text())["n_images"] == 2 and first.is_file()
 
     skipped = CliRunner().invoke(app, ["train", str(recipe), "--out", "skipped", "--set", "train.max_steps=1", "--no-eval"])
     assert skipped.exit_code == 0, skipped.output
-    assert not (tmp_path / "results" / "skipped").exists()
+    assert not (tmp_path / "skipped" / "results").exists()

@@ -75,7 +75,7 @@ def teachers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def run_opd(tmp: Path, body: str, teachers: tuple[Path, Path], overrides: list[str] | None = None) -> list[dict]:
-    from opdkit.opd import run
+    from opdkit.methods import train as run
     from opdkit.recipe import load_recipe
 
     text = body.replace("TEACHER_A", str(teachers[0])).replace("TEACHER_B", str(teachers[1]))
@@ -94,10 +94,11 @@ def test_kl_is_zero_when_the_student_is_its_teacher(tmp_path: Path, teachers: tu
 
 
 def test_routing_sends_each_sample_to_its_teacher(tmp_path: Path, teachers: tuple[Path, Path]) -> None:
-    from opdkit.opd import frozen_means, load_teachers, routed_teacher_means
-    from opdkit.policy import rollout, setup_trainable
     from opdkit.recipe import TeacherSpec
     from opdkit.registry import routers
+    from opdkit.training.rollout import rollout
+    from opdkit.training.teachers import frozen_means, load_teachers, routed_teacher_means
+    from opdkit.training.trainable import setup_trainable
 
     model = tiny_model()
     loaded = load_teachers(
@@ -154,10 +155,11 @@ def test_opd_run_with_merge_init_writes_a_loadable_student(tmp_path: Path, teach
 def test_sft_cold_start_draws_each_image_from_its_routed_teacher(teachers: tuple[Path, Path]) -> None:
     from types import SimpleNamespace
 
-    from opdkit.opd import acting_as, load_teachers, teacher_samples
-    from opdkit.policy import ADAPTER, encode_unique, setup_trainable
     from opdkit.recipe import TeacherSpec
     from opdkit.sampling import sample_ode
+    from opdkit.training.rollout import encode_unique
+    from opdkit.training.teachers import acting_as, load_teachers, teacher_samples
+    from opdkit.training.trainable import ADAPTER, setup_trainable
 
     model = tiny_model()
     loaded = load_teachers(
@@ -183,12 +185,14 @@ def test_sft_cold_start_draws_each_image_from_its_routed_teacher(teachers: tuple
 def test_sft_cold_start_fits_the_student_to_teacher_samples(teachers: tuple[Path, Path]) -> None:
     from types import SimpleNamespace
 
-    from opdkit.opd import load_teachers, sft_cold_start, teacher_samples
-    from opdkit.policy import encode_unique, setup_trainable
-    from opdkit.pretrain import flow_matching_loss
+    from opdkit.methods.cold_start import sft_cold_start
     from opdkit.recipe import SftSpec, TeacherSpec
     from opdkit.registry import routers
     from opdkit.shapes.prompts import load_split
+    from opdkit.training.losses import flow_matching_loss
+    from opdkit.training.rollout import encode_unique
+    from opdkit.training.teachers import load_teachers, teacher_samples
+    from opdkit.training.trainable import setup_trainable
 
     model = tiny_model()
     loaded = load_teachers(model, [TeacherSpec(name="shapes", type="lora", path=str(teachers[1]))], "cpu")
@@ -229,7 +233,7 @@ def test_opd_refusals_are_one_line(tmp_path: Path, teachers: tuple[Path, Path]) 
     body = OPD + "regularizers:\n  - {type: mar, weight: 0.04, params: {anchor: nobody}}\n"
     with pytest.raises(OpdkitError, match="anchors to 'nobody', which is not a teacher"):
         run_opd(tmp_path / "a", body, teachers)
-    with pytest.raises(OpdkitError, match="loss_mode mixed needs 'rewards'"):
+    with pytest.raises(OpdkitError, match="loss_mode: mixed needs 'rewards'"):
         run_opd(tmp_path / "b", OPD, teachers, ["train.loss_mode=mixed"])
     unrouted = OPD.replace("mapping: {single_object: shapes, ocr: signs}", "mapping: {single_object: shapes}")
     with pytest.raises(OpdkitError, match=r"unrouted prompt .*tag 'ocr'"):
@@ -240,8 +244,8 @@ def test_full_teacher_loads_only_its_transformer_and_is_what_the_student_consult
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from opdkit.models import flow_model
-    from opdkit.opd import acting_as, load_teachers
     from opdkit.recipe import TeacherSpec
+    from opdkit.training.teachers import acting_as, load_teachers
 
     other = tiny_model()
     with torch.no_grad():
@@ -276,9 +280,9 @@ def test_full_teacher_loads_only_its_transformer_and_is_what_the_student_consult
 
 
 def test_sd3_path_with_two_lora_teachers(tmp_path: Path) -> None:
+    from opdkit.methods import train as run
     from opdkit.models.flow_model import load_flow_model
     from opdkit.models.tiny import build_tiny_sd3_pipeline
-    from opdkit.opd import run
     from opdkit.recipe import load_recipe
 
     pipe = build_tiny_sd3_pipeline(tmp_path / "sd3")
@@ -361,3 +365,34 @@ def test_committed_teacher_is_a_run_of_its_shipped_recipe_and_loads_by_name(name
         emb = base.encode_prompts(["a red circle", "a sign that says \"K7\""])
         moved = (model.velocity(x, t, emb) - base.velocity(x, t, emb)).abs().max()
     assert moved > 1e-4  # the adapter is really applied
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_opd_runs_its_forwards_in_the_recipes_precision(
+    tmp_path: Path, teachers: tuple[Path, Path], precision: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.precision reaches OPD's rollout, student and teacher forwards; fp16 steps through a
+    gradient scaler. Autocast is allowed on the CPU here: the loop allows it only on CUDA."""
+    import collections
+
+    from opdkit.training import loop
+
+    monkeypatch.setattr(loop, "autocast_supported", lambda device, dtype: True)
+    seen: collections.Counter[torch.dtype] = collections.Counter()
+
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+        if isinstance(module, torch.nn.Linear) and isinstance(output, torch.Tensor):
+            seen[output.dtype] += 1
+
+    scalers: list[bool] = []
+    step = loop.Optimization.step
+    monkeypatch.setattr(loop.Optimization, "step", lambda self: scalers.append(self.scaler.is_enabled()) or step(self))
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        metrics = run_opd(tmp_path, OPD, teachers, [f"train.precision={precision}", "train.max_steps=1"])
+    finally:
+        handle.remove()
+    low = torch.bfloat16 if precision == "bf16" else torch.float16
+    assert seen[low] > 0 and seen[torch.float32] == 0, seen  # every transformer and encoder Linear
+    assert scalers and all(enabled == (precision == "fp16") for enabled in scalers)
+    assert metrics[0]["ratio_first_max_dev"] < 1e-2

@@ -8,9 +8,13 @@ from typing import Any
 import pytest
 import torch
 
-from opdkit import policy
 from opdkit.errors import OpdkitError
 from opdkit.recipe import LoraSpec, RewardSpec
+from opdkit.training.loop import autocast_dtype, average_gradients, scheduled_lr, summarize
+from opdkit.training.losses import clipped_policy_loss, gaussian_kl, group_advantages, sampled_kl
+from opdkit.training.rewards import WeightedReward
+from opdkit.training.rollout import Rollout, rollout, shared_noise_seeds, step_prompts, transition
+from opdkit.training.trainable import EMA, parameters_sha256, setup_trainable
 
 TINY_SHAPES = {
     "patch_size": 4,
@@ -31,7 +35,7 @@ def tiny() -> Any:
 
     model = models.build("shapes_new", TINY_SHAPES)
     torch.manual_seed(0)
-    trainable = policy.setup_trainable(model, LoraSpec(rank=4, alpha=8))
+    trainable = setup_trainable(model, LoraSpec(rank=4, alpha=8))
     with torch.no_grad():
         for p in trainable.params:  # B starts at zero: make the adapter matter
             p.add_(0.05 * torch.randn_like(p))
@@ -39,9 +43,9 @@ def tiny() -> Any:
     return model
 
 
-def _rollout(model: Any, micro_batch: int | None = 2, cfg: float = 3.0, window: tuple[int, int] | None = None) -> policy.Rollout:
+def _rollout(model: Any, micro_batch: int | None = 2, cfg: float = 3.0, window: tuple[int, int] | None = None) -> Rollout:
     records = [r for r in RECORDS for _ in range(2)]  # 2 prompts x group of 2
-    return policy.rollout(
+    return rollout(
         model, records, [11, 12, 13, 14], steps=4, cfg=cfg, noise_level=0.7, resolution=32,
         window=window, micro_batch=micro_batch,
     )  # fmt: skip
@@ -56,7 +60,7 @@ def test_ratio_is_exactly_one_before_the_first_update(tiny: Any, cfg: float) -> 
     for rows in batch.chunks():
         for t in batch.trained_steps:
             with torch.enable_grad():
-                new = policy.transition(tiny, batch, t, rows)
+                new = transition(tiny, batch, t, rows)
             assert new.log_prob.requires_grad
             ratio = torch.exp(new.log_prob.detach() - batch.log_probs[t, rows])
             assert float((ratio - 1.0).abs().max()) == 0.0
@@ -75,10 +79,10 @@ def test_rollout_window_and_seeds(tiny: Any) -> None:
 def test_shared_initial_noise_per_group(tiny: Any) -> None:
     records = [r for r in RECORDS for _ in range(2)]  # 2 prompts x group of 2
     seeds = [11, 12, 13, 14]
-    noise_seeds = policy.shared_noise_seeds(seeds, group_size=2)
+    noise_seeds = shared_noise_seeds(seeds, group_size=2)
     assert noise_seeds[0] == noise_seeds[1] != noise_seeds[2] == noise_seeds[3]
     assert not set(noise_seeds) & set(seeds)  # not an image's own seed: its SDE noise stays independent
-    batch = policy.rollout(
+    batch = rollout(
         tiny, records, seeds, steps=4, cfg=3.0, noise_level=0.7, resolution=32, micro_batch=2, noise_seeds=noise_seeds
     )
     start = batch.states[0]
@@ -87,7 +91,7 @@ def test_shared_initial_noise_per_group(tiny: Any) -> None:
     assert not torch.equal(_rollout(tiny).states[0, 0], start[0])  # the start no longer comes from the seed
     tiny.transformer.train()
     for rows in batch.chunks():  # the stored log-probs are still re-scored exactly
-        new = policy.transition(tiny, batch, 1, rows)
+        new = transition(tiny, batch, 1, rows)
         assert float((new.log_prob.detach() - batch.log_probs[1, rows]).abs().max()) == 0.0
     tiny.transformer.eval()
 
@@ -96,7 +100,7 @@ def test_logprob_equals_torch_normal(tiny: Any) -> None:
     batch = _rollout(tiny)
     rows = slice(0, 4)
     t = 1
-    new = policy.transition(tiny, batch, t, slice(0, 2))
+    new = transition(tiny, batch, t, slice(0, 2))
     sigma, sigma_next = float(batch.sigmas[t]), float(batch.sigmas[t + 1])
     s_t = 0.7 * math.sqrt(sigma / (1.0 - sigma))
     std = s_t * math.sqrt(sigma - sigma_next)
@@ -112,29 +116,29 @@ def test_kl_is_zero_when_policy_equals_reference() -> None:
 
     model = models.build("shapes_new", TINY_SHAPES)
     torch.manual_seed(0)
-    lora = policy.setup_trainable(model, LoraSpec(rank=4, alpha=8))  # fresh adapter: B == 0
+    lora = setup_trainable(model, LoraSpec(rank=4, alpha=8))  # fresh adapter: B == 0
     batch = _rollout(model)
     for t in batch.trained_steps:
         rows = slice(0, 2)
-        new = policy.transition(model, batch, t, rows)
+        new = transition(model, batch, t, rows)
         with torch.no_grad(), lora.reference(model):
-            ref = policy.transition(model, batch, t, rows)
+            ref = transition(model, batch, t, rows)
         dt = batch.sigmas[t + 1] - batch.sigmas[t]
         for scaling in ("flow_grpo", "exact"):
-            kl = policy.gaussian_kl(new.mean, ref.mean, new.std, dt, scaling)
+            kl = gaussian_kl(new.mean, ref.mean, new.std, dt, scaling)
             assert kl.shape == (2,) and float(kl.detach().abs().max()) == 0.0
     # Full fine-tuning: the reference is a frozen copy, equal at the start.
     full_model = models.build("shapes_new", TINY_SHAPES)
-    full = policy.setup_trainable(full_model, None)
+    full = setup_trainable(full_model, None)
     assert full.frozen is not None and not any(p.requires_grad for p in full.frozen.parameters())
     assert all(p.requires_grad for p in full.params)
-    new = policy.transition(full_model, batch, 0, slice(0, 2))
+    new = transition(full_model, batch, 0, slice(0, 2))
     with torch.no_grad(), full.reference(full_model):
         assert full_model.transformer is full.frozen
-        ref = policy.transition(full_model, batch, 0, slice(0, 2))
+        ref = transition(full_model, batch, 0, slice(0, 2))
     assert full_model.transformer is not full.frozen
     for scaling in ("flow_grpo", "exact"):
-        assert float(policy.gaussian_kl(new.mean, ref.mean, new.std, -0.1, scaling).detach().abs().max()) == 0.0
+        assert float(gaussian_kl(new.mean, ref.mean, new.std, -0.1, scaling).detach().abs().max()) == 0.0
 
 
 def test_kl_scalings_against_torch_distributions() -> None:
@@ -143,16 +147,16 @@ def test_kl_scalings_against_torch_distributions() -> None:
     mean_ref = mean + 0.1 * torch.randn(3, 2, 4, 4, generator=gen)
     s_t, dt = 0.8, -0.125
     std = torch.full((3,), s_t * math.sqrt(-dt))
-    exact = policy.gaussian_kl(mean, mean_ref, std, dt, "exact")
+    exact = gaussian_kl(mean, mean_ref, std, dt, "exact")
     p = torch.distributions.Normal(mean.double(), float(std[0]))
     q = torch.distributions.Normal(mean_ref.double(), float(std[0]))
     expected = torch.distributions.kl_divergence(p, q).sum(dim=(1, 2, 3))
     torch.testing.assert_close(exact.double(), expected, atol=1e-6, rtol=1e-5)
-    flow_grpo = policy.gaussian_kl(mean, mean_ref, std, dt, "flow_grpo")
+    flow_grpo = gaussian_kl(mean, mean_ref, std, dt, "flow_grpo")
     torch.testing.assert_close(flow_grpo, ((mean - mean_ref) ** 2).mean(dim=(1, 2, 3)) / (2 * s_t**2))
     torch.testing.assert_close(exact, flow_grpo * 32 / (-dt))  # D = 2 * 4 * 4
     with pytest.raises(ValueError, match="scaling"):
-        policy.gaussian_kl(mean, mean_ref, std, dt, "nope")  # type: ignore[arg-type]
+        gaussian_kl(mean, mean_ref, std, dt, "nope")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("scaling", ["flow_grpo", "exact"])
@@ -168,15 +172,15 @@ def test_sampled_kl_advantage_carries_the_kl_gradient_and_the_analytic_one_does_
     draws = (mu.detach() + std.view(-1, 1, 1, 1) * torch.randn(n, 2, 2, 2, generator=gen)).detach()
     log_prob_old = gaussian_log_prob(draws, mu.detach().expand_as(draws), std.view(-1, 1, 1, 1))
 
-    true_grad = torch.autograd.grad(policy.gaussian_kl(mu.expand(n, 2, 2, 2), mu_teacher, std, dt, scaling).mean(), mu)[0]
+    true_grad = torch.autograd.grad(gaussian_kl(mu.expand(n, 2, 2, 2), mu_teacher, std, dt, scaling).mean(), mu)[0]
 
     def policy_gradient(advantage: torch.Tensor) -> torch.Tensor:
         log_prob = gaussian_log_prob(draws, mu.expand_as(draws), std.view(-1, 1, 1, 1))
         ratio = torch.exp(log_prob - log_prob_old)  # 1, as on the first inner step
         return torch.autograd.grad(-(advantage * ratio).mean(), mu)[0]
 
-    estimate = policy.sampled_kl(log_prob_old, draws, mu_teacher, std, dt, scaling)
-    analytic = policy.gaussian_kl(mu.detach().expand(n, 2, 2, 2), mu_teacher, std, dt, scaling)
+    estimate = sampled_kl(log_prob_old, draws, mu_teacher, std, dt, scaling)
+    analytic = gaussian_kl(mu.detach().expand(n, 2, 2, 2), mu_teacher, std, dt, scaling)
     torch.testing.assert_close(estimate.mean(), analytic.mean(), rtol=0.02, atol=0)  # unbiased
     # Advantage -k: the policy-gradient loss -A * rho descends the KL.
     with_sampled = policy_gradient(-estimate)
@@ -192,27 +196,27 @@ def test_sampled_kl_advantage_carries_the_kl_gradient_and_the_analytic_one_does_
 def test_group_advantages() -> None:
     rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 10.0, 0.0, 0.5, 4.0])
     for std in ("group", "batch"):
-        adv = policy.group_advantages(rewards, 3, std=std)
+        adv = group_advantages(rewards, 3, std=std)
         assert adv.shape == (9,)
         torch.testing.assert_close(adv.view(3, 3).mean(dim=1), torch.zeros(3), atol=1e-6, rtol=0)
         assert torch.equal(adv[3:6], torch.zeros(3))  # no spread, no signal
-    group = policy.group_advantages(rewards, 3, std="group")
+    group = group_advantages(rewards, 3, std="group")
     torch.testing.assert_close(group[:3], (rewards[:3] - 2.0) / (rewards[:3].std(unbiased=False) + 1e-4))
-    batch = policy.group_advantages(rewards, 3, std="batch", clip=100.0)
+    batch = group_advantages(rewards, 3, std="batch", clip=100.0)
     torch.testing.assert_close(batch[:3], (rewards[:3] - 2.0) / (rewards.std(unbiased=False) + 1e-4))
-    clipped = policy.group_advantages(torch.tensor([0.0, 0.0, 0.0, 1.0]), 4, std="group", clip=1.5)
+    clipped = group_advantages(torch.tensor([0.0, 0.0, 0.0, 1.0]), 4, std="group", clip=1.5)
     assert float(clipped.max()) == 1.5 and float(clipped.min()) >= -1.5
-    single = policy.group_advantages(torch.tensor([1.0, 3.0]), 1, std="batch")
+    single = group_advantages(torch.tensor([1.0, 3.0]), 1, std="batch")
     torch.testing.assert_close(single, torch.tensor([-1.0, 1.0]) / (1.0 + 1e-4))
     with pytest.raises(ValueError, match="whole groups"):
-        policy.group_advantages(rewards, 4)
+        group_advantages(rewards, 4)
 
 
 def test_clipped_policy_loss() -> None:
     old = torch.zeros(4)
     log_prob = torch.tensor([0.0, 0.1, -0.1, 0.1], requires_grad=True)
     adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
-    loss, ratio = policy.clipped_policy_loss(log_prob, old, adv, clip_range=0.05)
+    loss, ratio = clipped_policy_loss(log_prob, old, adv, clip_range=0.05)
     torch.testing.assert_close(ratio, torch.exp(log_prob.detach()))
     e = math.exp(0.1)
     # Positive advantage above 1 + eps and negative advantage below 1 - eps: clipped, no gradient.
@@ -233,7 +237,7 @@ def test_weighted_reward_sum_and_subscores() -> None:
         return fn
 
     specs = [RewardSpec(type="a", weight=3.0), RewardSpec(type="b", weight=1.0, params={"scale": -2.0}, name="neg")]
-    reward = policy.WeightedReward(specs, build=build)
+    reward = WeightedReward(specs, build=build)
     images = torch.rand(5, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     out = reward(images, ["p"] * 5, [{}] * 5)
     m = images.mean(dim=(1, 2, 3))
@@ -241,13 +245,13 @@ def test_weighted_reward_sum_and_subscores() -> None:
     assert sorted(out.parts) == ["a", "a/double", "neg"]
     torch.testing.assert_close(out.parts["a/double"], 2 * m)
     with pytest.raises(OpdkitError, match="unique"):
-        policy.WeightedReward([RewardSpec(type="a"), RewardSpec(type="a")], build=build)
+        WeightedReward([RewardSpec(type="a"), RewardSpec(type="a")], build=build)
 
     def broken(name: str, params: dict[str, Any]) -> Any:
         return lambda images, prompts, records: {"value": images.mean()}
 
     with pytest.raises(OpdkitError, match="'score'"):
-        policy.WeightedReward([RewardSpec(type="x")], build=broken)(images, ["p"] * 5, [{}] * 5)
+        WeightedReward([RewardSpec(type="x")], build=broken)(images, ["p"] * 5, [{}] * 5)
 
 
 def test_reward_tags_score_only_their_prompts() -> None:
@@ -263,27 +267,27 @@ def test_reward_tags_score_only_their_prompts() -> None:
 
     specs = [RewardSpec(type="ocr", weight=1.0, tags=["ocr"]), RewardSpec(type="all", weight=0.5)]
     records = [{"tag": "ocr"}, {"tag": "colors"}, {"tag": "ocr"}]
-    out = policy.WeightedReward(specs, build=build)(torch.zeros(3, 3, 4, 4), ["p"] * 3, records)
+    out = WeightedReward(specs, build=build)(torch.zeros(3, 3, 4, 4), ["p"] * 3, records)
     assert calls == [2, 3]
     torch.testing.assert_close(out.total, torch.tensor([2.5, 0.5, 2.5]))
-    assert torch.isnan(out.parts["ocr"][1]) and policy.summarize(out.parts["ocr"])["mean"] == 2.0
-    none = policy.WeightedReward(specs, build=build)(torch.zeros(1, 3, 4, 4), ["p"], [{"tag": "colors"}])
-    assert policy.summarize(none.parts["ocr"])["mean"] is None
+    assert torch.isnan(out.parts["ocr"][1]) and summarize(out.parts["ocr"])["mean"] == 2.0
+    none = WeightedReward(specs, build=build)(torch.zeros(1, 3, 4, 4), ["p"], [{"tag": "colors"}])
+    assert summarize(none.parts["ocr"])["mean"] is None
 
 
 def test_balanced_tags() -> None:
     records = [{"prompt": f"o{i}", "tag": "ocr"} for i in range(90)] + [{"prompt": f"c{i}", "tag": "colors"} for i in range(3)]
     records += [{"prompt": f"p{i}", "tag": "position"} for i in range(7)]
-    drawn = policy.step_prompts(records, seed=0, step=1, batch_size=6, group_size=1, balance_tags=True)
+    drawn = step_prompts(records, seed=0, step=1, batch_size=6, group_size=1, balance_tags=True)
     tags = [records[i]["tag"] for i in drawn.indices]
     assert sorted(tags) == ["colors", "colors", "ocr", "ocr", "position", "position"]
     assert len(set(drawn.indices)) == 6
-    plain = policy.step_prompts(records, seed=0, step=1, batch_size=6, group_size=1)
+    plain = step_prompts(records, seed=0, step=1, batch_size=6, group_size=1)
     assert len(set(plain.indices)) == 6
 
 
 def test_weighted_reward_with_builtin_plugins() -> None:
-    reward = policy.WeightedReward([RewardSpec(type="shapes_quality", weight=2.0), RewardSpec(type="shapes_ocr")])
+    reward = WeightedReward([RewardSpec(type="shapes_quality", weight=2.0), RewardSpec(type="shapes_ocr")])
     images = torch.ones(2, 3, 32, 32)
     records = [{"prompt": 'a sign that says "K7"', "tag": "ocr", "text": "K7"}] * 2
     out = reward(images, [r["prompt"] for r in records], records)
@@ -292,7 +296,7 @@ def test_weighted_reward_with_builtin_plugins() -> None:
 
 def test_ema_schedule_and_swap() -> None:
     p = torch.nn.Parameter(torch.zeros(3))
-    ema = policy.EMA(["w"], [p], decay=0.5, every=2)
+    ema = EMA(["w"], [p], decay=0.5, every=2)
     with torch.no_grad():
         p.fill_(4.0)
     assert not ema.update([p], 1)  # not a multiple of every
@@ -301,26 +305,26 @@ def test_ema_schedule_and_swap() -> None:
     with ema.applied([p]):
         torch.testing.assert_close(p.detach(), torch.full((3,), 2.0))
     torch.testing.assert_close(p.detach(), torch.full((3,), 4.0))
-    again = policy.EMA(["w"], [p], decay=0.5, every=2)
+    again = EMA(["w"], [p], decay=0.5, every=2)
     again.load_state_dict(ema.state_dict())
     assert torch.equal(again.shadow[0], ema.shadow[0])
 
 
 def test_step_prompts_split_whole_groups_across_ranks() -> None:
     records = [{"prompt": f"p{i}"} for i in range(20)]
-    one = policy.step_prompts(records, seed=3, step=7, batch_size=4, group_size=3)
+    one = step_prompts(records, seed=3, step=7, batch_size=4, group_size=3)
     assert len(set(one.indices)) == 4 and len(one.records) == 12 and len(one.seeds) == 12
     assert [r["prompt"] for r in one.records[:3]] == [f"p{one.indices[0]}"] * 3
-    again = policy.step_prompts(records, seed=3, step=7, batch_size=4, group_size=3)
+    again = step_prompts(records, seed=3, step=7, batch_size=4, group_size=3)
     assert again.indices == one.indices and again.seeds == one.seeds
-    other = policy.step_prompts(records, seed=3, step=8, batch_size=4, group_size=3)
+    other = step_prompts(records, seed=3, step=8, batch_size=4, group_size=3)
     assert other.seeds != one.seeds
-    ranks = [policy.step_prompts(records, seed=3, step=7, batch_size=4, group_size=3, rank=r, world_size=2) for r in (0, 1)]
+    ranks = [step_prompts(records, seed=3, step=7, batch_size=4, group_size=3, rank=r, world_size=2) for r in (0, 1)]
     assert ranks[0].indices + ranks[1].indices == one.indices
     assert ranks[0].seeds + ranks[1].seeds == one.seeds
     with pytest.raises(OpdkitError, match="divisible"):
-        policy.step_prompts(records, seed=3, step=7, batch_size=3, group_size=3, world_size=2)
-    few = policy.step_prompts(records[:2], seed=0, step=1, batch_size=5, group_size=1)
+        step_prompts(records, seed=3, step=7, batch_size=3, group_size=3, world_size=2)
+    few = step_prompts(records[:2], seed=0, step=1, batch_size=5, group_size=1)
     assert len(few.indices) == 5 and set(few.indices) <= {0, 1}
 
 
@@ -328,50 +332,47 @@ def test_setup_trainable_lora_targets_and_alpha() -> None:
     from opdkit.registry import models
 
     model = models.build("shapes_new", TINY_SHAPES)
-    trainable = policy.setup_trainable(model, LoraSpec(rank=2, alpha=4, targets=["to_q"]))
+    trainable = setup_trainable(model, LoraSpec(rank=2, alpha=4, targets=["to_q"]))
     assert trainable.lora and trainable.params and all("to_q" in n for n in trainable.names)
     trained = {id(p) for p in trainable.params}
     assert not any(p.requires_grad for p in model.transformer.parameters() if id(p) not in trained)
     assert not any(p.requires_grad for e in model.text_encoders for p in e.parameters())
     with pytest.raises(OpdkitError, match="matched no module"):
-        policy.setup_trainable(models.build("shapes_new", TINY_SHAPES), LoraSpec(targets=["no_such_layer"]))
+        setup_trainable(models.build("shapes_new", TINY_SHAPES), LoraSpec(targets=["no_such_layer"]))
     with pytest.raises(OpdkitError, match="whole number"):
-        policy.setup_trainable(models.build("shapes_new", TINY_SHAPES), LoraSpec(alpha=2.5))
+        setup_trainable(models.build("shapes_new", TINY_SHAPES), LoraSpec(alpha=2.5))
     half = models.build("shapes_new", TINY_SHAPES)
     half.transformer.to(torch.bfloat16)
     with pytest.warns(UserWarning, match="full fine-tuning of a bfloat16 transformer"):
-        policy.setup_trainable(half, None)
+        setup_trainable(half, None)
 
 
-def test_precision_context_falls_back_to_fp32_on_cpu() -> None:
-    import contextlib
-
-    assert isinstance(policy.precision_context("fp32", torch.device("cpu")), contextlib.nullcontext)
+def test_precision_falls_back_to_fp32_on_cpu() -> None:
+    assert autocast_dtype("fp32", torch.device("cpu")) is None
     with pytest.warns(UserWarning, match="fp32"):
-        ctx = policy.precision_context("bf16", torch.device("cpu"))
-    assert isinstance(ctx, contextlib.nullcontext)
+        assert autocast_dtype("bf16", torch.device("cpu")) is None
 
 
 def test_average_gradients_single_process_is_identity_and_checksum() -> None:
     p = torch.nn.Parameter(torch.ones(2))
     p.grad = torch.tensor([1.0, 2.0])
-    policy.average_gradients([p], 1)
+    average_gradients([p], 1)
     assert torch.equal(p.grad, torch.tensor([1.0, 2.0]))
     q = torch.nn.Parameter(torch.ones(2))
-    assert policy.parameters_sha256([p]) == policy.parameters_sha256([q])
+    assert parameters_sha256([p]) == parameters_sha256([q])
     with torch.no_grad():
         q.add_(1e-7)
-    assert policy.parameters_sha256([p]) != policy.parameters_sha256([q])
+    assert parameters_sha256([p]) != parameters_sha256([q])
 
 
 def test_scheduled_lr_warmup_then_constant_or_cosine() -> None:
     from opdkit.recipe import TrainSpec
 
     constant = TrainSpec(seed=0, lr=1e-3, warmup_steps=2, max_steps=6)
-    assert [policy.scheduled_lr(constant, s) for s in range(1, 7)] == pytest.approx([5e-4] + [1e-3] * 5)
+    assert [scheduled_lr(constant, s) for s in range(1, 7)] == pytest.approx([5e-4] + [1e-3] * 5)
     cosine = TrainSpec(seed=0, lr=1e-3, warmup_steps=2, max_steps=6, lr_decay="cosine")
     expected = [5e-4, 1e-3] + [1e-3 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in (1, 2, 3, 4)]
-    assert [policy.scheduled_lr(cosine, s) for s in range(1, 7)] == pytest.approx(expected, abs=1e-12)
+    assert [scheduled_lr(cosine, s) for s in range(1, 7)] == pytest.approx(expected, abs=1e-12)
 
 
 def test_lr_decay_steps_stops_early_on_the_longer_schedule() -> None:
@@ -380,5 +381,5 @@ def test_lr_decay_steps_stops_early_on_the_longer_schedule() -> None:
 
     full = TrainSpec(seed=0, lr=1e-3, warmup_steps=2, max_steps=10, lr_decay="cosine")
     early = TrainSpec(seed=0, lr=1e-3, warmup_steps=2, max_steps=7, lr_decay="cosine", lr_decay_steps=10)
-    assert [policy.scheduled_lr(early, s) for s in range(1, 8)] == [policy.scheduled_lr(full, s) for s in range(1, 8)]
-    assert policy.scheduled_lr(early, 7) > 0.0
+    assert [scheduled_lr(early, s) for s in range(1, 8)] == [scheduled_lr(full, s) for s in range(1, 8)]
+    assert scheduled_lr(early, 7) > 0.0

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opdkit import pretrain
+from opdkit.methods import train
 from opdkit.recipe import load_recipe
 
 RECIPE = """\
@@ -45,7 +45,7 @@ def run(recipe: Path, out: Path, overrides: list[str] | None = None, resume: boo
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return pretrain.run(load_recipe(recipe, overrides), out, resume=resume)
+        return train(load_recipe(recipe, overrides), out, resume=resume)
     finally:
         torch.set_num_threads(before)
 
@@ -96,7 +96,7 @@ def test_object_sides_key_lists_the_renderer_modes() -> None:
     """The recipe key's allowed values are the renderer's modes, no more, no fewer."""
     from typing import get_args
 
-    from opdkit.recipe import TrainSpec
+    from opdkit.recipe import PretrainTrainSpec
     from opdkit.shapes.vocab import SIDE_MODES
 
-    assert get_args(TrainSpec.model_fields["object_sides"].annotation) == SIDE_MODES
+    assert get_args(PretrainTrainSpec.model_fields["object_sides"].annotation) == SIDE_MODES

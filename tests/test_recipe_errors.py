@@ -110,8 +110,8 @@ CASES = [
     ),
     Case(
         "unknown-top-level-key",
-        r"{file}:{line}: optimizer: unknown key \(allowed: description, eval, init, method, model, prompts, "
-        r"regularizers, rewards, router, sampler, teachers, train\)",
+        r"{file}:{line}: optimizer: unknown key \(allowed: description, eval, method, model, prompts, "
+        r"rewards, sampler, train\)",
         anchor="optimizer",
         append="optimizer: adam\n",
     ),
@@ -200,7 +200,7 @@ CASES = [
     ),
     Case(
         "unknown-method",
-        r"{file}:{line}: method: Input should be 'grpo', 'opd' or 'pretrain' \(got 'ppo'\)",
+        r"{file}:{line}: method: expected one of: pretrain, grpo, opd \(got 'ppo'\)",
         anchor="method",
         edits=(("method: grpo", "method: ppo"),),
     ),
@@ -223,10 +223,35 @@ CASES = [
         append="eval:\n  benchmarks: [no_such_bench]\n",
     ),
     Case(
-        "periodic-eval",
-        r"{file}:{line}: eval\.every: .*expected 0 \(evaluate after training\).*",
+        "dead-eval-every",
+        r"{file}:{line}: eval\.every: unknown key \(allowed: benchmarks, limit, samples_per_prompt\)",
         anchor="every: 5",
         append="eval:\n  benchmarks: [shapes-quality]\n  every: 5\n",
+    ),
+    Case(
+        "foreign-train-key",
+        r"{file}:{line}: train\.loss_mode: belongs to method opd, not grpo \(this recipe's method\): remove it",
+        anchor="loss_mode",
+        append="  loss_mode: direct\n",
+        commands=("validate", "train"),
+    ),
+    Case(
+        "foreign-section",
+        r"{file}:{line}: init: belongs to method opd, not grpo \(this recipe's method\): remove it",
+        anchor="init:",
+        append="init: {method: ties}\n",
+    ),
+    Case(
+        "foreign-set-key",
+        r"{file}: --set train\.kl_beta=0\.5: train\.kl_beta belongs to method grpo, not opd \(this recipe's method\): remove it",
+        edits=(*TO_OPD, ("rewards:", "router: {type: tag}\n" + TEACHERS + "rewards:")),
+        args=("--set", "train.kl_beta=0.5"),
+        commands=("validate", "train"),
+    ),
+    Case(
+        "pretrain-key-in-grpo",
+        r"{file}: --set train\.object_sides=random: train\.object_sides belongs to method pretrain, not grpo .*",
+        args=("--set", "train.object_sides=random"),
     ),
     Case(
         "missing-recipe-file", r"{file}: no such recipe file.*", missing=True, commands=("validate", "train")

@@ -7,9 +7,11 @@ and step the optimizer) and what it saves. ``method: NAME`` in a recipe picks on
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from opdkit.recipe import LoadedRecipe
     from opdkit.training.loop import Method
 
 
@@ -28,3 +30,10 @@ def method_for(name: str) -> Method:
 
         return Opd()
     raise ValueError(f"unknown method {name!r} (expected pretrain, grpo or opd)")
+
+
+def train(loaded: LoadedRecipe, out_dir: str | Path, *, resume: bool = False, evaluate: bool = True) -> Path:
+    """Run a loaded recipe with its method over the shared loop; returns the final model's folder."""
+    from opdkit.training.loop import run
+
+    return run(method_for(loaded.recipe.method), loaded, out_dir, resume=resume, evaluate=evaluate)

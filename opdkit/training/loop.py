@@ -284,7 +284,10 @@ def run(method: Method, loaded: LoadedRecipe, out_dir: str | Path, *, resume: bo
         append_jsonl(rank_log, {"step": step, "weights_sha256": parameters_sha256(setup.params)})
     accelerator.wait_for_everyone()
     if evaluate and recipe.eval.benchmarks and ctx.main:
-        evaluate_run(final, rundir, step, recipe.eval)
+        from opdkit.runs import is_run_dir
+
+        # a run folder with final/ loads as a model (base + adapter); pretraining writes a pipeline
+        evaluate_run(rundir.root if is_run_dir(rundir.root) else final, rundir, step, recipe.eval)
     accelerator.wait_for_everyone()
     return final
 
