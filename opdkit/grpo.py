@@ -59,8 +59,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from opdkit.data.sources import load_prompts
 from opdkit.errors import OpdkitError
-from opdkit.prompts import load_prompts
 from opdkit.recipe import dump_recipe
 from opdkit.registry import models
 

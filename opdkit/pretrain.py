@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from opdkit.checkpoint import load_module_state, load_training_state, save_training_state
+from opdkit.data.sources import load_prompts
 from opdkit.errors import OpdkitError
 from opdkit.policy import EMA, scheduled_lr
-from opdkit.prompts import load_prompts
 from opdkit.recipe import dump_recipe
 from opdkit.registry import models
 from opdkit.rundir import RunDir
