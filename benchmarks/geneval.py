@@ -52,7 +52,7 @@ def geneval_bench(
         device: where the detector and CLIP run (default cuda when available).
         resolution, steps, cfg: sampler defaults (SD3.5-M: 512 px, 40 steps, CFG 4.5).
     """
-    from opdkit.datasets import load_geneval_metadata
+    from opdkit.data.sources import load_geneval_metadata
     from opdkit.detectors import GenEvalScorer, to_uint8_images
     from opdkit.scoring.geneval import summarize
 

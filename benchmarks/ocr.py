@@ -41,7 +41,7 @@ def ocr_bench(
         engine_threads: onnxruntime threads for rapidocr (default ``$OMP_NUM_THREADS`` or all).
         resolution, steps, cfg: sampler defaults (SD3.5-M: 512 px, 40 steps, CFG 4.5).
     """
-    from opdkit.datasets import load_ocr_prompts
+    from opdkit.data.sources import load_ocr_prompts
     from opdkit.detectors import to_uint8_images
     from opdkit.ocr_engines import OcrScorer
 

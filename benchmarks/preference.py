@@ -10,7 +10,7 @@ image, as the HPSv2 benchmark) and reports, in family ``Preference``:
 Scales (the per-image ``score``): PickScore raw (~21-24), CLIPScore logits / 100, Aesthetic raw
 (~1-10), HPSv2.1 100 x cosine (per-image ``cosine`` kept too), ImageReward normalised.
 
-Common parameters: ``prompts`` (a file/directory, see :mod:`opdkit.prompt_sets`), ``prompt_set``
+Common parameters: ``prompts`` (a file/directory, see :mod:`opdkit.data.sources`), ``prompt_set``
 (``drawbench``, ``pickscore-test``, ``hpdv2``), ``samples_per_prompt`` (default: the set's),
 ``resolution`` (default 512; sampler steps 40, CFG 4.5 as the SD3.5-M evaluations), ``device``,
 ``dtype``, ``batch_size``, plus each model's weight parameters (as the rewards of the same name).
@@ -35,7 +35,7 @@ FAMILY = "Preference"
 
 
 def _records(prompts: str | None, prompt_set: str) -> list[dict[str, Any]]:
-    from opdkit.prompt_sets import load_prompt_set
+    from opdkit.data.sources import load_prompt_set
 
     return load_prompt_set(prompt_set, prompts)
 
@@ -71,7 +71,7 @@ def _bench(
     extra: dict[str, str] | None = None,
 ) -> Benchmark:
     """A Benchmark whose per-image score is ``scale * scorer(...)[key]`` (other outputs kept as named)."""
-    from opdkit.prompt_sets import prompt_set as spec_of
+    from opdkit.data.sources import prompt_set as spec_of
 
     spec = spec_of(prompt_set)
     keep = dict(extra or {})

@@ -537,7 +537,7 @@ def check_recipe_plugins(recipe: AnyRecipe, where: Any = None) -> list[str]:
             benchmarks.get(name)
         except OpdkitError as exc:
             problems.append(f"{where(('eval', 'benchmarks', i))}: eval.benchmarks.{i}: {exc}")
-    from opdkit.prompts import check_prompt_source
+    from opdkit.data.sources import check_prompt_source
 
     try:
         check_prompt_source(recipe.prompts)

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from opdkit import datasets, detectors
+from opdkit import detectors
+from opdkit.data import cache, sources
 from opdkit.errors import OpdkitError
 from opdkit.registry import benchmarks, rewards
 from opdkit.scoring.geneval import GENEVAL_COLORS, GENEVAL_TAGS, Detection
@@ -232,7 +233,7 @@ def test_official_prompt_set_is_the_file_byte_for_byte() -> None:
     path = official_metadata()
     data = path.read_bytes()
     assert hashlib.sha256(data).hexdigest() == OFFICIAL_SHA256
-    records, located = datasets.load_geneval_metadata(path)
+    records, located = sources.load_geneval_metadata(path)
     assert located.official and located.sha256 == OFFICIAL_SHA256
     assert records == [json.loads(line) for line in data.decode().splitlines() if line.strip()]
     # serialising the loaded records back reproduces the file exactly: nothing was altered
@@ -263,7 +264,7 @@ def test_coco_class_list_matches_official_object_names() -> None:
 def test_download_is_pinned_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPDKIT_CACHE", str(tmp_path / "cache"))
     good = b'{"tag": "single_object", "include": [{"class": "cow", "count": 1}], "prompt": "a photo of a cow"}\n'
-    spec = datasets.DatasetFile(
+    spec = cache.DatasetFile(
         name="test metadata",
         cache_name="geneval/test.jsonl",
         urls=((tmp_path / "missing.jsonl").as_uri(), (tmp_path / "bad.jsonl").as_uri(), (tmp_path / "good.jsonl").as_uri()),
@@ -274,24 +275,24 @@ def test_download_is_pinned_and_cached(tmp_path: Path, monkeypatch: pytest.Monke
     (tmp_path / "bad.jsonl").write_bytes(good + b"tampered\n")
     (tmp_path / "good.jsonl").write_bytes(good)
     with pytest.raises(OpdkitError, match=r"--param metadata=PATH .* --param download=true"):
-        datasets.resolve_dataset_file(spec)
+        cache.resolve_dataset_file(spec)
     # file:// URLs are fetched for real: the missing one and the tampered one are skipped
-    located = datasets.resolve_dataset_file(spec, download=True)
+    located = cache.resolve_dataset_file(spec, download=True)
     assert located.official and located.path == tmp_path / "cache" / "geneval" / "test.jsonl"
     assert located.path.read_bytes() == good
     # later reads come from the cache without download=true; a corrupted cache is refused
     (tmp_path / "good.jsonl").unlink()
-    assert datasets.resolve_dataset_file(spec).path == located.path
+    assert cache.resolve_dataset_file(spec).path == located.path
     located.path.write_bytes(b"changed")
     with pytest.raises(OpdkitError, match="fails its sha256 check"):
-        datasets.resolve_dataset_file(spec)
+        cache.resolve_dataset_file(spec)
 
 
 def test_download_of_wrong_bytes_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPDKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(datasets, "_fetch", lambda url, timeout=60.0: b"not the official file\n")
+    monkeypatch.setattr(cache, "_fetch", lambda url, timeout=60.0: b"not the official file\n")
     with pytest.raises(OpdkitError) as info:
-        datasets.load_geneval_metadata(download=True)
+        sources.load_geneval_metadata(download=True)
     message = str(info.value)
     assert "\n" not in message and "sha256" in message and "--param metadata=PATH" in message
     assert not (tmp_path / "cache" / "geneval" / "evaluation_metadata.jsonl").exists()
@@ -306,10 +307,10 @@ def test_official_download_path_with_monkeypatched_fetch(tmp_path: Path, monkeyp
         fetched.append(url)
         return data
 
-    monkeypatch.setattr(datasets, "_fetch", fetch)
-    records, located = datasets.load_geneval_metadata(download=True)
+    monkeypatch.setattr(cache, "_fetch", fetch)
+    records, located = sources.load_geneval_metadata(download=True)
     assert len(records) == 553 and located.official
-    assert fetched == [datasets.GENEVAL_METADATA.urls[0]]  # pinned commit first
+    assert fetched == [sources.GENEVAL_METADATA.urls[0]]  # pinned commit first
     assert located.path.read_bytes() == data
 
 

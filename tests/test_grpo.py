@@ -336,7 +336,7 @@ def test_two_processes_data_parallel(tmp_path: Path, one_thread: None) -> None:
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     logs = [read_jsonl(tmp_path / "ddp" / "ranks" / f"rank_{r}.jsonl") for r in (0, 1)]
-    from opdkit.prompts import load_prompts
+    from opdkit.data.sources import load_prompts
     from opdkit.recipe import load_recipe
     from opdkit.training.rollout import step_prompts
 

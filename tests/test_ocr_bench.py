@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from opdkit import datasets
+from opdkit.data import cache, sources
 from opdkit.errors import OpdkitError
 from opdkit.registry import benchmarks, rewards
 
@@ -107,7 +107,7 @@ def test_official_prompt_set_loads_byte_for_byte() -> None:
     path = official_prompts()
     data = path.read_bytes()
     assert hashlib.sha256(data).hexdigest() == OFFICIAL_SHA256
-    records, located = datasets.load_ocr_prompts(path)
+    records, located = sources.load_ocr_prompts(path)
     assert located.official
     lines = [line for line in data.decode().splitlines() if line.strip()]
     assert len(records) == len(lines) == 1018
@@ -139,8 +139,8 @@ def test_ocr_benchmark_defaults_and_missing_prompts(tmp_path: Path, monkeypatch:
 def test_ocr_download_with_monkeypatched_fetch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = official_prompts().read_bytes()
     monkeypatch.setenv("OPDKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(datasets, "_fetch", lambda url, timeout=60.0: data)
-    records, located = datasets.load_ocr_prompts(download=True)
+    monkeypatch.setattr(cache, "_fetch", lambda url, timeout=60.0: data)
+    records, located = sources.load_ocr_prompts(download=True)
     assert len(records) == 1018 and located.official
     assert located.path == tmp_path / "cache" / "ocr" / "test.txt"
 
@@ -179,7 +179,7 @@ def test_missing_engine_is_one_line_naming_the_extra(tmp_path: Path) -> None:
 
 @needs_rapidocr
 def test_ocr_reward_reads_clean_renders_and_not_blank_images() -> None:
-    records, _ = datasets.load_ocr_prompts(official_prompts())
+    records, _ = sources.load_ocr_prompts(official_prompts())
     targets = [r["text"] for r in records[:100]]
     font = find_font()
     reward = rewards.build("ocr", {})

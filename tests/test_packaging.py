@@ -76,6 +76,10 @@ def test_wheel_holds_only_the_opdkit_package(tmp_path: Path) -> None:
         "opdkit/py.typed",
     ):
         assert required in names, required
+    # Every module of the core package is shipped: a subpackage missing from [tool.setuptools]
+    # packages would be left out silently (an editable install still finds it).
+    for source in (REPO_ROOT / "opdkit").rglob("*.py"):
+        assert f"opdkit/{source.relative_to(REPO_ROOT / 'opdkit').as_posix()}" in names, source
     # Every plug-in module of the source folders is shipped under opdkit.<folder>.
     for folder in ("rewards", "teachers", "benchmarks", "recipes"):
         for source in (REPO_ROOT / folder).glob("*.py"):

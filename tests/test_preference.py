@@ -366,7 +366,7 @@ def test_imagereward_package_backend_matches_ours(tmp_path: Path) -> None:
 
 
 def test_prompt_sets_read_user_copies_and_the_cache(tmp_path: Path) -> None:
-    from opdkit.prompt_sets import load_prompt_set
+    from opdkit.data.sources import load_prompt_set
 
     csv_file = tmp_path / "drawbench.csv"
     csv_file.write_text('Prompts,Category\n"A red colored car.",Colors\n"Two cats, one dog.",Counting\n')

@@ -483,7 +483,7 @@ def test_named_prompt_sets_and_lists_validate_without_their_files(
     tmp_path: Path, minimal_recipe_text: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A named prompt set is resolved when the run starts; a list of sources is allowed."""
-    from opdkit.prompts import load_prompts
+    from opdkit.data.sources import load_prompts
 
     monkeypatch.setenv("OPDKIT_CACHE", str(tmp_path / "cache"))
 

@@ -40,7 +40,7 @@ class Grpo:
     name = "grpo"
 
     def setup(self, ctx: RunContext) -> Setup:
-        from opdkit.prompts import load_prompts
+        from opdkit.data.sources import load_prompts
 
         self.ctx = ctx
         self.policy = OnPolicy.create(ctx)

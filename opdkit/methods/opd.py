@@ -59,8 +59,8 @@ class Opd:
     name = "opd"
 
     def setup(self, ctx: RunContext) -> Setup:
+        from opdkit.data.sources import load_prompts
         from opdkit.methods.cold_start import merge_init, sft_cold_start
-        from opdkit.prompts import load_prompts
 
         recipe, train = ctx.recipe, ctx.train
         self.ctx = ctx

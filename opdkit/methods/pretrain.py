@@ -41,7 +41,7 @@ class Pretrain:
     name = "pretrain"
 
     def setup(self, ctx: RunContext) -> Setup:
-        from opdkit.prompts import load_prompts
+        from opdkit.data.sources import load_prompts
 
         recipe, model = ctx.recipe, ctx.model
         if model.world != "shapes":

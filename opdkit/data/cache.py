@@ -1,6 +1,7 @@
-"""Official prompt sets of the real benchmarks: read from a path the user gives, or downloaded on request.
+"""opdkit's download cache and the sha256-pinned upstream files it holds.
 
-opdkit ships no third-party prompt files. A benchmark gets its prompts in one of three ways:
+opdkit ships no third-party prompt files. A pinned file (:class:`DatasetFile`) is located in one of
+three ways:
 
 1. ``path``: a file the user already has (``--param metadata=/data/evaluation_metadata.jsonl``).
    Used as is; its sha256 is compared with the official one so results on a different prompt
@@ -10,37 +11,22 @@ opdkit ships no third-party prompt files. A benchmark gets its prompts in one of
 3. ``download=True``: fetched from the upstream repository, verified against the pinned sha256
    and only then moved into the cache (a corrupted or changed upstream file never lands there).
 
-Nothing is downloaded unless the user asks. Upstream sources (both MIT):
-
-- GenEval (djghosh13/geneval, commit af4902f2) ``prompts/evaluation_metadata.jsonl``: 553 prompts.
-- flow_grpo (yifan123/flow_grpo, commit ac4c86e8) ``dataset/ocr/test.txt``: 1,018 prompts.
+Nothing is downloaded unless the user asks. Which files are pinned: :mod:`opdkit.data.sources`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from opdkit.errors import OpdkitError
 from opdkit.rundir import atomic_path
 
-__all__ = [
-    "GENEVAL_METADATA",
-    "OCR_TEST",
-    "DatasetFile",
-    "PromptFile",
-    "cache_dir",
-    "load_geneval_metadata",
-    "load_ocr_prompts",
-    "resolve_dataset_file",
-    "sha256_file",
-]
+__all__ = ["DatasetFile", "PromptFile", "cache_dir", "resolve_dataset_file", "sha256_file"]
 
 
 @dataclass(frozen=True)
@@ -63,31 +49,6 @@ class DatasetFile:
     sha256: str
     param: str
     source: str
-
-
-GENEVAL_METADATA = DatasetFile(
-    name="GenEval metadata",
-    cache_name="geneval/evaluation_metadata.jsonl",
-    urls=(
-        "https://raw.githubusercontent.com/djghosh13/geneval/af4902f2/prompts/evaluation_metadata.jsonl",
-        "https://raw.githubusercontent.com/djghosh13/geneval/main/prompts/evaluation_metadata.jsonl",
-    ),
-    sha256="5c48e0813e812e3c373fa5c8ed07a8f0a483be30272b4427b0559c8048e67c13",
-    param="metadata",
-    source="github.com/djghosh13/geneval prompts/evaluation_metadata.jsonl",
-)
-
-OCR_TEST = DatasetFile(
-    name="OCR test prompts",
-    cache_name="ocr/test.txt",
-    urls=(
-        "https://raw.githubusercontent.com/yifan123/flow_grpo/ac4c86e8/dataset/ocr/test.txt",
-        "https://raw.githubusercontent.com/yifan123/flow_grpo/main/dataset/ocr/test.txt",
-    ),
-    sha256="4dd8caf3ab6ade73bd376c7d14c6ca49b6eacfb1bd321e22c40714ae4a98d4dc",
-    param="prompts",
-    source="github.com/yifan123/flow_grpo dataset/ocr/test.txt",
-)
 
 
 @dataclass(frozen=True)
@@ -115,7 +76,7 @@ def sha256_file(path: str | Path) -> str:
 
 
 def _fetch(url: str, timeout: float = 60.0) -> bytes:
-    """The bytes at ``url`` (http(s) or file://). Separate so tests can replace it."""
+    """The bytes at ``url`` (http(s) or file://); ``timeout`` in seconds. Separate so tests can replace it."""
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return response.read()
 
@@ -177,50 +138,3 @@ def resolve_dataset_file(spec: DatasetFile, path: str | Path | None = None, down
         )
     _download(spec, cached)
     return PromptFile(cached, spec.sha256, True)
-
-
-def load_geneval_metadata(path: str | Path | None = None, download: bool = False) -> tuple[list[dict[str, Any]], PromptFile]:
-    """GenEval's metadata records (one dict per prompt, upstream strings verbatim) and their file.
-
-    Each record: ``{"tag", "prompt", "include": [{"class", "count", "color"?, "position"?}],
-    "exclude"?: [...]}``; the official file has 553.
-    """
-    located = resolve_dataset_file(GENEVAL_METADATA, path, download)
-    records: list[dict[str, Any]] = []
-    for number, line in enumerate(located.path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise OpdkitError(f"{located.path}:{number}: not JSON: {exc.msg}") from None
-        if not isinstance(record, dict) or "prompt" not in record or "tag" not in record:
-            raise OpdkitError(f"{located.path}:{number}: a GenEval record needs 'prompt' and 'tag'")
-        records.append(record)
-    if not records:
-        raise OpdkitError(f"{located.path}: holds no GenEval records")
-    return records, located
-
-
-def load_ocr_prompts(path: str | Path | None = None, download: bool = False) -> tuple[list[dict[str, Any]], PromptFile]:
-    """flow_grpo's OCR test prompts as records ``{"prompt", "tag": "ocr", "text": quoted target}``.
-
-    One prompt per non-empty line (the official file: 1,018); the target is the text inside the
-    first pair of double quotes (:func:`opdkit.scoring.ocr.ocr_target`).
-    """
-    from opdkit.scoring.ocr import ocr_target
-
-    located = resolve_dataset_file(OCR_TEST, path, download)
-    records: list[dict[str, Any]] = []
-    for number, line in enumerate(located.path.read_text(encoding="utf-8").splitlines(), start=1):
-        prompt = line.strip()
-        if not prompt:
-            continue
-        try:
-            text = ocr_target(prompt)
-        except ValueError as exc:
-            raise OpdkitError(f"{located.path}:{number}: {exc}") from None
-        records.append({"prompt": prompt, "tag": "ocr", "text": text})
-    if not records:
-        raise OpdkitError(f"{located.path}: holds no OCR prompts")
-    return records, located
