@@ -100,7 +100,7 @@ def _run_recipe(recipe_path: str, overrides: list[str] | None, out: Path | None,
 
 def _evaluate_run(model_dir: Path, name: str, spec: Any) -> None:
     """The recipe's ``eval:`` block: each benchmark on the run's final weights, into ``results/``."""
-    from opdkit.evaluate import run_eval
+    from opdkit.eval.runner import run_eval
 
     console = _console()
     for bench in spec.benchmarks:
@@ -154,7 +154,7 @@ def eval_(
     ] = None,
 ) -> None:
     """Generate images for a benchmark's prompts, score them, and write results/<model>/<bench>.json."""
-    from opdkit.evaluate import run_eval
+    from opdkit.eval.runner import run_eval
 
     params = _parse_params(param or [])
     summary = run_eval(
@@ -228,7 +228,7 @@ def leaderboard(
     ] = None,
 ) -> None:
     """Render one table of every model's benchmark results (terminal, Markdown or HTML)."""
-    from opdkit.leaderboard import run_leaderboard
+    from opdkit.eval.leaderboard import run_leaderboard
 
     run_leaderboard(results_dir, out, runs_dir=runs)
 
@@ -242,8 +242,8 @@ def compare(
     bench: Annotated[list[str] | None, typer.Option("--bench", "-b", help="Only this benchmark (repeatable; default: all both have).")] = None,
 ) -> None:
     """Difference of two models on each benchmark, with its standard error paired over prompts."""
-    from opdkit.compare import compare as compare_models
-    from opdkit.compare import print_differences
+    from opdkit.eval.compare import compare as compare_models
+    from opdkit.eval.compare import print_differences
 
     print_differences(compare_models(results_dir, model_a, model_b, bench or None), model_a, model_b)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from opdkit.errors import OpdkitError
-from opdkit.evaluate import image_seed, run_eval
+from opdkit.eval.runner import image_seed, run_eval
 from opdkit.rundir import read_jsonl
 
 

@@ -472,7 +472,7 @@ def geneval_params(tiny_models: dict[str, Path], tmp_path: Path) -> dict[str, An
 
 
 def test_geneval_refuses_shapes_models(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    from opdkit.evaluate import check_world, run_eval
+    from opdkit.eval.runner import check_world, run_eval
     from opdkit.models.shapes import shapes_vocabulary
     from opdkit.models.tiny import ShapesModelConfig, build_shapes_pipeline
 

@@ -145,7 +145,7 @@ def test_run_directory_metrics_and_eval_model(tmp_path: Path, one_thread: None) 
         assert events and events[0].stat().st_size > 0
 
     # The run directory is an eval model: base + merged EMA adapter.
-    from opdkit.evaluate import resolve_model
+    from opdkit.eval.runner import resolve_model
     from opdkit.registry import models
     from opdkit.sampling import sample_ode
 

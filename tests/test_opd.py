@@ -333,7 +333,7 @@ def test_shipped_opd_recipe_uses_the_committed_teachers() -> None:
 @pytest.mark.parametrize("name", COMMITTED_TEACHERS)
 def test_committed_teacher_is_a_run_of_its_shipped_recipe_and_loads_by_name(name: str) -> None:
     from opdkit.checkpoint import COMMITTED_DIR
-    from opdkit.evaluate import resolve_model
+    from opdkit.eval.runner import resolve_model
     from opdkit.recipe import load_recipe, resolve_recipe_path
     from opdkit.registry import models
     from opdkit.runs import final_info, read_run_recipe

@@ -406,7 +406,7 @@ def bench_params(name: str, tiny: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("name", ["pickscore", "clipscore", "aesthetic", "hpsv2", "imagereward"])
 def test_eval_writes_a_preference_result(name: str, tiny: dict[str, Any], tmp_path: Path) -> None:
-    from opdkit.evaluate import run_eval
+    from opdkit.eval.runner import run_eval
     from opdkit.rundir import read_jsonl
 
     summary = run_eval(name, str(tiny["sd3"]), out_dir=tmp_path, limit=4, steps=2, bench_params=bench_params(name, tiny))
@@ -426,7 +426,7 @@ def test_opdkit_eval_cli_and_leaderboard_rows(tiny: dict[str, Any], tmp_path: Pa
     from typer.testing import CliRunner
 
     from opdkit.cli import app
-    from opdkit.leaderboard import load_results
+    from opdkit.eval.leaderboard import load_results
 
     params = [f"{k}={v}" for k, v in bench_params("pickscore", tiny).items()]
     args = ["eval", "--bench", "pickscore", "--model", str(tiny["sd3"]), "--limit", "4", "--steps", "2", "--out", str(tmp_path)]
@@ -438,7 +438,7 @@ def test_opdkit_eval_cli_and_leaderboard_rows(tiny: dict[str, Any], tmp_path: Pa
     assert results["tiny-sd3"]["pickscore"]["family"] == "Preference"
     assert "overall" in results["tiny-sd3"]["pickscore"]["metrics"]
     # the leaderboard shows it as a preference column after GenEval/OCR, with its value
-    from opdkit.leaderboard import columns_for, to_markdown
+    from opdkit.eval.leaderboard import columns_for, to_markdown
 
     cols = columns_for(results)
     assert [(c.bench, c.family) for c in cols] == [("pickscore", "Preference")]

@@ -28,7 +28,7 @@ from opdkit.rundir import append_jsonl, atomic_write_json, read_jsonl
 if TYPE_CHECKING:
     import torch
 
-    from opdkit.benchmark import Benchmark
+    from opdkit.eval.benchmark import Benchmark
     from opdkit.models.flow_model import FlowModel
 
 
