@@ -205,7 +205,7 @@ def merge(
     density: Annotated[float, typer.Option("--density", help="TIES: fraction of entries kept per delta.")] = 0.2,
 ) -> None:
     """Merge LoRA teachers into one adapter on their weight deltas (OPD cold start)."""
-    from opdkit.merge import merge_files
+    from opdkit.models.merge import merge_files
 
     parsed = None
     if weights is not None:

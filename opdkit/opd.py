@@ -77,7 +77,7 @@ class Teacher:
 
 def load_teachers(model: Any, specs: list[TeacherSpec], device: Any) -> dict[str, Teacher]:
     """Build every teacher plug-in and load its weights beside the student on the shared base."""
-    from opdkit.merge import find_adapter
+    from opdkit.models.lora import find_adapter
 
     loaded: dict[str, Teacher] = {}
     for spec in specs:
@@ -89,7 +89,7 @@ def load_teachers(model: Any, specs: list[TeacherSpec], device: Any) -> dict[str
             model.load_lora(path, adapter)
             loaded[spec.name] = Teacher(spec.name, "lora", adapter=adapter, lora_path=path)
         elif kind == "full":
-            from opdkit.models.flow_model import load_transformer
+            from opdkit.models.loading import load_transformer
 
             # the teacher's transformer runs on the student's prompt embeddings: its text
             # encoders and VAE are never used, so they are not loaded
@@ -138,13 +138,14 @@ def cold_start(model: Any, trainable: Any, loaded: dict[str, Teacher], init: Ini
     Frobenius error of the rank-``rank`` compression (0 when exact), None when nothing is merged."""
     import torch
 
-    from opdkit.merge import merge_loras, read_lora
+    from opdkit.models.lora import read_lora
+    from opdkit.models.merge import merge_loras
     from opdkit.policy import ADAPTER
 
     if init.method == "none":  # (InitSpec refuses method none with an adapter)
         return None  # no merge: the student adapter stays at B = 0
     if init.adapter is not None:
-        from opdkit.merge import find_adapter
+        from opdkit.models.lora import find_adapter
 
         sources = [read_lora(_adapter_file(Path(init.adapter).expanduser(), find_adapter))]
         method, weights = "mean", None

@@ -288,8 +288,8 @@ def test_sd3_pipeline_two_steps_through_opdkit_train(tmp_path: Path, one_thread:
     from typer.testing import CliRunner
 
     from opdkit.cli import app
-    from opdkit.models import build_tiny_sd3_pipeline
-    from opdkit.models.flow_model import SD3_LORA_TARGETS
+    from opdkit.models.adapters import SD3_LORA_TARGETS
+    from tests.fixtures.tiny_sd3 import build_tiny_sd3_pipeline
 
     pipe = build_tiny_sd3_pipeline(tmp_path / "sd3")
     model = f"model: {{type: sd3, path: {pipe}}}\n"

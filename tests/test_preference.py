@@ -43,7 +43,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Every tiny model the plug-ins load, built once: paths and the architectures used."""
     from transformers import BertTokenizer, CLIPConfig, CLIPModel
 
-    from opdkit.models.tiny import _TINY_CORPUS, _clip_tokenizer_from_corpus, build_tiny_sd3_pipeline
+    from opdkit.models.tokenizers import clip_tokenizer_from_corpus
     from opdkit.preference.convert import (
         ImageRewardArch,
         OpenClipArch,
@@ -54,13 +54,14 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         open_clip_key_shapes,
     )
     from opdkit.preference.images import make_clip_image_processor
+    from tests.fixtures.tiny_sd3 import TINY_CORPUS, build_tiny_sd3_pipeline
 
     root = tmp_path_factory.mktemp("tiny-preference")
     paths: dict[str, Any] = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         # A tiny CLIPModel + CLIP tokenizer + CLIP image processor (32 px) in one directory.
-        tok = _clip_tokenizer_from_corpus(_TINY_CORPUS, 16)
+        tok = clip_tokenizer_from_corpus(TINY_CORPUS, 16)
         config = CLIPConfig(
             text_config={
                 "vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
