@@ -1,4 +1,4 @@
-"""Benchmark plug-ins (installed as ``opdkit.benchmarks``): builders returning :class:`opdkit.benchmark.Benchmark`."""
+"""Benchmark plug-ins (installed as ``opdkit.benchmarks``): builders returning :class:`opdkit.eval.benchmark.Benchmark`."""
 
 from opdkit.benchmarks import geneval as geneval
 from opdkit.benchmarks import ocr as ocr

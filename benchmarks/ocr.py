@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from opdkit.benchmark import Benchmark
+from opdkit.eval.benchmark import Benchmark
 from opdkit.registry import benchmarks
 
 PROTOCOL_VERSION = "1"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from opdkit.benchmark import Benchmark
+from opdkit.eval.benchmark import Benchmark
 from opdkit.preference import (
     BERT_BASE_UNCASED,
     IMAGEREWARD_CHECKPOINT,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from opdkit.benchmark import Benchmark
+from opdkit.eval.benchmark import Benchmark
 from opdkit.registry import benchmarks
 
 # Sampler settings of every shapes benchmark: the base model was pretrained at 32 px.

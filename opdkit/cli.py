@@ -134,7 +134,7 @@ def eval_(
     ] = None,
 ) -> None:
     """Generate images for a benchmark's prompts, score them, and write results/<model>/<bench>.json."""
-    from opdkit.evaluate import run_eval
+    from opdkit.eval.runner import run_eval
 
     params = _parse_params(param or [])
     summary = run_eval(
@@ -185,7 +185,7 @@ def merge(
     density: Annotated[float, typer.Option("--density", help="TIES: fraction of entries kept per delta.")] = 0.2,
 ) -> None:
     """Merge LoRA teachers into one adapter on their weight deltas (OPD cold start)."""
-    from opdkit.merge import merge_files
+    from opdkit.models.merge import merge_files
 
     parsed = None
     if weights is not None:
@@ -208,7 +208,7 @@ def leaderboard(
     ] = None,
 ) -> None:
     """Render one table of every model's benchmark results (terminal, Markdown or HTML)."""
-    from opdkit.leaderboard import run_leaderboard
+    from opdkit.eval.leaderboard import run_leaderboard
 
     run_leaderboard(results_dir, out, runs_dir=runs)
 
@@ -222,8 +222,8 @@ def compare(
     bench: Annotated[list[str] | None, typer.Option("--bench", "-b", help="Only this benchmark (repeatable; default: all both have).")] = None,
 ) -> None:
     """Difference of two models on each benchmark, with its standard error paired over prompts."""
-    from opdkit.compare import compare as compare_models
-    from opdkit.compare import print_differences
+    from opdkit.eval.compare import compare as compare_models
+    from opdkit.eval.compare import print_differences
 
     print_differences(compare_models(results_dir, model_a, model_b, bench or None), model_a, model_b)
 

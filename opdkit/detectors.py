@@ -679,7 +679,7 @@ def save_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from opdkit.models.tiny import _clip_tokenizer_from_corpus
+    from opdkit.models.tokenizers import clip_tokenizer_from_corpus as _clip_tokenizer_from_corpus
 
     corpus = (
         *(t.format(c=c, obj=o) for t in CLIP_COLOR_TEMPLATES for c in GENEVAL_COLORS for o in COCO_CLASSES[:8]),

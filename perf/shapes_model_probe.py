@@ -1,7 +1,7 @@
 """Time one pretraining step of candidate shapes-model configs on CPU (not a test).
 
 For each candidate (pixel space 32x32x3; patch size, layers, width) this builds the shapes
-model's transformer + CLIP text encoder with :func:`opdkit.models.tiny.make_shapes_modules`,
+model's transformer + CLIP text encoder with :func:`opdkit.models.shapes.make_shapes_modules`,
 then times full flow-matching training steps: text encoding, logit-normal sigma, transformer
 forward, MSE on the velocity target, backward, AdamW over both modules. Prints a table with
 parameter counts, seconds per step (fastest and median over interleaved rounds) and how many
@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from opdkit.models.tiny import ShapesModelConfig, make_shapes_modules
+from opdkit.models.shapes import ShapesModelConfig, make_shapes_modules
 
 # (patch, layers, width); head_dim 32 so heads = width / 32.
 CANDIDATES: tuple[tuple[int, int, int], ...] = (

@@ -40,7 +40,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from opdkit.models.tiny import ShapesModelConfig, make_shapes_modules
+from opdkit.models.shapes import ShapesModelConfig, make_shapes_modules
 
 SHIPPED = ShapesModelConfig(patch_size=4, num_layers=4, num_heads=4, head_dim=32, max_prompt_tokens=16)
 BASE_STEPS = 7000  # steps of the shipped base (recipes/shapes/pretrain.yaml)

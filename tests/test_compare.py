@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from opdkit.cli import app
-from opdkit.compare import compare
 from opdkit.errors import OpdkitError
+from opdkit.eval.compare import compare
 
 SAMPLER = {"steps": 20, "cfg": 3.0, "resolution": 32, "shift": None}
 

@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 
 from opdkit.errors import OpdkitError
-from opdkit.evaluate import image_seed, run_eval
+from opdkit.eval.runner import image_seed, run_eval
 from opdkit.rundir import read_jsonl
 
 
 @pytest.fixture(scope="module")
 def tiny_shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from opdkit.models.shapes import shapes_vocabulary
-    from opdkit.models.tiny import ShapesModelConfig, build_shapes_pipeline
+    from opdkit.models.shapes import ShapesModelConfig, build_shapes_pipeline, shapes_vocabulary
 
     out = tmp_path_factory.mktemp("tiny-shapes")
     config = ShapesModelConfig(patch_size=4, num_layers=1, num_heads=2, head_dim=8, text_hidden_size=16, text_projection_dim=16)
@@ -67,8 +66,7 @@ def test_changed_settings_refuse_to_mix_results(tiny_shapes_dir: Path, tmp_path:
 
 
 def test_other_weights_under_the_same_name_refuse_to_mix_results(tiny_shapes_dir: Path, tmp_path: Path) -> None:
-    from opdkit.models.shapes import shapes_vocabulary
-    from opdkit.models.tiny import ShapesModelConfig, build_shapes_pipeline
+    from opdkit.models.shapes import ShapesModelConfig, build_shapes_pipeline, shapes_vocabulary
 
     config = ShapesModelConfig(patch_size=4, num_layers=1, num_heads=2, head_dim=8, text_hidden_size=16, text_projection_dim=16)
     retrained = build_shapes_pipeline(tmp_path / "retrained", shapes_vocabulary(), config, seed=1)
@@ -79,7 +77,7 @@ def test_other_weights_under_the_same_name_refuse_to_mix_results(tiny_shapes_dir
 
 
 def test_wrong_world_is_refused_with_one_line(tmp_path: Path) -> None:
-    from opdkit.models.tiny import build_tiny_sd3_pipeline
+    from tests.fixtures.tiny_sd3 import build_tiny_sd3_pipeline
 
     sd3_dir = build_tiny_sd3_pipeline(tmp_path / "tiny-sd3")
     with pytest.raises(OpdkitError, match="scores shapes-world models, but 'tiny-sd3' is a sd3-world model") as err:

@@ -473,9 +473,8 @@ def geneval_params(tiny_models: dict[str, Path], tmp_path: Path) -> dict[str, An
 
 
 def test_geneval_refuses_shapes_models(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    from opdkit.evaluate import check_world, run_eval
-    from opdkit.models.shapes import shapes_vocabulary
-    from opdkit.models.tiny import ShapesModelConfig, build_shapes_pipeline
+    from opdkit.eval.runner import check_world, run_eval
+    from opdkit.models.shapes import ShapesModelConfig, build_shapes_pipeline, shapes_vocabulary
 
     bench = benchmarks.build("geneval", geneval_params(tiny_models, tmp_path))
     with pytest.raises(OpdkitError, match=r"shapes-base.*shapes-world model; use --bench shapes-geneval"):
@@ -493,7 +492,7 @@ def test_opdkit_eval_geneval_end_to_end(tiny_models: dict[str, Path], tmp_path: 
     from typer.testing import CliRunner
 
     from opdkit.cli import app
-    from opdkit.models.tiny import build_tiny_sd3_pipeline
+    from tests.fixtures.tiny_sd3 import build_tiny_sd3_pipeline
 
     model = build_tiny_sd3_pipeline(tmp_path / "tiny-sd3")
     params = geneval_params(tiny_models, tmp_path)

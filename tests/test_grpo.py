@@ -145,7 +145,7 @@ def test_run_directory_metrics_and_eval_model(tmp_path: Path, one_thread: None) 
         assert events and events[0].stat().st_size > 0
 
     # The run directory is an eval model: base + merged EMA adapter.
-    from opdkit.evaluate import resolve_model
+    from opdkit.eval.runner import resolve_model
     from opdkit.registry import models
     from opdkit.sampling import sample_ode
 
@@ -288,8 +288,8 @@ def test_sd3_pipeline_two_steps_through_opdkit_train(tmp_path: Path, one_thread:
     from typer.testing import CliRunner
 
     from opdkit.cli import app
-    from opdkit.models import build_tiny_sd3_pipeline
-    from opdkit.models.flow_model import SD3_LORA_TARGETS
+    from opdkit.models.adapters import SD3_LORA_TARGETS
+    from tests.fixtures.tiny_sd3 import build_tiny_sd3_pipeline
 
     pipe = build_tiny_sd3_pipeline(tmp_path / "sd3")
     model = f"model: {{type: sd3, path: {pipe}}}\n"

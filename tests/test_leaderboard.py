@@ -19,11 +19,10 @@ from typer.testing import CliRunner
 
 from opdkit.cli import app
 from opdkit.errors import OpdkitError
-from opdkit.leaderboard import (
+from opdkit.eval.curves import curve_series, find_runs
+from opdkit.eval.leaderboard import (
     GENEVAL_COLUMNS,
     columns_for,
-    curve_series,
-    find_runs,
     load_results,
     run_leaderboard,
     to_html,

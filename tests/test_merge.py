@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from opdkit.errors import OpdkitError
-from opdkit.merge import LoraFile, merge_files, merge_loras, read_lora, ties_merge, write_lora
+from opdkit.models.lora import LoraFile, read_lora, write_lora
+from opdkit.models.merge import merge_files, merge_loras, ties_merge
 
 
 def random_lora(seed: int, rank: int = 4, alpha: float = 8.0, modules: int = 3) -> LoraFile:
@@ -69,9 +70,8 @@ def test_files_round_trip_and_errors(tmp_path: Path) -> None:
 
 
 def test_merged_file_loads_into_a_model_as_the_mean_delta(tmp_path: Path) -> None:
-    from opdkit.models.flow_model import load_flow_model
-    from opdkit.models.shapes import shapes_vocabulary
-    from opdkit.models.tiny import ShapesModelConfig, build_shapes_pipeline
+    from opdkit.models.loading import load_flow_model
+    from opdkit.models.shapes import ShapesModelConfig, build_shapes_pipeline, shapes_vocabulary
 
     cfg = ShapesModelConfig(patch_size=4, num_layers=1, num_heads=2, head_dim=8, text_hidden_size=16, text_projection_dim=16)
     model = load_flow_model(build_shapes_pipeline(tmp_path / "m", shapes_vocabulary(), cfg), world="shapes")

@@ -13,13 +13,10 @@ import pytest
 import torch
 
 from opdkit.errors import OpdkitError
-from opdkit.models.flow_model import Cond, FlowModel, load_flow_model, parse_dtype
-from opdkit.models.tiny import (
-    ShapesModelConfig,
-    build_shapes_pipeline,
-    build_shapes_tokenizer,
-    build_tiny_sd3_pipeline,
-)
+from opdkit.models.flow_model import Cond, FlowModel
+from opdkit.models.loading import load_flow_model, parse_dtype
+from opdkit.models.shapes import ShapesModelConfig, build_shapes_pipeline, build_shapes_tokenizer
+from tests.fixtures.tiny_sd3 import build_tiny_sd3_pipeline
 
 SHAPES_WORDS = [
     "a", "an", "photo", "of", "and", "the", "red", "blue", "green", "circle", "square",

@@ -206,7 +206,7 @@ def test_opdkit_eval_ocr_end_to_end(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from opdkit.cli import app
-    from opdkit.models.tiny import build_tiny_sd3_pipeline
+    from tests.fixtures.tiny_sd3 import build_tiny_sd3_pipeline
 
     model = build_tiny_sd3_pipeline(tmp_path / "tiny-sd3")
     args = ["eval", "--bench", "ocr", "--model", str(model), "--limit", "8", "--steps", "2", "--out", str(tmp_path / "results")]

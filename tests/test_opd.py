@@ -243,7 +243,7 @@ def test_opd_refusals_are_one_line(tmp_path: Path, teachers: tuple[Path, Path]) 
 def test_full_teacher_loads_only_its_transformer_and_is_what_the_student_consults(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from opdkit.models import flow_model
+    from opdkit.models import loading
     from opdkit.recipe import TeacherSpec
     from opdkit.training.teachers import acting_as, load_teachers
 
@@ -255,13 +255,13 @@ def test_full_teacher_loads_only_its_transformer_and_is_what_the_student_consult
     student = tiny_model()
 
     loaded_components: list[str] = []
-    real_load = flow_model._load_component
+    real_load = loading._load_component
 
     def spy(root: Path, name: str, cls: Any, *, dtype: Any) -> Any:
         loaded_components.append(name)
         return real_load(root, name, cls, dtype=dtype)
 
-    monkeypatch.setattr(flow_model, "_load_component", spy)
+    monkeypatch.setattr(loading, "_load_component", spy)
     teacher = load_teachers(student, [TeacherSpec(name="t", type="full", path=str(tmp_path / "full"))], "cpu")["t"]
     assert loaded_components == ["transformer"]  # no text encoder, tokenizer or VAE
     assert teacher.kind == "full" and not any(p.requires_grad for p in teacher.transformer.parameters())
@@ -281,9 +281,9 @@ def test_full_teacher_loads_only_its_transformer_and_is_what_the_student_consult
 
 def test_sd3_path_with_two_lora_teachers(tmp_path: Path) -> None:
     from opdkit.methods import train as run
-    from opdkit.models.flow_model import load_flow_model
-    from opdkit.models.tiny import build_tiny_sd3_pipeline
+    from opdkit.models.loading import load_flow_model
     from opdkit.recipe import load_recipe
+    from tests.fixtures.tiny_sd3 import build_tiny_sd3_pipeline
 
     pipe = build_tiny_sd3_pipeline(tmp_path / "sd3")
     files = []
@@ -337,7 +337,7 @@ def test_shipped_opd_recipe_uses_the_committed_teachers() -> None:
 @pytest.mark.parametrize("name", COMMITTED_TEACHERS)
 def test_committed_teacher_is_a_run_of_its_shipped_recipe_and_loads_by_name(name: str) -> None:
     from opdkit.checkpoint import COMMITTED_DIR
-    from opdkit.evaluate import resolve_model
+    from opdkit.eval.runner import resolve_model
     from opdkit.recipe import load_recipe, resolve_recipe_path
     from opdkit.registry import models
     from opdkit.runs import final_info, read_run_recipe

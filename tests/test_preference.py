@@ -43,7 +43,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Every tiny model the plug-ins load, built once: paths and the architectures used."""
     from transformers import BertTokenizer, CLIPConfig, CLIPModel
 
-    from opdkit.models.tiny import _TINY_CORPUS, _clip_tokenizer_from_corpus, build_tiny_sd3_pipeline
+    from opdkit.models.tokenizers import clip_tokenizer_from_corpus
     from opdkit.preference.convert import (
         ImageRewardArch,
         OpenClipArch,
@@ -54,13 +54,14 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         open_clip_key_shapes,
     )
     from opdkit.preference.images import make_clip_image_processor
+    from tests.fixtures.tiny_sd3 import TINY_CORPUS, build_tiny_sd3_pipeline
 
     root = tmp_path_factory.mktemp("tiny-preference")
     paths: dict[str, Any] = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         # A tiny CLIPModel + CLIP tokenizer + CLIP image processor (32 px) in one directory.
-        tok = _clip_tokenizer_from_corpus(_TINY_CORPUS, 16)
+        tok = clip_tokenizer_from_corpus(TINY_CORPUS, 16)
         config = CLIPConfig(
             text_config={
                 "vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
@@ -406,7 +407,7 @@ def bench_params(name: str, tiny: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("name", ["pickscore", "clipscore", "aesthetic", "hpsv2", "imagereward"])
 def test_eval_writes_a_preference_result(name: str, tiny: dict[str, Any], tmp_path: Path) -> None:
-    from opdkit.evaluate import run_eval
+    from opdkit.eval.runner import run_eval
     from opdkit.rundir import read_jsonl
 
     summary = run_eval(name, str(tiny["sd3"]), out_dir=tmp_path, limit=4, steps=2, bench_params=bench_params(name, tiny))
@@ -426,7 +427,7 @@ def test_opdkit_eval_cli_and_leaderboard_rows(tiny: dict[str, Any], tmp_path: Pa
     from typer.testing import CliRunner
 
     from opdkit.cli import app
-    from opdkit.leaderboard import load_results
+    from opdkit.eval.leaderboard import load_results
 
     params = [f"{k}={v}" for k, v in bench_params("pickscore", tiny).items()]
     args = ["eval", "--bench", "pickscore", "--model", str(tiny["sd3"]), "--limit", "4", "--steps", "2", "--out", str(tmp_path)]
@@ -438,7 +439,7 @@ def test_opdkit_eval_cli_and_leaderboard_rows(tiny: dict[str, Any], tmp_path: Pa
     assert results["tiny-sd3"]["pickscore"]["family"] == "Preference"
     assert "overall" in results["tiny-sd3"]["pickscore"]["metrics"]
     # the leaderboard shows it as a preference column after GenEval/OCR, with its value
-    from opdkit.leaderboard import columns_for, to_markdown
+    from opdkit.eval.leaderboard import columns_for, to_markdown
 
     cols = columns_for(results)
     assert [(c.bench, c.family) for c in cols] == [("pickscore", "Preference")]

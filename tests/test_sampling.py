@@ -276,7 +276,8 @@ def test_make_generators() -> None:
 
 def test_samplers_on_tiny_sd3(tmp_path: Path) -> None:
     """Integration with the real adapter: shapes, determinism, batch independence."""
-    from opdkit.models import build_tiny_sd3_pipeline, load_flow_model
+    from opdkit.models import load_flow_model
+    from tests.fixtures.tiny_sd3 import build_tiny_sd3_pipeline
 
     model = load_flow_model(build_tiny_sd3_pipeline(tmp_path / "pipe", with_t5=False))
     prompts = ["a red cube", "a blue sphere"]

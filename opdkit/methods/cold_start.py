@@ -1,7 +1,7 @@
 """OPD's cold start: the student's adapter begins from its teachers, by merge and optionally SFT.
 
 * :func:`merge_init` — the teachers' LoRA adapters merged on their weight deltas B @ A
-  (:mod:`opdkit.merge`: mean, weighted or TIES), compressed to the student's rank by truncated
+  (:mod:`opdkit.models.merge`: mean, weighted or TIES), compressed to the student's rank by truncated
   SVD when needed (``init.method``, ``init.teachers``, ``init.adapter``);
 * :func:`sft_cold_start` — then supervised fine-tuning on images the routed teachers draw
   (``init.sft``), by the same flow-matching loss as pretraining.
@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 def merge_init(model: Any, trainable: Any, loaded: dict[str, Teacher], init: InitSpec, rank: int, alpha: float) -> float | None:
     """Initialise the student's adapter from the merged teacher deltas; returns the relative
     Frobenius error of the rank-``rank`` compression (0 when exact), None when nothing is merged."""
-    from opdkit.merge import merge_loras, read_lora
+    from opdkit.models.lora import read_lora
+    from opdkit.models.merge import merge_loras
 
     if init.method == "none":  # (InitSpec refuses method none with an adapter)
         return None  # no merge: the student adapter stays at B = 0

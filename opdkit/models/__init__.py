@@ -1,16 +1,24 @@
-"""Model plug-ins: adapters that expose a flow-matching text-to-image model as plain tensors.
+"""Flow models: the adapter that exposes a text-to-image flow model as plain tensors, and its plug-ins.
 
-This module is imported by the ``models`` registry on first lookup, so it stays import-light:
+This package is imported by the ``models`` registry on first lookup, so it stays import-light:
 torch, diffusers and transformers are imported inside the builders (and lazily for the
-re-exported names below).
+re-exported names below). It registers the ``sd3`` plug-in here and the shapes-world plug-ins
+in :mod:`opdkit.models.shapes`.
 
-Public names (loaded on first access):
+Modules:
 
-* :class:`~opdkit.models.flow_model.FlowModel`, :class:`~opdkit.models.flow_model.Cond`,
-  :func:`~opdkit.models.flow_model.load_flow_model` — the adapter, its conditioning, the loader;
-* :func:`~opdkit.models.tiny.build_tiny_sd3_pipeline`,
-  :func:`~opdkit.models.tiny.build_shapes_pipeline`,
-  :class:`~opdkit.models.tiny.ShapesModelConfig` — tiny random pipelines.
+* :mod:`~opdkit.models.flow_model` — :class:`FlowModel` (the interface, SD3 implementation) and
+  :class:`Cond`;
+* :mod:`~opdkit.models.adapters` — LoRA adapters on the transformer (peft);
+* :mod:`~opdkit.models.lora` — the LoRA file format (the one reader and writer);
+* :mod:`~opdkit.models.merge` — merging LoRA adapters on their weight deltas;
+* :mod:`~opdkit.models.loading` — pipeline directories: :func:`load_flow_model` and saving;
+* :mod:`~opdkit.models.shapes` — the shapes-world model (config, tokenizer, builder, plug-ins);
+* :mod:`~opdkit.models.tokenizers` — tokenizers trained offline for tiny random models.
+
+Public names (loaded on first access): ``FlowModel``, ``Cond``, ``load_flow_model``,
+``parse_dtype``, ``ShapesModelConfig``, ``build_shapes_pipeline``, ``build_shapes_tokenizer``,
+``make_shapes_modules``.
 """
 
 from __future__ import annotations
@@ -26,13 +34,12 @@ if TYPE_CHECKING:
 _LAZY: dict[str, str] = {
     "FlowModel": "opdkit.models.flow_model",
     "Cond": "opdkit.models.flow_model",
-    "load_flow_model": "opdkit.models.flow_model",
-    "parse_dtype": "opdkit.models.flow_model",
-    "build_tiny_sd3_pipeline": "opdkit.models.tiny",
-    "build_shapes_pipeline": "opdkit.models.tiny",
-    "build_shapes_tokenizer": "opdkit.models.tiny",
-    "make_shapes_modules": "opdkit.models.tiny",
-    "ShapesModelConfig": "opdkit.models.tiny",
+    "load_flow_model": "opdkit.models.loading",
+    "parse_dtype": "opdkit.models.loading",
+    "build_shapes_pipeline": "opdkit.models.shapes",
+    "build_shapes_tokenizer": "opdkit.models.shapes",
+    "make_shapes_modules": "opdkit.models.shapes",
+    "ShapesModelConfig": "opdkit.models.shapes",
 }
 
 __all__ = [*sorted(_LAZY), "sd3"]
@@ -67,7 +74,7 @@ def sd3(
             fp32 transformer saves about 12 GB on SD3.5-M (T5-XXL and CLIP-G), as flow_grpo keeps
             its text encoders in the inference dtype.
     """
-    from opdkit.models.flow_model import load_flow_model, parse_dtype
+    from opdkit.models.loading import load_flow_model, parse_dtype
 
     return load_flow_model(
         path,

@@ -420,7 +420,7 @@ def evaluate_run(model_dir: Path, rundir: RunDir, step: int, spec: Any) -> list[
     """
     from rich.console import Console
 
-    from opdkit.evaluate import run_eval
+    from opdkit.eval.runner import run_eval
 
     console = Console(highlight=False, soft_wrap=True)
     out = rundir.root / "results" / f"step_{step:06d}"

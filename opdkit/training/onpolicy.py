@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from opdkit.errors import OpdkitError
-from opdkit.rundir import atomic_path, atomic_write_json, save_safetensors_atomic
+from opdkit.rundir import atomic_write_json, save_safetensors_atomic
 from opdkit.training.loop import Optimization, RunContext, Setup, StatLists
 from opdkit.training.rollout import Rollout, StepPrompts, rollout, shared_noise_seeds, step_prompts
 from opdkit.training.trainable import ADAPTER, Trainable, setup_trainable
@@ -174,8 +174,7 @@ def save_final(model: Any, trainable: Trainable, ema: Any, final: Path, step: in
 
     def write(suffix: str) -> None:
         if trainable.lora:
-            with atomic_path(final / f"lora{suffix}.safetensors") as tmp:
-                model.save_lora(ADAPTER, tmp)
+            model.save_lora(ADAPTER, final / f"lora{suffix}.safetensors")  # written atomically
         else:
             save_safetensors_atomic(trainable.state_dict(), final / f"transformer{suffix}.safetensors")
 

@@ -53,7 +53,7 @@ def load_teachers(model: Any, specs: list[TeacherSpec], device: Any) -> dict[str
             model.load_lora(path, adapter)
             loaded[spec.name] = Teacher(spec.name, "lora", adapter=adapter, lora_path=path)
         elif kind == "full":
-            from opdkit.models.flow_model import load_transformer
+            from opdkit.models.loading import load_transformer
 
             # the teacher's transformer runs on the student's prompt embeddings: its text
             # encoders and VAE are never used, so they are not loaded
@@ -71,7 +71,7 @@ def adapter_file(path: Path | None) -> Path:
     """A GRPO run directory (its final adapter) or an adapter file."""
     if path is None:
         raise OpdkitError("a lora teacher needs a path (run directory or adapter file)")
-    from opdkit.merge import find_adapter
+    from opdkit.models.lora import find_adapter
     from opdkit.runs import final_lora_path, is_run_dir
 
     return final_lora_path(path) if is_run_dir(path) else find_adapter(path)

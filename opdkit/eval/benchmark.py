@@ -2,7 +2,7 @@
 
 A benchmark builder (registered with ``@benchmarks.register(name)``) takes its YAML/CLI
 parameters as keyword arguments and returns a :class:`Benchmark`. The runner
-(:mod:`opdkit.evaluate`) generates ``samples_per_prompt`` images for every prompt record, calls
+(:mod:`opdkit.eval.runner`) generates ``samples_per_prompt`` images for every prompt record, calls
 ``score`` on batches, stores one JSONL record per image, and calls ``summarize`` on all records.
 """
 

@@ -28,7 +28,7 @@ from opdkit.rundir import append_jsonl, atomic_write_json, read_jsonl
 if TYPE_CHECKING:
     import torch
 
-    from opdkit.benchmark import Benchmark
+    from opdkit.eval.benchmark import Benchmark
     from opdkit.models.flow_model import FlowModel
 
 
@@ -50,7 +50,7 @@ def resolve_model(spec: str) -> tuple[FlowModel, str]:
         if (path / "model" / "model_index.json").is_file():  # a pretrain run directory
             path = path / "model"
         if (path / "model_index.json").is_file():
-            from opdkit.models.flow_model import load_flow_model
+            from opdkit.models.loading import load_flow_model
 
             name = path.parent.name if path.name == "model" else path.name
             return load_flow_model(path), name

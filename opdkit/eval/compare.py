@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from opdkit.errors import OpdkitError
-from opdkit.leaderboard import load_results
+from opdkit.eval.leaderboard import load_results
 from opdkit.rundir import read_jsonl
 
 # the summary fields that must agree for two results to be paired image by image

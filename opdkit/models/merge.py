@@ -12,110 +12,21 @@ merges act on the deltas themselves:
   magnitude entries of each delta, elect a sign per entry from the sum, average the kept entries
   that agree with it; then a truncated SVD back to LoRA factors (rank default: max r_k).
 
-Files are read and written in opdkit's LoRA format (safetensors + metadata, see
-:meth:`opdkit.models.flow_model.FlowModel.save_lora`).
+Adapters are read and written in opdkit's LoRA format (:mod:`opdkit.models.lora`).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from opdkit.errors import OpdkitError
+from opdkit.models.lora import LoraFile, read_lora, write_lora
 
 if TYPE_CHECKING:
     import torch
 
-LORA_FORMAT = "opdkit-lora/1"
 MERGE_METHODS = ("mean", "weighted", "ties")
-
-
-class LoraFile:
-    """A LoRA adapter in memory: ``A``/``B`` factors per target module, scale alpha / r."""
-
-    def __init__(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int, alpha: float,
-                 target_modules: list[str], dropout: float = 0.0) -> None:
-        self.factors = factors  # module prefix -> (A (r, in), B (out, r))
-        self.rank = rank
-        self.alpha = alpha
-        self.target_modules = target_modules
-        self.dropout = dropout
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def delta(self, module: str) -> torch.Tensor:
-        """``(out, in)`` weight change of one module."""
-        a, b = self.factors[module]
-        return self.scale * (b.double() @ a.double())
-
-
-def find_adapter(path: str | Path) -> Path:
-    """An adapter file, or the final adapter of a training run directory."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        candidates = sorted(path.glob("final/*.safetensors")) + sorted(path.glob("*.safetensors"))
-        for candidate in candidates:
-            if _metadata(candidate).get("format") == LORA_FORMAT:
-                return candidate
-        raise OpdkitError(f"{path}: no opdkit LoRA adapter (final/*.safetensors) in this directory")
-    raise OpdkitError(f"{path}: no such adapter file or run directory")
-
-
-def _metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except Exception as exc:
-        raise OpdkitError(f"{path}: not a readable safetensors file: {type(exc).__name__}") from None
-
-
-def read_lora(path: str | Path) -> LoraFile:
-    """Read an opdkit LoRA file (keys ``<module>.lora_A.weight`` / ``<module>.lora_B.weight``)."""
-    from safetensors.torch import load_file
-
-    path = find_adapter(path)
-    meta = _metadata(path)
-    if meta.get("format") != LORA_FORMAT:
-        raise OpdkitError(f"{path}: not an opdkit LoRA file (metadata format {meta.get('format')!r})")
-    tensors = load_file(str(path))
-    factors: dict[str, tuple[Any, Any]] = {}
-    for key in tensors:
-        if key.endswith(".lora_A.weight"):
-            module = key[: -len(".lora_A.weight")]
-            b_key = f"{module}.lora_B.weight"
-            if b_key not in tensors:
-                raise OpdkitError(f"{path}: {key} has no matching {b_key}")
-            factors[module] = (tensors[key], tensors[b_key])
-    if not factors:
-        raise OpdkitError(f"{path}: holds no lora_A/lora_B weights")
-    return LoraFile(factors, int(meta["rank"]), float(meta["alpha"]), json.loads(meta["target_modules"]),
-                    float(meta.get("dropout", 0.0)))
-
-
-def write_lora(lora: LoraFile, path: str | Path) -> Path:
-    """Write ``lora`` in opdkit's format, atomically."""
-    from opdkit.rundir import save_safetensors_atomic
-
-    tensors = {}
-    for module, (a, b) in lora.factors.items():
-        tensors[f"{module}.lora_A.weight"] = a.float()
-        tensors[f"{module}.lora_B.weight"] = b.float()
-    meta = {
-        "format": LORA_FORMAT,
-        "rank": str(lora.rank),
-        "alpha": str(lora.alpha),
-        "dropout": str(lora.dropout),
-        "target_modules": json.dumps(sorted(lora.target_modules)),
-    }
-    save_safetensors_atomic(tensors, path, metadata=meta)
-    return Path(path)
 
 
 def ties_merge(deltas: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:

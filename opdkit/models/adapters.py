@@ -1,0 +1,220 @@
+"""LoRA adapters on a flow model's transformer (peft): add, switch, disable, save, load, merge.
+
+:class:`LoraAdapters` is the part of :class:`~opdkit.models.flow_model.FlowModel` that manages
+named peft adapters on ``self.transformer``; adapter files are read and written in the one
+format of :mod:`opdkit.models.lora`. A file records the fingerprint of the base it was trained
+on (:meth:`LoraAdapters.base_fingerprint`) and is refused on another base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from opdkit.errors import OpdkitError
+from opdkit.models.lora import LoraFile, read_lora, split_factors, write_lora
+
+# The attention projections flow_grpo adapts on SD3 (joint attention: image and text streams).
+SD3_LORA_TARGETS: tuple[str, ...] = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
+
+
+class LoraAdapters:
+    """Named LoRA adapters on ``self.transformer`` (a diffusers model with peft support).
+
+    Attributes:
+        transformer: the adapted model, set by the class this is mixed into.
+    """
+
+    transformer: Any
+    _base_fingerprint: str | None = None  # cache of base_fingerprint(); None after a merge
+
+    def add_lora(
+        self,
+        name: str = "default",
+        *,
+        rank: int = 32,
+        alpha: int = 64,
+        target_modules: Sequence[str] = SD3_LORA_TARGETS,
+        dropout: float = 0.0,
+        init_lora_weights: Any = "gaussian",
+    ) -> None:
+        """Add a LoRA adapter ``name`` to the transformer and make it the active one.
+
+        ``init_lora_weights="gaussian"`` (flow_grpo's choice) starts B at zero, so a fresh
+        adapter leaves the model unchanged. peft marks only adapter weights trainable.
+
+        The adapter weights are float32 whatever the base dtype: on a bf16/fp16 base, peft would
+        create them in the base's dtype, where AdamW's small updates round away (bf16 keeps 8
+        mantissa bits: an update below 1/256 of a weight is lost). peft's LoRA layers cast their
+        input to the adapter's dtype and the result back, so a bf16 base with fp32 adapters is
+        the usual memory-saving setup, not a mixed-dtype error.
+        """
+        from peft import LoraConfig
+
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            target_modules=list(target_modules),
+            lora_dropout=dropout,
+            init_lora_weights=init_lora_weights,
+        )
+        with warnings.catch_warnings():
+            # peft warns on every second adapter; several named adapters are intended here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            self.transformer.add_adapter(config, adapter_name=name)
+        for param in self.lora_parameters(name):
+            if param.dtype != torch.float32:
+                param.data = param.data.float()
+
+    def lora_names(self) -> list[str]:
+        """Names of the adapters attached to the transformer."""
+        return list(getattr(self.transformer, "peft_config", {}) or {})
+
+    def set_adapter(self, name: str | list[str]) -> None:
+        """Activate adapter(s) ``name``; peft makes the active ones trainable, the others frozen."""
+        self.transformer.set_adapter(name)
+
+    def active_adapters(self) -> list[str]:
+        active = self.transformer.active_adapters() if self.lora_names() else []
+        return [active] if isinstance(active, str) else list(active or [])
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """Run the base model (e.g. the GRPO reference policy) inside the block.
+
+        On exit the previously active adapters are enabled again (and made trainable again).
+        Without adapters this is a no-op.
+        """
+        if not self.lora_names():
+            yield
+            return
+        self.transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            self.transformer.enable_adapters()
+
+    def lora_parameters(self, name: str | None = None) -> list[nn.Parameter]:
+        """Parameters of adapter ``name`` (all adapters when None), in module order."""
+        wanted = f".{name}." if name is not None else None
+        return [
+            p
+            for n, p in self.transformer.named_parameters()
+            if "lora_" in n and (wanted is None or wanted in n + ".")
+        ]
+
+    def base_fingerprint(self) -> str:
+        """Short SHA-256 of the base transformer weights (adapters excluded), cached.
+
+        Saved in every LoRA file and checked when one is loaded: a LoRA delta only means something
+        on the base it was trained on. Hashes each tensor's name, shape and up to 4,096 of its
+        first and last values rounded to bf16, so it costs milliseconds even for SD3.5-M and
+        agrees between an fp32 and a bf16 copy of the same weights.
+        """
+        import hashlib
+
+        if self._base_fingerprint is not None:
+            return self._base_fingerprint
+        digest = hashlib.sha256()
+        for name, p in self.transformer.named_parameters():
+            if "lora_" in name:
+                continue
+            flat = p.detach().reshape(-1)
+            sample = torch.cat([flat[:2048], flat[-2048:]]) if flat.numel() > 4096 else flat
+            digest.update(name.replace("base_layer.", "").encode())
+            digest.update(str(tuple(p.shape)).encode())
+            digest.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
+        self._base_fingerprint = digest.hexdigest()[:16]
+        return self._base_fingerprint
+
+    def save_lora(self, name: str, path: str | Path) -> Path:
+        """Save adapter ``name`` in opdkit's LoRA format, atomically; returns the path.
+
+        The file's metadata records the adapter's peft config and :meth:`base_fingerprint`.
+        """
+        from peft.utils import get_peft_model_state_dict
+
+        if name not in self.lora_names():
+            raise OpdkitError(
+                f"no LoRA adapter named {name!r} (have: {', '.join(self.lora_names()) or 'none'})"
+            )
+        config = self.transformer.peft_config[name]
+        state = get_peft_model_state_dict(self.transformer, adapter_name=name)
+        lora = LoraFile(
+            split_factors({k: v.detach() for k, v in state.items()}, f"adapter {name!r}"),
+            rank=config.r,
+            alpha=config.lora_alpha,
+            target_modules=list(config.target_modules),
+            dropout=config.lora_dropout,
+            base_fingerprint=self.base_fingerprint(),
+        )
+        return write_lora(lora, path)
+
+    def load_lora(self, path: str | Path, name: str = "default") -> str:
+        """Load a LoRA file (see :meth:`save_lora`) as adapter ``name`` (created if absent).
+
+        Returns the adapter name. The adapter becomes the active one.
+        """
+        from peft.utils import set_peft_model_state_dict
+
+        file = Path(path)
+        if not file.is_file():
+            raise OpdkitError(f"LoRA file {str(file)!r} does not exist")
+        lora = read_lora(file, device=next(self.transformer.parameters()).device)
+        if lora.base_fingerprint is not None and lora.base_fingerprint != self.base_fingerprint():
+            raise OpdkitError(
+                f"LoRA file {str(file)!r} was trained on another base model (base fingerprint "
+                f"{lora.base_fingerprint}, this base {self.base_fingerprint()}); retrain it on this base"
+            )
+        if name not in self.lora_names():
+            self.add_lora(
+                name,
+                rank=lora.rank,
+                alpha=int(lora.alpha),
+                dropout=lora.dropout,
+                target_modules=lora.target_modules,
+            )
+        result = set_peft_model_state_dict(self.transformer, lora.tensors(), adapter_name=name)
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise OpdkitError(
+                f"LoRA file {str(file)!r} does not fit this transformer: {len(unexpected)} unexpected keys "
+                f"(first: {unexpected[0]})"
+            )
+        self.set_adapter(name)
+        return name
+
+    def merge_lora(self, name: str) -> None:
+        """Fold adapter ``name`` into the base weights and remove it (e.g. to export a model)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if name not in self.lora_names():
+            raise OpdkitError(
+                f"no LoRA adapter named {name!r} (have: {', '.join(self.lora_names()) or 'none'})"
+            )
+        for module in self.transformer.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge(adapter_names=[name])
+        active = self.active_adapters()
+        remaining = [n for n in self.lora_names() if n != name]
+        if remaining and name in active:
+            # peft would switch to another adapter itself, with a warning; say which one here
+            self.set_adapter([n for n in active if n != name] or remaining[0])
+        self.transformer.delete_adapters(name)
+        self._base_fingerprint = None  # the base weights changed
+

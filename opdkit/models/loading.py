@@ -1,0 +1,328 @@
+"""Pipeline directories: reading and writing SD3-family models in the diffusers layout.
+
+A model directory is a ``StableDiffusion3Pipeline`` folder: ``model_index.json`` naming one
+sub-folder per component (``transformer``, CLIP ``text_encoder``/``_2`` with their tokenizers,
+T5 ``text_encoder_3``, ``vae``, ``scheduler``), weights as safetensors, plus opdkit's own
+``opdkit.json`` beside the index for what that layout has no slot for (the world name, the
+T5/zero-padding sequence length, e.g. the shapes model's config). SD3.5-M/L, the tiny test
+pipelines and the shapes-world model all load through :func:`load_flow_model`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opdkit.errors import OpdkitError
+from opdkit.models.flow_model import DEFAULT_MAX_SEQUENCE_LENGTH, FlowModel, encoder_kind
+
+# opdkit's additions to a pipeline directory, written beside model_index.json.
+OPDKIT_CONFIG = "opdkit.json"
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bf16"``/``"bfloat16"``/``"fp16"``/``"float32"``... (or a torch dtype) -> torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise OpdkitError(f"unknown dtype {dtype!r} (expected one of: {', '.join(_DTYPES)})") from None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (errors shown to users are one line)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def write_opdkit_config(out_dir: str | Path, values: dict[str, Any]) -> None:
+    """Write ``opdkit.json`` (keys sorted) into a pipeline directory."""
+    (Path(out_dir) / OPDKIT_CONFIG).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
+# SD3 pipeline slots: (text encoder, tokenizer, kind). CLIP-L, CLIP-G, T5-XXL.
+_TEXT_SLOTS: tuple[tuple[str, str, str], ...] = (
+    ("text_encoder", "tokenizer", "clip"),
+    ("text_encoder_2", "tokenizer_2", "clip"),
+    ("text_encoder_3", "tokenizer_3", "t5"),
+)
+# Only classes from these libraries are instantiated from model_index.json.
+_ALLOWED_LIBRARIES = ("diffusers", "transformers")
+_HUB_PREFIXES = ("hf://", "hf:")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _resolve_path(path: str | Path) -> Path:
+    """Local directory, or ``hf:owner/name`` downloaded explicitly from the Hugging Face hub."""
+    text = str(path)
+    for prefix in _HUB_PREFIXES:
+        if text.startswith(prefix):
+            repo_id = text[len(prefix) :]
+            if not _HUB_ID.match(repo_id):
+                raise OpdkitError(f"model path {text!r}: {repo_id!r} is not a hub id of the form owner/name")
+            try:
+                from huggingface_hub import snapshot_download
+
+                return Path(
+                    snapshot_download(
+                        repo_id,
+                        allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"],
+                    )
+                )
+            except Exception as exc:
+                raise OpdkitError(
+                    f"cannot download {repo_id!r} from the Hugging Face hub: {type(exc).__name__}: {first_line(exc)}"
+                ) from exc
+    local = Path(text).expanduser()
+    if not local.exists():
+        hint = " (for a Hugging Face hub id write hf:owner/name)" if _HUB_ID.match(text) else ""
+        raise OpdkitError(f"model path {text!r} does not exist{hint}")
+    if not local.is_dir():
+        raise OpdkitError(f"model path {text!r} is not a directory (expected a diffusers pipeline folder)")
+    return local
+
+
+def _read_json(file: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise OpdkitError(f"{what}: {str(file)!r} is missing") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise OpdkitError(f"{what}: {str(file)!r} is not valid JSON: {first_line(exc)}") from exc
+    if not isinstance(data, dict):
+        raise OpdkitError(f"{what}: {str(file)!r} must hold a JSON object")
+    return data
+
+
+def _component_class(root: Path, index: dict[str, Any], name: str) -> Any | None:
+    """The class model_index.json declares for component ``name``; None when absent."""
+    entry = index.get(name)
+    if (
+        entry is None
+        or not isinstance(entry, list)
+        or len(entry) != 2
+        or entry[0] is None
+        or entry[1] is None
+    ):
+        return None
+    library, class_name = str(entry[0]), str(entry[1])
+    if library not in _ALLOWED_LIBRARIES:
+        raise OpdkitError(
+            f"{root / 'model_index.json'}: component {name!r} comes from library {library!r}; "
+            f"only {', '.join(_ALLOWED_LIBRARIES)} are loaded"
+        )
+    cls = getattr(importlib.import_module(library), class_name, None)
+    if cls is None:
+        raise OpdkitError(
+            f"{root / 'model_index.json'}: component {name!r}: {library} has no class {class_name!r}"
+        )
+    return cls
+
+
+def _load_component(root: Path, name: str, cls: Any, *, dtype: torch.dtype | None) -> Any:
+    folder = root / name
+    if not folder.is_dir():
+        raise OpdkitError(f"component {name!r} is listed in model_index.json but {str(folder)!r} is missing")
+    try:
+        if dtype is None:  # tokenizers
+            return cls.from_pretrained(str(folder))
+        if cls.__module__.startswith("transformers"):
+            return cls.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
+        return cls.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True)
+    except OpdkitError:
+        raise
+    except Exception as exc:
+        raise OpdkitError(
+            f"cannot load component {name!r} ({cls.__name__}) from {str(folder)!r}: "
+            f"{type(exc).__name__}: {first_line(exc)}"
+        ) from exc
+
+
+def _load_transformer(root: Path, index: dict[str, Any], path: str | Path, dtype: torch.dtype) -> Any:
+    transformer_cls = _component_class(root, index, "transformer")
+    if transformer_cls is None:
+        raise OpdkitError(f"model {str(path)!r}: model_index.json has no 'transformer' component")
+    return _load_component(root, "transformer", transformer_cls, dtype=dtype)
+
+
+def load_transformer(
+    path: str | Path, *, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu"
+) -> Any:
+    """Only the ``transformer`` component of a pipeline directory (``path`` as in :func:`load_flow_model`).
+
+    A full-checkpoint OPD teacher is run on the student's prompt embeddings, so its own text
+    encoders and VAE would be loaded only to be thrown away (about 10 GB for SD3.5-M).
+    """
+    root = _resolve_path(path)
+    index = _read_json(root / "model_index.json", f"model {str(path)!r}")
+    return _load_transformer(root, index, path, parse_dtype(dtype)).to(device=device)
+
+
+def load_flow_model(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    world: str | None = None,
+    max_sequence_length: int | None = None,
+    text_dtype: torch.dtype | str | None = None,
+) -> FlowModel:
+    """Load an SD3-family model (SD3.5, tiny test pipelines, the shapes model) from a pipeline dir.
+
+    Reads ``model_index.json`` and loads each present component with ``from_pretrained``
+    (safetensors only): ``transformer`` (required), ``text_encoder``/``tokenizer`` and
+    ``text_encoder_2``/``tokenizer_2`` (CLIP), ``text_encoder_3``/``tokenizer_3`` (T5), ``vae``
+    (absent = pixel space), ``scheduler`` config (for ``shift``). Components set to
+    ``[null, null]`` or missing from the index are treated as absent.
+
+    Args:
+        path: local directory, or ``hf:owner/name`` to download from the hub explicitly.
+        dtype: weights dtype for every module.
+        device: device for every module.
+        world: ``"sd3"``/``"shapes"``; default from ``opdkit.json`` in the directory, else
+            ``"sd3"``.
+        max_sequence_length: T5 (or zero-padding) tokens; default from ``opdkit.json``, else 256.
+        text_dtype: weights dtype of the (frozen) text encoders; default ``dtype``. bf16 halves
+            SD3.5's T5-XXL (4.7B parameters: 19 GB in fp32) next to an fp32 transformer; the
+            prompt embeddings are cast to the transformer's dtype either way.
+
+    Raises:
+        OpdkitError: one line naming the path and component when something is missing/broken.
+    """
+    root = _resolve_path(path)
+    index = _read_json(root / "model_index.json", f"model {str(path)!r}")
+    extra = _read_json(root / OPDKIT_CONFIG, "opdkit config") if (root / OPDKIT_CONFIG).exists() else {}
+    torch_dtype = parse_dtype(dtype)
+    encoder_dtype = torch_dtype if text_dtype is None else parse_dtype(text_dtype)
+
+    transformer = _load_transformer(root, index, path, torch_dtype)
+
+    encoders: list[Any] = []
+    tokenizers: list[Any] = []
+    kinds: list[str] = []
+    for encoder_name, tokenizer_name, kind in _TEXT_SLOTS:
+        encoder_cls = _component_class(root, index, encoder_name)
+        if encoder_cls is None:
+            continue
+        tokenizer_cls = _component_class(root, index, tokenizer_name)
+        if tokenizer_cls is None:
+            raise OpdkitError(
+                f"model {str(path)!r}: {encoder_name!r} is present but {tokenizer_name!r} is not"
+            )
+        encoder = _load_component(root, encoder_name, encoder_cls, dtype=encoder_dtype)
+        if encoder_kind(encoder) != kind:
+            raise OpdkitError(
+                f"model {str(path)!r}: {encoder_name!r} is a {type(encoder).__name__}; SD3 expects "
+                f"{'CLIPTextModelWithProjection' if kind == 'clip' else 'T5EncoderModel'} there"
+            )
+        encoders.append(encoder)
+        tokenizers.append(_load_component(root, tokenizer_name, tokenizer_cls, dtype=None))
+        kinds.append(kind)
+
+    vae = None
+    vae_cls = _component_class(root, index, "vae")
+    if vae_cls is not None:
+        vae = _load_component(root, "vae", vae_cls, dtype=torch_dtype)
+
+    scheduler_config: dict[str, Any] = {}
+    if _component_class(root, index, "scheduler") is not None:
+        scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json", "component 'scheduler'")
+    # diffusers' FlowMatchEulerDiscreteScheduler default shift is 1.0.
+    shift = float(scheduler_config.get("shift", 1.0))
+
+    if max_sequence_length is None:
+        max_sequence_length = int(extra.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH))
+    try:
+        model = FlowModel(
+            transformer,
+            encoders,
+            tokenizers,
+            vae,
+            world=world or str(extra.get("world", "sd3")),
+            shift=shift,
+            max_sequence_length=max_sequence_length,
+            encoder_kinds=kinds,
+            scheduler_config=scheduler_config,
+            extra_config={k: v for k, v in extra.items() if k not in ("world", "max_sequence_length")},
+        )
+    except OpdkitError as exc:
+        raise OpdkitError(f"model {str(path)!r}: {exc}") from None
+    return model.to(device=device)
+
+
+def save_flow_model(model: FlowModel, out_dir: str | Path) -> Path:
+    """Write ``model`` in the StableDiffusion3Pipeline layout that :func:`load_flow_model` reads.
+
+    Every module is saved with ``save_pretrained`` (safetensors); ``model_index.json`` names
+    the present components (absent ones as ``[null, null]``, as diffusers writes them);
+    ``opdkit.json`` keeps world, ``max_sequence_length`` and ``model.extra_config``. Refuses a
+    transformer with LoRA adapters attached.
+    """
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if model.lora_names():
+        raise OpdkitError(
+            f"cannot save_pretrained to {str(out_dir)!r} with LoRA adapters attached "
+            f"({', '.join(model.lora_names())}); merge_lora() or save_lora() them first"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    index: dict[str, Any] = {
+        "_class_name": "StableDiffusion3Pipeline",
+        "_diffusers_version": diffusers.__version__,
+    }
+    # Every SD3 pipeline slot, null unless filled below (diffusers' own way to mark absence).
+    for slot in (
+        "feature_extractor", "image_encoder", "vae", "text_encoder", "text_encoder_2",
+        "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3",
+    ):  # fmt: skip
+        index[slot] = [None, None]
+
+    def put(slot: str, obj: Any, **kwargs: Any) -> None:
+        obj.save_pretrained(str(out / slot), **kwargs)
+        index[slot] = [type(obj).__module__.split(".")[0], type(obj).__name__]
+
+    put("transformer", model.transformer, safe_serialization=True)
+    clip_slots = iter([("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")])
+    for encoder, tokenizer, kind in zip(model.text_encoders, model.tokenizers, model.encoder_kinds, strict=True):
+        encoder_slot, tokenizer_slot = next(clip_slots) if kind == "clip" else ("text_encoder_3", "tokenizer_3")
+        put(encoder_slot, encoder, safe_serialization=True)
+        put(tokenizer_slot, tokenizer)
+    if model.vae is not None:
+        put("vae", model.vae, safe_serialization=True)
+    scheduler_config = {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")}
+    scheduler_config["shift"] = model.shift
+    put("scheduler", FlowMatchEulerDiscreteScheduler.from_config(scheduler_config))
+    (out / "model_index.json").write_text(json.dumps(dict(sorted(index.items())), indent=2) + "\n")
+    write_opdkit_config(
+        out, {**model.extra_config, "world": model.world, "max_sequence_length": model.max_sequence_length}
+    )
+    return out
+
+
+def save_pipeline(pipe: Any, out_dir: str | Path) -> None:
+    """``save_pretrained`` of a diffusers pipeline (safetensors) without its "None cannot be saved" warnings."""
+    from diffusers.utils import logging as diffusers_logging
+
+    previous = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+    finally:
+        diffusers_logging.set_verbosity(previous)
