@@ -4,10 +4,11 @@ Measured side by side in ONE process on the shapes-world model config (pixel spa
 patch 4, 4 layers, width 128, LoRA rank 8), with interleaved rounds so both sides see the same
 machine state:
 
-(a) **rollout**: :func:`opdkit.policy.rollout` (prompt encoding, per-image noise generators,
+(a) **rollout**: the on-policy rollout of a step (:meth:`opdkit.training.onpolicy.OnPolicy.rollout`: prompt encoding, per-image noise generators,
     CFG, SDE steps with log-probs, decoding) versus the bare transformer forwards of the same
     work (``steps`` forwards of the 2B-row CFG batch, inputs prepared beforehand). Target <= 1.10.
-(b) **update**: one GRPO update (:func:`opdkit.grpo.policy_update`: re-scoring every trained
+(b) **update**: one GRPO update as the shared loop runs it (:func:`opdkit.training.onpolicy.sweep_updates`
+    over :meth:`opdkit.methods.grpo.Grpo.term_loss`, :class:`opdkit.training.loop.Optimization`: re-scoring every trained
     step with CFG, ratio, clipped loss, KL to the reference, backward, gradient clipping, AdamW,
     EMA) versus the bare work: per step one forward+backward of the 2B-row batch (with a plain
     mean loss) plus, when KL is on, one no-grad forward with the adapter disabled, and one AdamW
@@ -29,6 +30,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -57,41 +59,48 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from opdkit.grpo import policy_update
+    from accelerate import Accelerator
 
-    from opdkit import policy
-    from opdkit.recipe import EmaSpec, LoraSpec, TrainSpec
+    from opdkit.methods.grpo import Grpo
+    from opdkit.recipe import EmaSpec, GrpoTrainSpec, LoraSpec, PromptsSpec, SamplerSpec
     from opdkit.registry import models
     from opdkit.shapes.prompts import load_split
+    from opdkit.training.loop import Optimization, RunContext
+    from opdkit.training.losses import group_advantages
+    from opdkit.training.onpolicy import OnPolicy, sweep_updates
+    from opdkit.training.rollout import Rollout
+    from opdkit.training.trainable import EMA
 
     model = models.build(
         "shapes_new", {"patch_size": 4, "num_layers": 4, "num_heads": 4, "head_dim": 32, "seed": 0}
     )
-    torch.manual_seed(0)
-    trainable = policy.setup_trainable(model, LoraSpec(rank=8, alpha=16))
-    params = trainable.params
+    train = GrpoTrainSpec(
+        seed=0, lr=1e-4, batch_size=args.batch // args.group, group_size=args.group, kl_beta=args.kl_beta,
+        ema=EmaSpec(decay=0.9, every=1), max_grad_norm=1.0, lora=LoraSpec(rank=8, alpha=16),
+    )  # fmt: skip
+    sampler = SamplerSpec(steps=args.steps, cfg=args.cfg, noise_level=0.7, resolution=32)
+    # the method as the loop drives it: its context, its trainable policy, the shared optimizer step
+    loaded: Any = SimpleNamespace(recipe=SimpleNamespace(train=train, sampler=sampler, prompts=PromptsSpec()),
+                                  path=Path("grpo_overhead"))  # fmt: skip
+    ctx = RunContext(loaded, model, Accelerator(cpu=True), rundir=None, resuming=False)  # type: ignore[arg-type]
+    grpo = Grpo()
+    grpo.ctx, grpo.policy = ctx, OnPolicy.create(ctx)
+    params = grpo.policy.trainable.params
     with torch.no_grad():  # a trained-looking adapter, so the reference differs from the policy
         for p in params:
             p.add_(0.01 * torch.randn_like(p))
-    train = TrainSpec(
-        seed=0, lr=1e-4, batch_size=args.batch // args.group, group_size=args.group, kl_beta=args.kl_beta,
-        ema=EmaSpec(decay=0.9, every=1), max_grad_norm=1.0,
-    )  # fmt: skip
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-    ema = policy.EMA(trainable.names, params, 0.9, 1)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    optim = Optimization(params, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                         EMA(grpo.policy.trainable.names, params, 0.9, 1), train.max_grad_norm, 1)  # fmt: skip
+    trainable = grpo.policy.trainable
     records = load_split("train")
-    drawn = policy.step_prompts(records, seed=0, step=1, batch_size=train.batch_size, group_size=args.group)
-    n = len(drawn.records)
+    n = args.batch
     print(f"shapes model: patch 4, 4 layers, width 128, {sum(p.numel() for p in model.transformer.parameters()) / 1e6:.2f}M "
           f"params, LoRA {sum(p.numel() for p in params) / 1e3:.0f}k; {n} images, {args.steps} steps, CFG {args.cfg}, "
           f"{args.threads} thread(s)")  # fmt: skip
 
-    def run_rollout() -> policy.Rollout:
-        model.transformer.eval()
-        return policy.rollout(
-            model, drawn.records, drawn.seeds, steps=args.steps, cfg=args.cfg, noise_level=0.7, resolution=32,
-        )  # fmt: skip
+    def run_rollout() -> Rollout:
+        return grpo.policy.rollout(ctx, records, step=1)[1]
 
     batch = run_rollout()
     cond2 = batch.cond.cat(model.uncond(n))
@@ -105,15 +114,11 @@ def main() -> None:
                 model.transformer(hidden_states=x2, timestep=sigma, encoder_hidden_states=hidden,
                                   pooled_projections=pooled, return_dict=False)  # fmt: skip
 
-    advantages = policy.group_advantages(torch.randn(n, generator=torch.Generator().manual_seed(0)), args.group)
-    state = SimpleNamespace(steps=0)
+    advantages = group_advantages(torch.randn(n, generator=torch.Generator().manual_seed(0)), args.group)
 
     def grpo_update() -> None:
-        stats = policy_update(
-            model, batch, advantages, trainable, optimizer, scaler, ema, lambda: policy.precision_context("fp32", model.device),
-            train, updates_per_epoch=1, world=1, lr=train.lr, optimizer_steps=state.steps,
-        )  # fmt: skip
-        state.steps = stats["optimizer_steps"]
+        grpo.batch, grpo.advantages, grpo.ref_means = batch, advantages, {}
+        sweep_updates(ctx, optim, batch, grpo.term_loss)
 
     def bare_update() -> None:
         model.transformer.train()

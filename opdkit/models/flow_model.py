@@ -341,11 +341,11 @@ class FlowModel(LoraAdapters):
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write the model as a pipeline directory that :func:`~opdkit.models.loading.load_flow_model` reads.
 
-        See :func:`opdkit.models.loading.save_flow_model`. Refuses a transformer with LoRA
+        See :func:`opdkit.models.saving.save_flow_model`. Refuses a transformer with LoRA
         adapters attached: merge them (:meth:`merge_lora`) or save them separately
         (:meth:`save_lora`).
         """
-        from opdkit.models.loading import save_flow_model
+        from opdkit.models.saving import save_flow_model
 
         return save_flow_model(self, out_dir)
 

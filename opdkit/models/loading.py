@@ -22,7 +22,7 @@ from opdkit.errors import OpdkitError
 from opdkit.models.flow_model import DEFAULT_MAX_SEQUENCE_LENGTH, FlowModel, encoder_kind
 
 # opdkit's additions to a pipeline directory, written beside model_index.json.
-OPDKIT_CONFIG = "opdkit.json"
+from opdkit.models.saving import OPDKIT_CONFIG
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -48,11 +48,6 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (errors shown to users are one line)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
-
-
-def write_opdkit_config(out_dir: str | Path, values: dict[str, Any]) -> None:
-    """Write ``opdkit.json`` (keys sorted) into a pipeline directory."""
-    (Path(out_dir) / OPDKIT_CONFIG).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 # SD3 pipeline slots: (text encoder, tokenizer, kind). CLIP-L, CLIP-G, T5-XXL.
@@ -263,66 +258,3 @@ def load_flow_model(
     except OpdkitError as exc:
         raise OpdkitError(f"model {str(path)!r}: {exc}") from None
     return model.to(device=device)
-
-
-def save_flow_model(model: FlowModel, out_dir: str | Path) -> Path:
-    """Write ``model`` in the StableDiffusion3Pipeline layout that :func:`load_flow_model` reads.
-
-    Every module is saved with ``save_pretrained`` (safetensors); ``model_index.json`` names
-    the present components (absent ones as ``[null, null]``, as diffusers writes them);
-    ``opdkit.json`` keeps world, ``max_sequence_length`` and ``model.extra_config``. Refuses a
-    transformer with LoRA adapters attached.
-    """
-    import diffusers
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    if model.lora_names():
-        raise OpdkitError(
-            f"cannot save_pretrained to {str(out_dir)!r} with LoRA adapters attached "
-            f"({', '.join(model.lora_names())}); merge_lora() or save_lora() them first"
-        )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    index: dict[str, Any] = {
-        "_class_name": "StableDiffusion3Pipeline",
-        "_diffusers_version": diffusers.__version__,
-    }
-    # Every SD3 pipeline slot, null unless filled below (diffusers' own way to mark absence).
-    for slot in (
-        "feature_extractor", "image_encoder", "vae", "text_encoder", "text_encoder_2",
-        "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3",
-    ):  # fmt: skip
-        index[slot] = [None, None]
-
-    def put(slot: str, obj: Any, **kwargs: Any) -> None:
-        obj.save_pretrained(str(out / slot), **kwargs)
-        index[slot] = [type(obj).__module__.split(".")[0], type(obj).__name__]
-
-    put("transformer", model.transformer, safe_serialization=True)
-    clip_slots = iter([("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")])
-    for encoder, tokenizer, kind in zip(model.text_encoders, model.tokenizers, model.encoder_kinds, strict=True):
-        encoder_slot, tokenizer_slot = next(clip_slots) if kind == "clip" else ("text_encoder_3", "tokenizer_3")
-        put(encoder_slot, encoder, safe_serialization=True)
-        put(tokenizer_slot, tokenizer)
-    if model.vae is not None:
-        put("vae", model.vae, safe_serialization=True)
-    scheduler_config = {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")}
-    scheduler_config["shift"] = model.shift
-    put("scheduler", FlowMatchEulerDiscreteScheduler.from_config(scheduler_config))
-    (out / "model_index.json").write_text(json.dumps(dict(sorted(index.items())), indent=2) + "\n")
-    write_opdkit_config(
-        out, {**model.extra_config, "world": model.world, "max_sequence_length": model.max_sequence_length}
-    )
-    return out
-
-
-def save_pipeline(pipe: Any, out_dir: str | Path) -> None:
-    """``save_pretrained`` of a diffusers pipeline (safetensors) without its "None cannot be saved" warnings."""
-    from diffusers.utils import logging as diffusers_logging
-
-    previous = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        pipe.save_pretrained(out_dir, safe_serialization=True)
-    finally:
-        diffusers_logging.set_verbosity(previous)

@@ -196,7 +196,7 @@ def build_shapes_pipeline(
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-    from opdkit.models.loading import save_pipeline, write_opdkit_config
+    from opdkit.models.saving import save_pipeline, write_opdkit_config
 
     cfg = config or ShapesModelConfig()
     transformer, text_encoder, tokenizer = make_shapes_modules(vocabulary, cfg, seed)

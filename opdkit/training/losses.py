@@ -209,8 +209,10 @@ def sampled_kl_advantage(
     gradient of a detached advantage ``A`` is ``E[A * grad log pi] = -E[k * grad log pi_sum] / D'
     = -grad(KL) / D'``. Multiplying by D' makes the expected gradient of ``-A * rho`` exactly
     ``grad(KL)``: the same weight as minimising KL directly (``loss_mode: direct``) and as MAR,
-    which carry the full gradient. ``clip`` bounds ``k`` itself (per-dimension units) before
-    the scaling, so it cuts only outliers, as for an analytic KL advantage.
+    which carry the full gradient. ``clip`` bounds ``k`` itself, before the scaling: with
+    ``kl_scaling: flow_grpo`` the estimate is per dimension and times ``-dt`` (about 1e-5 on the
+    shapes model), so 5 cuts only outliers, as for an analytic KL advantage; with ``exact`` it is
+    a sum over the D' dimensions and a clip of 5 can bind and bias the gradient: raise it.
 
     Args:
         estimate: (B,) the sampled KL estimate ``k`` (:func:`sampled_kl`).
