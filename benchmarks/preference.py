@@ -21,14 +21,14 @@ from __future__ import annotations
 from typing import Any
 
 from opdkit.benchmark import Benchmark
-from opdkit.preference import (
+from opdkit.registry import benchmarks
+from opdkit.scoring.preference import (
     BERT_BASE_UNCASED,
     IMAGEREWARD_CHECKPOINT,
     LAION_VIT_H14,
     OPENAI_VIT_L14,
     PICKSCORE_MODEL,
 )
-from opdkit.registry import benchmarks
 
 PROTOCOL_VERSION = "1"
 FAMILY = "Preference"
@@ -108,7 +108,7 @@ def pickscore_bench(
     batch_size: int = 32,
 ) -> Benchmark:
     """PickScore_v1 (raw, ~21-24) on DrawBench (200 x 5) or another prompt set."""
-    from opdkit.preference.scorers import build_pickscore
+    from opdkit.scoring.preference.scorers import build_pickscore
 
     records = _records(prompts, prompt_set)
     scorer = build_pickscore(model, processor, device, dtype, batch_size)
@@ -128,8 +128,8 @@ def clipscore_bench(
     batch_size: int = 32,
 ) -> Benchmark:
     """CLIP ViT-L/14 logits_per_image / 100 on DrawBench (200 x 5) or another prompt set."""
-    from opdkit.preference import CLIPSCORE_SCALE
-    from opdkit.preference.scorers import build_clipscore
+    from opdkit.scoring.preference import CLIPSCORE_SCALE
+    from opdkit.scoring.preference.scorers import build_clipscore
 
     records = _records(prompts, prompt_set)
     scorer = build_clipscore(model, processor, device, dtype, batch_size)
@@ -150,7 +150,7 @@ def aesthetic_bench(
     batch_size: int = 32,
 ) -> Benchmark:
     """LAION aesthetic predictor v2 (~1-10) on DrawBench (200 x 5) or another prompt set."""
-    from opdkit.preference.scorers import build_aesthetic
+    from opdkit.scoring.preference.scorers import build_aesthetic
 
     records = _records(prompts, prompt_set)
     scorer = build_aesthetic(predictor, clip, processor, device, dtype, batch_size)
@@ -172,7 +172,7 @@ def hpsv2_bench(
     batch_size: int = 32,
 ) -> Benchmark:
     """HPSv2.1, 100 x cosine; HPD v2's four styles x 800 prompts by default (overall = style mean)."""
-    from opdkit.preference.scorers import build_hpsv2
+    from opdkit.scoring.preference.scorers import build_hpsv2
 
     records = _records(prompts, prompt_set)
     scorer = build_hpsv2(checkpoint, version, tokenizer, backend, device, dtype, batch_size)
@@ -196,7 +196,7 @@ def imagereward_bench(
     batch_size: int = 32,
 ) -> Benchmark:
     """ImageReward-v1.0 (normalised) on DrawBench (200 x 5) or another prompt set."""
-    from opdkit.preference.scorers import build_imagereward
+    from opdkit.scoring.preference.scorers import build_imagereward
 
     records = _records(prompts, prompt_set)
     scorer = build_imagereward(checkpoint, tokenizer, backend, med_config, device, dtype, batch_size)

@@ -1,7 +1,7 @@
 """Preference and quality rewards: PickScore, CLIPScore, LAION Aesthetic, HPSv2.1, ImageReward.
 
 Each builder loads its model once (weights from a local path or a hub id; see
-:mod:`opdkit.preference.weights`) and returns ``(images (B, 3, H, W) in [0, 1], prompts, metadata)
+:mod:`opdkit.scoring.weights`) and returns ``(images (B, 3, H, W) in [0, 1], prompts, metadata)
 -> {"score": (B,), ...}``. ``score`` is the training reward; the raw model output is logged
 beside it. Heavy imports happen inside the builders (``opdkit list`` imports no torch).
 
@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from opdkit.preference import (
+from opdkit.registry import rewards
+from opdkit.scoring.preference import (
     BERT_BASE_UNCASED,
     CLIPSCORE_SCALE,
     IMAGEREWARD_CHECKPOINT,
@@ -22,7 +23,6 @@ from opdkit.preference import (
     PICKSCORE_MODEL,
     PICKSCORE_REWARD_SCALE,
 )
-from opdkit.registry import rewards
 
 if TYPE_CHECKING:
     import torch
@@ -51,7 +51,7 @@ def pickscore(
     batch_size: int = 32,
 ) -> RewardFn:
     """PickScore_v1: exp(logit_scale) * cos(image, text), times ``scale`` (1/26, as flow_grpo)."""
-    from opdkit.preference.scorers import build_pickscore
+    from opdkit.scoring.preference.scorers import build_pickscore
 
     return _reward(build_pickscore(model, processor, device, dtype, batch_size), "logit", scale, "pickscore")
 
@@ -66,7 +66,7 @@ def clipscore(
     batch_size: int = 32,
 ) -> RewardFn:
     """CLIP ViT-L/14 image-text agreement: logits_per_image / 100."""
-    from opdkit.preference.scorers import build_clipscore
+    from opdkit.scoring.preference.scorers import build_clipscore
 
     return _reward(build_clipscore(model, processor, device, dtype, batch_size), "logit", scale, "clip_logit")
 
@@ -82,7 +82,7 @@ def aesthetic(
     batch_size: int = 32,
 ) -> RewardFn:
     """LAION aesthetic predictor v2 (sac+logos+ava1-l14-linearMSE) on CLIP ViT-L/14, ~1-10."""
-    from opdkit.preference.scorers import build_aesthetic
+    from opdkit.scoring.preference.scorers import build_aesthetic
 
     return _reward(build_aesthetic(predictor, clip, processor, device, dtype, batch_size), "aesthetic", scale, "aesthetic")
 
@@ -99,7 +99,7 @@ def hpsv2(
     batch_size: int = 32,
 ) -> RewardFn:
     """HPSv2.1 (``version`` v2.1 by default): the raw cosine of the HPS-tuned ViT-H/14."""
-    from opdkit.preference.scorers import build_hpsv2
+    from opdkit.scoring.preference.scorers import build_hpsv2
 
     scorer = build_hpsv2(checkpoint, version, tokenizer, backend, device, dtype, batch_size)
     return _reward(scorer, "cosine", scale, "hps_cosine")
@@ -117,7 +117,7 @@ def imagereward(
     batch_size: int = 32,
 ) -> RewardFn:
     """ImageReward-v1.0 with its fixed output normalisation (mean 0.1672, std 1.0333)."""
-    from opdkit.preference.scorers import build_imagereward
+    from opdkit.scoring.preference.scorers import build_imagereward
 
     scorer = build_imagereward(checkpoint, tokenizer, backend, med_config, device, dtype, batch_size)
     return _reward(scorer, "imagereward", scale, "imagereward")

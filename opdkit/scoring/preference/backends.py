@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from opdkit.errors import OpdkitError
-from opdkit.preference.images import to_pil
+from opdkit.scoring.preference.images import to_pil
 
 
 def _import(module: str, dist: str) -> Any:

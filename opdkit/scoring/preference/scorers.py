@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from opdkit.errors import OpdkitError
-from opdkit.preference import (
+from opdkit.scoring.preference import (
     AESTHETIC_FILE,
     AESTHETIC_URL,
     BERT_BASE_UNCASED,
@@ -34,8 +34,8 @@ from opdkit.preference import (
     OPENAI_VIT_L14,
     PICKSCORE_MODEL,
 )
-from opdkit.preference.images import make_clip_image_processor, pil_pixel_values, tensor_pixel_values
-from opdkit.preference.weights import load_pretrained, parse_dtype, resolve_device, resolve_file
+from opdkit.scoring.preference.images import make_clip_image_processor, pil_pixel_values, tensor_pixel_values
+from opdkit.scoring.weights import load_pretrained, parse_dtype, resolve_device, resolve_file
 
 Scores = dict[str, torch.Tensor]
 BACKENDS = ("opdkit", "package")
@@ -122,7 +122,7 @@ def _clip_processor_parts(processor: str, what: str, param: str) -> tuple[Any, A
     """(tokenizer, image processor) of a CLIP processor directory or hub id."""
     from transformers import AutoTokenizer
 
-    from opdkit.preference.images import clip_image_processor_class
+    from opdkit.scoring.preference.images import clip_image_processor_class
 
     tokenizer = load_pretrained(AutoTokenizer.from_pretrained, processor, f"{what} tokenizer", param)
     image_processor = load_pretrained(clip_image_processor_class().from_pretrained, processor, f"{what} image processor", param)
@@ -195,8 +195,8 @@ def build_aesthetic(
     """The predictor's head (``.pth`` converted once, or a ``head.safetensors``/its directory) on ``clip``."""
     from safetensors.torch import load_file
 
-    from opdkit.preference.convert import convert_aesthetic_head, convert_aesthetic_state
-    from opdkit.preference.modules import preference_head
+    from opdkit.scoring.preference.convert import convert_aesthetic_head, convert_aesthetic_state
+    from opdkit.scoring.preference.modules import preference_head
 
     if predictor is None:
         raise OpdkitError(
@@ -232,7 +232,7 @@ class HpsScorer(ClipScorer):
 
 def hps_model_dir(checkpoint: str | None = None, version: str = "v2.1") -> Path:
     """A converted HPS ``CLIPModel`` directory: given as such, or converted from the official ``.pt``."""
-    from opdkit.preference.convert import convert_hps_checkpoint
+    from opdkit.scoring.preference.convert import convert_hps_checkpoint
 
     if version not in HPS_CHECKPOINTS:
         raise OpdkitError(f"hpsv2: version {version!r}: expected one of {', '.join(HPS_CHECKPOINTS)}")
@@ -258,7 +258,7 @@ def build_hpsv2(
     if backend not in BACKENDS:
         raise OpdkitError(f"hpsv2: backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend == "package":
-        from opdkit.preference.backends import hpsv2_package_scorer
+        from opdkit.scoring.preference.backends import hpsv2_package_scorer
 
         spec = checkpoint or HPS_CHECKPOINTS.get(version, "")
         return hpsv2_package_scorer(resolve_file(spec, f"HPSv2 ({version}) checkpoint", "checkpoint"), version)
@@ -319,8 +319,8 @@ def load_imagereward_dir(directory: Path) -> Any:
     from safetensors.torch import load_file
     from transformers import BlipTextConfig, BlipVisionConfig
 
-    from opdkit.preference.convert import IMAGEREWARD_FORMAT
-    from opdkit.preference.modules import ImageRewardModel
+    from opdkit.scoring.preference.convert import IMAGEREWARD_FORMAT
+    from opdkit.scoring.preference.modules import ImageRewardModel
 
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
@@ -365,13 +365,13 @@ def build_imagereward(
     batch_size: int = 32,
 ) -> Any:
     """ImageReward scorer: our conversion on transformers BLIP (default) or the ``image-reward`` package."""
-    from opdkit.preference.convert import convert_imagereward_checkpoint
+    from opdkit.scoring.preference.convert import convert_imagereward_checkpoint
 
     if backend not in BACKENDS:
         raise OpdkitError(f"imagereward: backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     source = resolve_file(checkpoint, "ImageReward checkpoint", "checkpoint", fetch="https://huggingface.co/THUDM/ImageReward")
     if backend == "package":
-        from opdkit.preference.backends import imagereward_package_scorer
+        from opdkit.scoring.preference.backends import imagereward_package_scorer
 
         return imagereward_package_scorer(source, med_config, resolve_device(device))
     directory = source if source.is_dir() else convert_imagereward_checkpoint(source)
