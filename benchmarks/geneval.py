@@ -1,6 +1,6 @@
 """GenEval (djghosh13/geneval): 553 compositional prompts, 4 images each, scored by object detection.
 
-The official protocol (DESIGN.md §6): a Mask2Former COCO instance detector, detections kept with
+The official protocol: a Mask2Former COCO instance detector, detections kept with
 score > 0.3 (> 0.9 for counting prompts), at most 16 per class, no NMS; colours by CLIP ViT-L/14
 zero-shot on the masked, cropped object; relative position with a 0.1 size margin. Per-tag
 accuracy and the unweighted mean over the six tags ("overall"). The rules live in

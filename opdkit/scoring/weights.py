@@ -13,7 +13,9 @@ When neither works, the error is ONE line that names what to fetch and which par
 so a recipe or an ``opdkit eval --param`` can point at a local copy instead. GenEval's models are
 checked before any image is generated (:func:`resolve_pretrained`) and loaded on first use
 (:func:`load_resolved`); the preference models load at once (:func:`load_pretrained`,
-:func:`resolve_file`). The two keep their own wording, which their benchmarks' messages use.
+:func:`resolve_file`); each pair words its messages for its plug-ins (the GenEval ones point at
+``hf download --local-dir`` and ``--param NAME=DIR``, the preference ones at the recipe key and
+``--param NAME=PATH``).
 
 Converted weights (HPSv2.1, ImageReward, the Aesthetic head) are written once into
 ``$OPDKIT_CACHE/preference/<kind>-<key>/`` (default ``~/.cache/opdkit``); ``key`` is derived from

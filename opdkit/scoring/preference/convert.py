@@ -1,4 +1,7 @@
-"""Converters from the upstream checkpoints to transformers weights, with the layouts they expect.
+"""Converters from the upstream checkpoints to transformers weights (over 500 lines: each layout is listed key by key).
+
+One module because the three converters share the key checks, the meta-device targets and the
+conversion cache.
 
 Each converter documents the exact upstream key/shape list it accepts (``*_key_shapes``), checks
 the checkpoint against it, maps every key, and checks the result against the state dict of the
