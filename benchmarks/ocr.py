@@ -3,8 +3,9 @@
 flow_grpo's metric (:mod:`opdkit.scoring.ocr`): the text inside the prompt's first pair of double
 quotes is the target; spaces are removed and case folded on both sides; a target found inside
 the recognised text scores 1, otherwise 1 - (edit distance capped at the target length) /
-length. One image per prompt, as flow_grpo's evaluation. The engine is a plug-in
-(:mod:`opdkit.ocr_engines`); the default, rapidocr, runs PP-OCRv4 offline.
+length. One image per prompt, as flow_grpo's evaluation. The engine is an ``ocr_engine`` plug-in
+(:mod:`opdkit.scoring.ocr_engines`); the default, rapidocr, runs PP-OCRv4 offline. The scorer is
+the ``ocr`` reward's.
 
 The prompts are not shipped: pass ``--param prompts=PATH`` (flow_grpo's ``dataset/ocr/test.txt``)
 or ``--param download=true`` (sha256-pinned, cached).
@@ -37,22 +38,16 @@ def ocr_bench(
         prompts: path to flow_grpo's ``dataset/ocr/test.txt`` (else the cache, see ``download``).
         download: fetch the prompts into the cache (``$OPDKIT_CACHE``), verified by sha256.
         samples_per_prompt: images per prompt (1, as flow_grpo evaluates).
-        engine: ``rapidocr`` (default) or ``module.path:function``.
+        engine: an ``ocr_engine`` plug-in: ``rapidocr`` (default), another registered one or
+            ``module.path:function``.
         engine_threads: onnxruntime threads for rapidocr (default ``$OMP_NUM_THREADS`` or all).
         resolution, steps, cfg: sampler defaults (SD3.5-M: 512 px, 40 steps, CFG 4.5).
     """
     from opdkit.data.sources import load_ocr_prompts
-    from opdkit.detectors import to_uint8_images
-    from opdkit.ocr_engines import OcrScorer
+    from opdkit.scoring.ocr_scorer import ocr_scorer
 
     records, located = load_ocr_prompts(prompts, download)
-    scorer = OcrScorer(engine, {"threads": engine_threads} if engine == "rapidocr" else {})
-
-    def score(images: Any, batch: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
-        results = scorer(to_uint8_images(images), batch)
-        return {key: torch.tensor([r[key] for r in results], dtype=torch.float32) for key in ("score", "exact")}
+    scorer = ocr_scorer(engine, engine_threads)
 
     def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
         n = len(rows)
@@ -67,7 +62,7 @@ def ocr_bench(
         world="sd3",
         prompts=records,
         samples_per_prompt=samples_per_prompt,
-        score=score,
+        score=scorer,
         summarize=summarize_rows,
         sampler={"steps": steps, "cfg": cfg, "resolution": resolution, "shift": None},
         protocol=f"flow_grpo-ocr/{PROTOCOL_VERSION}{prompt_set}",

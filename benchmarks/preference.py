@@ -13,31 +13,29 @@ Scales (the per-image ``score``): PickScore raw (~21-24), CLIPScore logits / 100
 Common parameters: ``prompts`` (a file/directory, see :mod:`opdkit.data.sources`), ``prompt_set``
 (``drawbench``, ``pickscore-test``, ``hpdv2``), ``samples_per_prompt`` (default: the set's),
 ``resolution`` (default 512; sampler steps 40, CFG 4.5 as the SD3.5-M evaluations), ``device``,
-``dtype``, ``batch_size``, plus each model's weight parameters (as the rewards of the same name).
+``dtype``, ``batch_size``, plus each model's weight parameters: those of its builder in
+:mod:`opdkit.scoring.preference.builders`, the scorer the reward of the same name ranks by too.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from opdkit.data.sources import load_prompt_set
 from opdkit.eval.benchmark import Benchmark
-from opdkit.preference import (
-    BERT_BASE_UNCASED,
-    IMAGEREWARD_CHECKPOINT,
-    LAION_VIT_H14,
-    OPENAI_VIT_L14,
-    PICKSCORE_MODEL,
+from opdkit.registry import benchmarks, with_params_of
+from opdkit.scoring.preference import CLIPSCORE_SCALE
+from opdkit.scoring.preference.builders import (
+    build_aesthetic,
+    build_clipscore,
+    build_hpsv2,
+    build_imagereward,
+    build_pickscore,
 )
-from opdkit.registry import benchmarks
+from opdkit.scoring.scorer import WithScore
 
 PROTOCOL_VERSION = "1"
 FAMILY = "Preference"
-
-
-def _records(prompts: str | None, prompt_set: str) -> list[dict[str, Any]]:
-    from opdkit.data.sources import load_prompt_set
-
-    return load_prompt_set(prompt_set, prompts)
 
 
 def _summarize(per_tag_mean: bool) -> Any:
@@ -61,25 +59,16 @@ def _summarize(per_tag_mean: bool) -> Any:
 
 def _bench(
     name: str,
-    scorer: Any,
-    key: str,
-    scale: float,
+    score: WithScore,
     records: list[dict[str, Any]],
     prompt_set: str,
     samples_per_prompt: int | None,
     resolution: int,
-    extra: dict[str, str] | None = None,
 ) -> Benchmark:
-    """A Benchmark whose per-image score is ``scale * scorer(...)[key]`` (other outputs kept as named)."""
+    """A preference Benchmark of ``score`` on the ``records`` of ``prompt_set``."""
     from opdkit.data.sources import prompt_set as spec_of
 
     spec = spec_of(prompt_set)
-    keep = dict(extra or {})
-
-    def score(images: Any, batch: list[dict[str, Any]]) -> dict[str, Any]:
-        out = scorer(images, [r["prompt"] for r in batch])
-        return {"score": out[key] * scale, **{name_: out[k] for k, name_ in keep.items()}}
-
     return Benchmark(
         name=name,
         world="sd3",
@@ -89,115 +78,82 @@ def _bench(
         summarize=_summarize(per_tag_mean=prompt_set == "hpdv2"),
         sampler={"steps": 40, "cfg": 4.5, "resolution": resolution, "shift": None},
         protocol=f"{name}/{prompt_set}/{PROTOCOL_VERSION}",
-        engine=scorer.engine,
+        engine=score.engine,
         higher_is_better=True,
         family=FAMILY,
     )
 
 
 @benchmarks.register("pickscore")
+@with_params_of(build_pickscore)
 def pickscore_bench(
     prompts: str | None = None,
     prompt_set: str = "drawbench",
     samples_per_prompt: int | None = None,
     resolution: int = 512,
-    model: str = PICKSCORE_MODEL,
-    processor: str = LAION_VIT_H14,
-    device: str = "auto",
-    dtype: str = "float32",
-    batch_size: int = 32,
+    **model: Any,
 ) -> Benchmark:
     """PickScore_v1 (raw, ~21-24) on DrawBench (200 x 5) or another prompt set."""
-    from opdkit.preference.scorers import build_pickscore
-
-    records = _records(prompts, prompt_set)
-    scorer = build_pickscore(model, processor, device, dtype, batch_size)
-    return _bench("pickscore", scorer, "logit", 1.0, records, prompt_set, samples_per_prompt, resolution)
+    records = load_prompt_set(prompt_set, prompts)
+    score = WithScore(build_pickscore(**model), "logit")
+    return _bench("pickscore", score, records, prompt_set, samples_per_prompt, resolution)
 
 
 @benchmarks.register("clipscore")
+@with_params_of(build_clipscore)
 def clipscore_bench(
     prompts: str | None = None,
     prompt_set: str = "drawbench",
     samples_per_prompt: int | None = None,
     resolution: int = 512,
-    model: str = OPENAI_VIT_L14,
-    processor: str | None = None,
-    device: str = "auto",
-    dtype: str = "float32",
-    batch_size: int = 32,
+    **model: Any,
 ) -> Benchmark:
     """CLIP ViT-L/14 logits_per_image / 100 on DrawBench (200 x 5) or another prompt set."""
-    from opdkit.preference import CLIPSCORE_SCALE
-    from opdkit.preference.scorers import build_clipscore
-
-    records = _records(prompts, prompt_set)
-    scorer = build_clipscore(model, processor, device, dtype, batch_size)
-    return _bench("clipscore", scorer, "logit", CLIPSCORE_SCALE, records, prompt_set, samples_per_prompt, resolution)
+    records = load_prompt_set(prompt_set, prompts)
+    score = WithScore(build_clipscore(**model), "logit", CLIPSCORE_SCALE)
+    return _bench("clipscore", score, records, prompt_set, samples_per_prompt, resolution)
 
 
 @benchmarks.register("aesthetic")
+@with_params_of(build_aesthetic)
 def aesthetic_bench(
     prompts: str | None = None,
     prompt_set: str = "drawbench",
     samples_per_prompt: int | None = None,
     resolution: int = 512,
-    predictor: str | None = None,
-    clip: str = OPENAI_VIT_L14,
-    processor: str | None = None,
-    device: str = "auto",
-    dtype: str = "float32",
-    batch_size: int = 32,
+    **model: Any,
 ) -> Benchmark:
     """LAION aesthetic predictor v2 (~1-10) on DrawBench (200 x 5) or another prompt set."""
-    from opdkit.preference.scorers import build_aesthetic
-
-    records = _records(prompts, prompt_set)
-    scorer = build_aesthetic(predictor, clip, processor, device, dtype, batch_size)
-    return _bench("aesthetic", scorer, "aesthetic", 1.0, records, prompt_set, samples_per_prompt, resolution)
+    records = load_prompt_set(prompt_set, prompts)
+    score = WithScore(build_aesthetic(**model), "aesthetic")
+    return _bench("aesthetic", score, records, prompt_set, samples_per_prompt, resolution)
 
 
 @benchmarks.register("hpsv2")
+@with_params_of(build_hpsv2)
 def hpsv2_bench(
     prompts: str | None = None,
     prompt_set: str = "hpdv2",
     samples_per_prompt: int | None = None,
     resolution: int = 512,
-    checkpoint: str | None = None,
-    version: str = "v2.1",
-    tokenizer: str = LAION_VIT_H14,
-    backend: str = "opdkit",
-    device: str = "auto",
-    dtype: str = "float32",
-    batch_size: int = 32,
+    **model: Any,
 ) -> Benchmark:
     """HPSv2.1, 100 x cosine; HPD v2's four styles x 800 prompts by default (overall = style mean)."""
-    from opdkit.preference.scorers import build_hpsv2
-
-    records = _records(prompts, prompt_set)
-    scorer = build_hpsv2(checkpoint, version, tokenizer, backend, device, dtype, batch_size)
-    return _bench(
-        "hpsv2", scorer, "cosine", 100.0, records, prompt_set, samples_per_prompt, resolution, extra={"cosine": "cosine"}
-    )
+    records = load_prompt_set(prompt_set, prompts)
+    score = WithScore(build_hpsv2(**model), "cosine", 100.0, keep=("cosine",))
+    return _bench("hpsv2", score, records, prompt_set, samples_per_prompt, resolution)
 
 
 @benchmarks.register("imagereward")
+@with_params_of(build_imagereward)
 def imagereward_bench(
     prompts: str | None = None,
     prompt_set: str = "drawbench",
     samples_per_prompt: int | None = None,
     resolution: int = 512,
-    checkpoint: str = IMAGEREWARD_CHECKPOINT,
-    tokenizer: str = BERT_BASE_UNCASED,
-    backend: str = "opdkit",
-    med_config: str | None = None,
-    device: str = "auto",
-    dtype: str = "float32",
-    batch_size: int = 32,
+    **model: Any,
 ) -> Benchmark:
     """ImageReward-v1.0 (normalised) on DrawBench (200 x 5) or another prompt set."""
-    from opdkit.preference.scorers import build_imagereward
-
-    records = _records(prompts, prompt_set)
-    scorer = build_imagereward(checkpoint, tokenizer, backend, med_config, device, dtype, batch_size)
-    return _bench("imagereward", scorer, "imagereward", 1.0, records, prompt_set, samples_per_prompt, resolution)
+    records = load_prompt_set(prompt_set, prompts)
+    score = WithScore(build_imagereward(**model), "imagereward")
+    return _bench("imagereward", score, records, prompt_set, samples_per_prompt, resolution)

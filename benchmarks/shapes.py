@@ -1,7 +1,8 @@
 """Benchmarks of the shapes world: GenEval's protocol with the exact shapes detector, OCR, quality.
 
 Same rules as the real benchmarks (the GenEval verdicts and the OCR metric live in
-:mod:`opdkit.scoring`), on the shapes world's shipped test split, 4 images per prompt.
+:mod:`opdkit.scoring`), on the shapes world's shipped test split, 4 images per prompt; the scorers
+are the ``shapes_*`` rewards' (:mod:`opdkit.scoring.shapes`).
 
 ``split: train`` (``opdkit eval -p split=train``) scores a validation set instead: as many train
 prompts per tag as the test split has (all of the small tags, a seeded sample of the large ones),
@@ -15,6 +16,8 @@ from typing import Any
 
 from opdkit.eval.benchmark import Benchmark
 from opdkit.registry import benchmarks
+from opdkit.scoring.scorer import WithScore
+from opdkit.scoring.shapes import score_shapes_geneval, score_shapes_ocr, score_shapes_quality
 
 # Sampler settings of every shapes benchmark: the base model was pretrained at 32 px.
 SHAPES_SAMPLER: dict[str, Any] = {"steps": 20, "cfg": 3.0, "resolution": 32, "shift": None}
@@ -63,19 +66,7 @@ def shapes_geneval_bench(samples_per_prompt: int = 4, split: str = "test") -> Be
     """GenEval protocol on the shapes test split (six tags), exact shapes detector, strict verdicts.
 
     ``split="train"``: the validation set instead (module docstring)."""
-    from opdkit.rewards.shapes import to_uint8_hwc
-
     from opdkit.scoring.geneval import GENEVAL_TAGS, summarize
-    from opdkit.shapes.detect import score_geneval
-
-    def score(images: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
-        results = score_geneval(to_uint8_hwc(images), records)
-        return {
-            "score": torch.tensor([float(r["correct"]) for r in results]),
-            "partial": torch.tensor([float(r["partial"]) for r in results]),
-        }
 
     def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
         return summarize([{"tag": r["tag"], "correct": r["score"]} for r in rows])
@@ -85,7 +76,7 @@ def shapes_geneval_bench(samples_per_prompt: int = 4, split: str = "test") -> Be
         world="shapes",
         prompts=_split_records(split, tuple(GENEVAL_TAGS)),
         samples_per_prompt=samples_per_prompt,
-        score=score,
+        score=WithScore(score_shapes_geneval, "correct", keep=("partial",)),
         summarize=summarize_rows,
         sampler=dict(SHAPES_SAMPLER),
         protocol=f"geneval-official/shapes-{split}/{PROTOCOL_VERSION}",
@@ -99,21 +90,12 @@ def shapes_ocr_bench(samples_per_prompt: int = 4, split: str = "test") -> Benchm
     """flow_grpo's OCR metric (1 - capped edit distance / length) on the shapes test split's signs.
 
     ``split="train"``: the validation set instead (module docstring)."""
-    from opdkit.rewards.shapes import to_uint8_hwc
-
-    from opdkit.shapes.detect import score_ocr
-
-    def score(images: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
-        return {"score": torch.tensor(score_ocr(to_uint8_hwc(images), records), dtype=torch.float32)}
-
     return Benchmark(
         name="shapes-ocr",
         world="shapes",
         prompts=_split_records(split, ("ocr",)),
         samples_per_prompt=samples_per_prompt,
-        score=score,
+        score=score_shapes_ocr,
         summarize=lambda rows: {"overall": _mean(rows)},
         sampler=dict(SHAPES_SAMPLER),
         protocol=f"flow_grpo-ocr/shapes-{split}/{PROTOCOL_VERSION}",
@@ -127,15 +109,6 @@ def shapes_quality_bench(samples_per_prompt: int = 4, split: str = "test") -> Be
     """Task-agnostic image quality in [0, 1] over every prompt of the shapes test split.
 
     ``split="train"``: the validation set instead (module docstring)."""
-    from opdkit.rewards.shapes import to_uint8_hwc
-
-    from opdkit.shapes.quality import score_quality
-
-    def score(images: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
-        return {"score": torch.tensor(score_quality(to_uint8_hwc(images)), dtype=torch.float32)}
-
     def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
         by_tag: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
@@ -147,7 +120,7 @@ def shapes_quality_bench(samples_per_prompt: int = 4, split: str = "test") -> Be
         world="shapes",
         prompts=_split_records(split, None),
         samples_per_prompt=samples_per_prompt,
-        score=score,
+        score=score_shapes_quality,
         summarize=summarize_rows,
         sampler=dict(SHAPES_SAMPLER),
         protocol=f"shapes-quality/shapes-{split}/{PROTOCOL_VERSION}",

@@ -27,7 +27,7 @@ app = typer.Typer(
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-KINDS = ("reward", "teacher", "router", "regularizer", "benchmark", "model")
+KINDS = ("reward", "teacher", "router", "regularizer", "benchmark", "model", "detector", "color_classifier", "ocr_engine")
 
 
 def _console(stderr: bool = False) -> Any:

@@ -178,6 +178,40 @@ def check_builder_params(builder: Builder, params: dict[str, Any], what: str) ->
         ) from None
 
 
+def with_params_of(base: Builder) -> Callable[[Builder], Builder]:
+    """Decorator: the builder also takes every keyword parameter of ``base``, in its ``**params``.
+
+    A reward and a benchmark over the same scorer then declare the scorer's parameters once, on
+    the scorer's builder, and pass them through. The decorated builder's signature (what
+    :func:`check_builder_params` binds and names in its messages) becomes its own parameters
+    followed by ``base``'s, keyword-only, so a misspelt parameter is still refused before anything
+    is built.
+
+    Raises:
+        TypeError: the builder has no ``**params`` to receive them, or shares a parameter name
+            with ``base`` (a programming error, raised at import).
+    """
+
+    def decorator(builder: Builder) -> Builder:
+        own = inspect.signature(builder)
+        kept = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        if len(kept) == len(own.parameters):
+            raise TypeError(f"{builder.__qualname__} needs **params to take the parameters of {base.__qualname__}")
+        names = {p.name for p in kept}
+        taken = [
+            p.replace(kind=p.KEYWORD_ONLY)
+            for p in inspect.signature(base).parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
+        clash = sorted(names & {p.name for p in taken})
+        if clash:
+            raise TypeError(f"{builder.__qualname__} and {base.__qualname__} both take {', '.join(clash)}")
+        builder.__signature__ = own.replace(parameters=[*kept, *taken])  # type: ignore[attr-defined]
+        return builder
+
+    return decorator
+
+
 def load_object(spec: str, kind: str = "plug-in") -> Builder:
     """Import ``module.path:attr`` or ``./file.py:attr`` (relative to the current directory).
 
@@ -247,7 +281,12 @@ routers = Registry("router", ["opdkit.teachers.routers"])
 regularizers = Registry("regularizer", ["opdkit.teachers.regularizers"])
 benchmarks = Registry("benchmark", ["opdkit.benchmarks"])
 models = Registry("model", ["opdkit.models"])
+# The parts scorers are made of (opdkit.scoring): GenEval's detector and colour classifier, OCR engines.
+detectors = Registry("detector", ["opdkit.scoring.detectors"])
+color_classifiers = Registry("color_classifier", ["opdkit.scoring.colors"])
+ocr_engines = Registry("ocr_engine", ["opdkit.scoring.ocr_engines"])
 
 REGISTRIES: dict[str, Registry] = {
-    r.kind: r for r in (rewards, teachers, routers, regularizers, benchmarks, models)
+    r.kind: r
+    for r in (rewards, teachers, routers, regularizers, benchmarks, models, detectors, color_classifiers, ocr_engines)
 }

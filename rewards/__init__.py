@@ -1,6 +1,7 @@
 """Reward plug-ins (installed as ``opdkit.rewards``).
 
-A reward builder's keyword arguments are its YAML ``params``; it returns a callable
+A reward builder's keyword arguments are its YAML ``params``; it returns a scorer
+(:data:`opdkit.scoring.scorer.Scorer`, the signature benchmarks share)
 ``(images (B, 3, H, W) float in [0, 1], prompts: list[str], metadata: list[dict]) -> dict[str, Tensor (B,)]``
 whose ``"score"`` entry is the reward and whose other entries are logged sub-scores.
 Submodules keep heavy imports inside their builders.

@@ -1,123 +1,59 @@
 """Preference and quality rewards: PickScore, CLIPScore, LAION Aesthetic, HPSv2.1, ImageReward.
 
-Each builder loads its model once (weights from a local path or a hub id; see
-:mod:`opdkit.preference.weights`) and returns ``(images (B, 3, H, W) in [0, 1], prompts, metadata)
--> {"score": (B,), ...}``. ``score`` is the training reward; the raw model output is logged
-beside it. Heavy imports happen inside the builders (``opdkit list`` imports no torch).
-
-Common parameters: ``device`` (``auto``: the current CUDA device, else CPU), ``dtype``
-(``float32``, ``float16``, ``bfloat16``) and ``batch_size`` (images per forward pass).
+Each reward is the benchmark's scorer of the same name (:mod:`opdkit.scoring.preference.builders`,
+weights from a local path or a hub id, see :mod:`opdkit.scoring.weights`) with ``score`` = ``scale``
+x the model's raw output, which is logged beside it. A reward takes its builder's parameters
+(weights, ``device``: ``auto`` is the current CUDA device, else CPU; ``dtype``: ``float32``,
+``float16``, ``bfloat16``; ``batch_size``: images per forward pass) plus ``scale``. Heavy imports
+happen when the scorer is built (``opdkit list`` imports no torch).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from opdkit.preference import (
-    BERT_BASE_UNCASED,
-    CLIPSCORE_SCALE,
-    IMAGEREWARD_CHECKPOINT,
-    LAION_VIT_H14,
-    OPENAI_VIT_L14,
-    PICKSCORE_MODEL,
-    PICKSCORE_REWARD_SCALE,
+from opdkit.registry import rewards, with_params_of
+from opdkit.scoring.preference import CLIPSCORE_SCALE, PICKSCORE_REWARD_SCALE
+from opdkit.scoring.preference.builders import (
+    build_aesthetic,
+    build_clipscore,
+    build_hpsv2,
+    build_imagereward,
+    build_pickscore,
 )
-from opdkit.registry import rewards
-
-if TYPE_CHECKING:
-    import torch
-
-RewardFn = Any  # (images, prompts, metadata) -> dict[str, torch.Tensor]
-
-
-def _reward(scorer: Any, key: str, scale: float, raw_name: str) -> RewardFn:
-    """Wrap a scorer: ``score = scale * scorer[key]``; the raw value is logged as ``raw_name``."""
-
-    def reward(images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        raw = scorer(images, list(prompts))[key]
-        return {"score": raw * scale, raw_name: raw}
-
-    reward.engine = scorer.engine  # type: ignore[attr-defined]
-    return reward
+from opdkit.scoring.scorer import Scorer, WithScore
 
 
 @rewards.register("pickscore")
-def pickscore(
-    model: str = PICKSCORE_MODEL,
-    processor: str = LAION_VIT_H14,
-    scale: float = PICKSCORE_REWARD_SCALE,
-    device: str = "auto",
-    dtype: str = "float32",
-    batch_size: int = 32,
-) -> RewardFn:
+@with_params_of(build_pickscore)
+def pickscore(scale: float = PICKSCORE_REWARD_SCALE, **model: Any) -> Scorer:
     """PickScore_v1: exp(logit_scale) * cos(image, text), times ``scale`` (1/26, as flow_grpo)."""
-    from opdkit.preference.scorers import build_pickscore
-
-    return _reward(build_pickscore(model, processor, device, dtype, batch_size), "logit", scale, "pickscore")
+    return WithScore(build_pickscore(**model), "logit", scale, keep={"pickscore": "logit"})
 
 
 @rewards.register("clipscore")
-def clipscore(
-    model: str = OPENAI_VIT_L14,
-    processor: str | None = None,
-    scale: float = CLIPSCORE_SCALE,
-    device: str = "auto",
-    dtype: str = "float32",
-    batch_size: int = 32,
-) -> RewardFn:
+@with_params_of(build_clipscore)
+def clipscore(scale: float = CLIPSCORE_SCALE, **model: Any) -> Scorer:
     """CLIP ViT-L/14 image-text agreement: logits_per_image / 100."""
-    from opdkit.preference.scorers import build_clipscore
-
-    return _reward(build_clipscore(model, processor, device, dtype, batch_size), "logit", scale, "clip_logit")
+    return WithScore(build_clipscore(**model), "logit", scale, keep={"clip_logit": "logit"})
 
 
 @rewards.register("aesthetic")
-def aesthetic(
-    predictor: str | None = None,
-    clip: str = OPENAI_VIT_L14,
-    processor: str | None = None,
-    scale: float = 1.0,
-    device: str = "auto",
-    dtype: str = "float32",
-    batch_size: int = 32,
-) -> RewardFn:
+@with_params_of(build_aesthetic)
+def aesthetic(scale: float = 1.0, **model: Any) -> Scorer:
     """LAION aesthetic predictor v2 (sac+logos+ava1-l14-linearMSE) on CLIP ViT-L/14, ~1-10."""
-    from opdkit.preference.scorers import build_aesthetic
-
-    return _reward(build_aesthetic(predictor, clip, processor, device, dtype, batch_size), "aesthetic", scale, "aesthetic")
+    return WithScore(build_aesthetic(**model), "aesthetic", scale, keep={"aesthetic": "aesthetic"})
 
 
 @rewards.register("hpsv2")
-def hpsv2(
-    checkpoint: str | None = None,
-    version: str = "v2.1",
-    tokenizer: str = LAION_VIT_H14,
-    backend: str = "opdkit",
-    scale: float = 1.0,
-    device: str = "auto",
-    dtype: str = "float32",
-    batch_size: int = 32,
-) -> RewardFn:
+@with_params_of(build_hpsv2)
+def hpsv2(scale: float = 1.0, **model: Any) -> Scorer:
     """HPSv2.1 (``version`` v2.1 by default): the raw cosine of the HPS-tuned ViT-H/14."""
-    from opdkit.preference.scorers import build_hpsv2
-
-    scorer = build_hpsv2(checkpoint, version, tokenizer, backend, device, dtype, batch_size)
-    return _reward(scorer, "cosine", scale, "hps_cosine")
+    return WithScore(build_hpsv2(**model), "cosine", scale, keep={"hps_cosine": "cosine"})
 
 
 @rewards.register("imagereward")
-def imagereward(
-    checkpoint: str = IMAGEREWARD_CHECKPOINT,
-    tokenizer: str = BERT_BASE_UNCASED,
-    backend: str = "opdkit",
-    med_config: str | None = None,
-    scale: float = 1.0,
-    device: str = "auto",
-    dtype: str = "float32",
-    batch_size: int = 32,
-) -> RewardFn:
+@with_params_of(build_imagereward)
+def imagereward(scale: float = 1.0, **model: Any) -> Scorer:
     """ImageReward-v1.0 with its fixed output normalisation (mean 0.1672, std 1.0333)."""
-    from opdkit.preference.scorers import build_imagereward
-
-    scorer = build_imagereward(checkpoint, tokenizer, backend, med_config, device, dtype, batch_size)
-    return _reward(scorer, "imagereward", scale, "imagereward")
+    return WithScore(build_imagereward(**model), "imagereward", scale, keep={"imagereward": "imagereward"})

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from opdkit.errors import OpdkitError
-from opdkit.preference import IMAGEREWARD_MEAN, IMAGEREWARD_STD
-from opdkit.preference.convert import (
+from opdkit.scoring.preference import IMAGEREWARD_MEAN, IMAGEREWARD_STD
+from opdkit.scoring.preference.convert import (
     IMAGEREWARD_DROPPED,
     IMAGEREWARD_V1,
     VIT_H_14,
@@ -267,7 +267,7 @@ def test_conversion_is_cached_and_redone_when_the_source_changes(tmp_path: Path)
     assert convert_hps_checkpoint(source, TINY_CLIP) == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp  # not rewritten
     record = (first / "opdkit_conversion.json").read_text()
-    from opdkit.preference.weights import sha256_file
+    from opdkit.scoring.weights import sha256_file
 
     assert sha256_file(source) in record
     os.utime(source, ns=(stamp + 10**9, stamp + 10**9))
@@ -281,7 +281,7 @@ def test_conversion_is_cached_and_redone_when_the_source_changes(tmp_path: Path)
 def test_imagereward_conversion_maps_every_key_and_matches_blip(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from opdkit.preference.scorers import load_imagereward_dir
+    from opdkit.scoring.preference.scorers import load_imagereward_dir
 
     upstream = random_state(imagereward_key_shapes(TINY_BLIP), seed=2)
     dropped = {
@@ -342,7 +342,7 @@ def test_imagereward_unknown_key_stops(tmp_path: Path) -> None:
 def test_aesthetic_head_conversion_matches_the_linear_chain(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from opdkit.preference.modules import preference_head
+    from opdkit.scoring.preference.modules import preference_head
 
     shapes = aesthetic_key_shapes(768)
     assert shapes["layers.0.weight"] == (1024, 768) and shapes["layers.7.weight"] == (1, 16)

@@ -19,11 +19,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from opdkit import detectors
+from opdkit import registry
 from opdkit.data import cache, sources
 from opdkit.errors import OpdkitError
 from opdkit.registry import benchmarks, rewards
+from opdkit.scoring import colors, detectors
 from opdkit.scoring.geneval import GENEVAL_COLORS, GENEVAL_TAGS, Detection
+from opdkit.scoring.geneval_scorer import GenEvalScorer
+from tests.fixtures.geneval_models import save_tiny_clip, save_tiny_mask2former
+from tests.fixtures.plugins import register_for_test
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_SHA256 = "5c48e0813e812e3c373fa5c8ed07a8f0a483be30272b4427b0559c8048e67c13"
@@ -168,8 +172,8 @@ def stub_plugins(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple[float
 
         return classify
 
-    monkeypatch.setitem(detectors.DETECTORS, "stub", stub_detector)
-    monkeypatch.setitem(detectors.COLOR_CLASSIFIERS, "stub", stub_colour)
+    register_for_test(monkeypatch, registry.detectors, "stub", stub_detector)
+    register_for_test(monkeypatch, registry.color_classifiers, "stub", stub_colour)
     return calls
 
 
@@ -187,7 +191,7 @@ def test_hand_made_detections_give_official_verdicts_and_summary(
     # not the official file: the protocol says so, with the prompt file's digest
     assert bench.protocol.startswith("geneval-official/1+prompts-sha256:")
     indices = list(range(len(CASES)))
-    scores = bench.score(case_images(indices), bench.prompts)
+    scores = bench.score(case_images(indices), [r["prompt"] for r in bench.prompts], bench.prompts)
     for i, (_, _, correct, strict, partial) in enumerate(CASES):
         assert float(scores["score"][i]) == correct, f"case {i}: official"
         assert float(scores["strict"][i]) == strict, f"case {i}: strict"
@@ -204,7 +208,7 @@ def test_colour_asked_once_per_object_and_only_for_top_ranked(
 ) -> None:
     meta = write_metadata(tmp_path / "cases.jsonl", [c[0] for c in CASES])
     bench = benchmarks.build("geneval", {"metadata": str(meta), "detector": "stub", "color": "stub"})
-    bench.score(case_images([10]), [bench.prompts[10]])
+    bench.score(case_images([10]), [bench.prompts[10]["prompt"]], [bench.prompts[10]])
     # official, strict and partial all ask about the blue top car; one classifier call serves
     # them all, and the red runner-up is never looked at
     assert stub_plugins == [("car", box(100, 100))]
@@ -334,8 +338,8 @@ def test_missing_metadata_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-geneval")
     return {
-        "mask2former": detectors.save_tiny_mask2former(root / "mask2former", favour="bench"),
-        "clip": detectors.save_tiny_clip(root / "clip"),
+        "mask2former": save_tiny_mask2former(root / "mask2former", favour="bench"),
+        "clip": save_tiny_clip(root / "clip"),
     }
 
 
@@ -352,14 +356,14 @@ def test_object_crop_paints_background_grey_and_crops_to_box() -> None:
     mask = np.zeros((20, 20), dtype=bool)
     mask[5:10, 5:10] = True
     det = Detection(box=(4.4, 4.6, 12.0, 10.0), score=0.9, mask=mask)
-    crop = np.asarray(detectors.object_crop(image, det))
+    crop = np.asarray(colors.object_crop(image, det))
     # box rounded to (4, 5, 12, 10): 8 wide, 5 high
     assert crop.shape == (5, 8, 3)
     assert (crop[:, 1:6] == (200, 10, 10)).all()  # columns 5..9 are the object
     assert (crop[:, 0] == (0x99, 0x99, 0x99)).all() and (crop[:, 6:] == (0x99, 0x99, 0x99)).all()
     # without a mask the whole box is the object; a degenerate box still gives one pixel
-    assert (np.asarray(detectors.object_crop(image, Detection(box=(4, 5, 12, 10), score=1))) == (200, 10, 10)).all()
-    assert np.asarray(detectors.object_crop(image, Detection(box=(3, 3, 3, 3), score=1))).shape == (1, 1, 3)
+    assert (np.asarray(colors.object_crop(image, Detection(box=(4, 5, 12, 10), score=1))) == (200, 10, 10)).all()
+    assert np.asarray(colors.object_crop(image, Detection(box=(3, 3, 3, 3), score=1))).shape == (1, 1, 3)
 
 
 def test_mask2former_detector_postprocessing(tiny_models: dict[str, Path]) -> None:
@@ -382,7 +386,7 @@ def test_mask2former_detector_postprocessing(tiny_models: dict[str, Path]) -> No
 
 
 def test_clip_colour_classifier_with_tiny_model(tiny_models: dict[str, Path]) -> None:
-    classify = detectors.build_clip_color_classifier(model=str(tiny_models["clip"]), device="cpu")
+    classify = colors.build_clip_color_classifier(model=str(tiny_models["clip"]), device="cpu")
     image = np.full((64, 64, 3), 180, dtype=np.uint8)
     image[16:48, 16:48] = (220, 30, 30)
     mask = np.zeros((64, 64), dtype=bool)
@@ -396,8 +400,8 @@ def test_clip_colour_classifier_with_tiny_model(tiny_models: dict[str, Path]) ->
 def test_scorer_with_real_plugins_classifies_colours_of_masked_crops(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     # every query of this tiny detector says "car": colour and position clauses reach CLIP with
     # real masks and boxes
-    car_model = detectors.save_tiny_mask2former(tmp_path / "car-detector", favour="car")
-    scorer = detectors.GenEvalScorer(
+    car_model = save_tiny_mask2former(tmp_path / "car-detector", favour="car")
+    scorer = GenEvalScorer(
         detector_params={"model": str(car_model), "device": "cpu", "short_side": 128, "long_side": 213},
         color_params={"model": str(tiny_models["clip"]), "device": "cpu"},
     )
@@ -411,7 +415,7 @@ def test_scorer_with_real_plugins_classifies_colours_of_masked_crops(tiny_models
     ]
     rng = np.random.default_rng(1)
     images = rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
-    results = scorer(images, records)
+    results = scorer.judge_batch(images, records)
     assert [set(r) for r in results] == [{"correct", "strict", "partial", "reason"}] * 2
     assert all(r["correct"] in (0.0, 1.0) and r["partial"] <= 1.0 for r in results)
     assert asked and set(asked) == {"car"}  # the colour of the top car was asked for

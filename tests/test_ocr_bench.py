@@ -155,7 +155,7 @@ def test_missing_engine_is_one_line_naming_the_extra(tmp_path: Path) -> None:
         real = importlib.util.find_spec
         importlib.util.find_spec = lambda name, *a: None if name == "rapidocr_onnxruntime" else real(name, *a)
         from opdkit.errors import OpdkitError
-        from opdkit.ocr_engines import build_rapidocr
+        from opdkit.scoring.ocr_engines import build_rapidocr
         from opdkit.registry import benchmarks
         for make in (lambda: build_rapidocr(), lambda: benchmarks.build("ocr", {{"prompts": {str(tmp_path / "p.txt")!r}}})):
             try:

@@ -142,4 +142,6 @@ def test_core_imports_without_optional_extras(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.splitlines()[-1] == "ok"
     kinds = [line.split()[0] for line in proc.stdout.splitlines()[:-1]]
-    assert kinds == sorted(["reward", "teacher", "router", "regularizer", "benchmark", "model"])
+    assert kinds == sorted(
+        ["reward", "teacher", "router", "regularizer", "benchmark", "model", "detector", "color_classifier", "ocr_engine"]
+    )

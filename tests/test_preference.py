@@ -44,7 +44,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from transformers import BertTokenizer, CLIPConfig, CLIPModel
 
     from opdkit.models.tokenizers import clip_tokenizer_from_corpus
-    from opdkit.preference.convert import (
+    from opdkit.scoring.preference.convert import (
         ImageRewardArch,
         OpenClipArch,
         aesthetic_key_shapes,
@@ -53,7 +53,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         imagereward_key_shapes,
         open_clip_key_shapes,
     )
-    from opdkit.preference.images import make_clip_image_processor
+    from opdkit.scoring.preference.images import make_clip_image_processor
     from tests.fixtures.tiny_sd3 import TINY_CORPUS, build_tiny_sd3_pipeline
 
     root = tmp_path_factory.mktemp("tiny-preference")
@@ -176,7 +176,7 @@ def test_pickscore_is_logit_scale_times_cosine(tiny: dict[str, Any]) -> None:
     """The reward against a direct CLIPModel computation on the processor's own output."""
     from transformers import AutoTokenizer, CLIPModel
 
-    from opdkit.preference.images import clip_image_processor_class, to_pil
+    from opdkit.scoring.preference.images import clip_image_processor_class, to_pil
 
     images, prompts = random_images(3, 64, 64, seed=5), PROMPTS[:3]
     out = rewards.build("pickscore", reward_params("pickscore", tiny))(images, prompts, [{}] * 3)
@@ -192,8 +192,8 @@ def test_pickscore_is_logit_scale_times_cosine(tiny: dict[str, Any]) -> None:
 
 
 def test_imagereward_applies_the_fixed_normalisation(tiny: dict[str, Any]) -> None:
-    from opdkit.preference import IMAGEREWARD_MEAN, IMAGEREWARD_STD
-    from opdkit.preference.scorers import load_imagereward_dir
+    from opdkit.scoring.preference import IMAGEREWARD_MEAN, IMAGEREWARD_STD
+    from opdkit.scoring.preference.scorers import load_imagereward_dir
 
     model = load_imagereward_dir(tiny["imagereward"]).eval()
     assert (model.mean, model.std) == (IMAGEREWARD_MEAN, IMAGEREWARD_STD)
@@ -201,8 +201,8 @@ def test_imagereward_applies_the_fixed_normalisation(tiny: dict[str, Any]) -> No
     fn = rewards.build("imagereward", reward_params("imagereward", tiny))
     out = fn(images, PROMPTS[:2], [{}, {}])["imagereward"]
     model.mean, model.std = 0.0, 1.0  # the same model without the normalisation
-    from opdkit.preference.images import make_clip_image_processor, pil_pixel_values
-    from opdkit.preference.scorers import imagereward_tokenizer
+    from opdkit.scoring.preference.images import make_clip_image_processor, pil_pixel_values
+    from opdkit.scoring.preference.scorers import imagereward_tokenizer
 
     tok = imagereward_tokenizer(str(tiny["bert"]))
     assert tok.convert_tokens_to_ids(["[DEC]", "[ENC]"]) == [len(BERT_WORDS) + 5, len(BERT_WORDS) + 6]
@@ -228,7 +228,7 @@ def test_pil_path_is_clip_processing_on_8_bit_images() -> None:
     import numpy as np
     from PIL import Image
 
-    from opdkit.preference.images import (
+    from opdkit.scoring.preference.images import (
         OPENAI_CLIP_MEAN,
         OPENAI_CLIP_STD,
         make_clip_image_processor,
@@ -249,7 +249,7 @@ def test_pil_path_is_clip_processing_on_8_bit_images() -> None:
 
 
 def test_tensor_path_resizes_the_float_tensor_then_crops() -> None:
-    from opdkit.preference.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, tensor_pixel_values
+    from opdkit.scoring.preference.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, tensor_pixel_values
 
     images = random_images(2, 48, 32)  # portrait: the width is the shortest edge
     got = tensor_pixel_values(images, 16)

@@ -292,7 +292,9 @@ def test_global_registry_sees_entry_points_after_cache_reset(
 
 
 def test_one_registry_per_kind() -> None:
-    assert sorted(REGISTRIES) == sorted(["reward", "teacher", "router", "regularizer", "benchmark", "model"])
+    assert sorted(REGISTRIES) == sorted(
+        ["reward", "teacher", "router", "regularizer", "benchmark", "model", "detector", "color_classifier", "ocr_engine"]
+    )
     for kind, reg in REGISTRIES.items():
         assert reg.kind == kind
         assert reg.entry_point_group == f"opdkit.{kind}s"

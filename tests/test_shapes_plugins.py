@@ -57,7 +57,7 @@ def test_benchmarks_score_ground_truth_perfectly(name: str, tags: int) -> None:
     assert bench.world == "shapes" and bench.samples_per_prompt == 4
     assert len({r["tag"] for r in bench.prompts}) == tags
     records = bench.prompts[:: max(1, len(bench.prompts) // 24)]
-    scores = bench.score(as_tensor(render_batch(records, seed=4)), records)
+    scores = bench.score(as_tensor(render_batch(records, seed=4)), [r["prompt"] for r in records], records)
     rows = [{**r, "score": float(s)} for r, s in zip(records, scores["score"], strict=True)]
     metrics = bench.summarize(rows)
     assert metrics["overall"] >= (0.9 if name == "shapes-quality" else 1.0)

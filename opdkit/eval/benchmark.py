@@ -4,6 +4,7 @@ A benchmark builder (registered with ``@benchmarks.register(name)``) takes its Y
 parameters as keyword arguments and returns a :class:`Benchmark`. The runner
 (:mod:`opdkit.eval.runner`) generates ``samples_per_prompt`` images for every prompt record, calls
 ``score`` on batches, stores one JSONL record per image, and calls ``summarize`` on all records.
+``score`` is a scorer (:data:`opdkit.scoring.scorer.Scorer`), the signature rewards share.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import torch
+    from opdkit.scoring.scorer import Scorer
 
-# (images (B, 3, H, W) float in [0, 1], prompt records) -> {"score": (B,), other name: (B,)}
-ScoreFn = Callable[["torch.Tensor", list[dict[str, Any]]], dict[str, "torch.Tensor"]]
 # per-image records (each has the prompt record's keys plus its scores) -> metrics
 SummarizeFn = Callable[[list[dict[str, Any]]], dict[str, float]]
 
@@ -30,7 +29,9 @@ class Benchmark:
         world: ``"shapes"`` or ``"sd3"``; a model of another world is refused by the runner.
         prompts: prompt records (each at least ``{"prompt": str, "tag": str}``).
         samples_per_prompt: images generated per prompt (GenEval: 4).
-        score: scores a batch of images; must return key ``"score"``.
+        score: scores a batch: ``(images (B, 3, H, W) in [0, 1], prompts, prompt records) ->
+            {"score": (B,), other name: (B,)}``; every returned name becomes a column of the
+            per-image records, in the returned order.
         summarize: turns all per-image records into metrics; key ``"overall"`` is the headline.
         sampler: default sampler settings for this benchmark (steps, cfg, resolution ...).
         protocol: protocol name and version, e.g. ``"geneval-official/1"``.
@@ -43,7 +44,7 @@ class Benchmark:
     world: str
     prompts: list[dict[str, Any]]
     samples_per_prompt: int
-    score: ScoreFn
+    score: Scorer
     summarize: SummarizeFn
     sampler: dict[str, Any] = field(default_factory=dict)
     protocol: str = ""

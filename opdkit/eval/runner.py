@@ -186,7 +186,7 @@ def run_eval(
                 resolution=settings["resolution"],
                 shift=settings["shift"],
             )
-            scores = benchmark.score(images, chunk_records)
+            scores = benchmark.score(images, [r["prompt"] for r in chunk_records], chunk_records)
             pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
             image_dir.mkdir(parents=True, exist_ok=True)
             for j, ((i, s), record) in enumerate(zip(chunk, chunk_records, strict=True)):

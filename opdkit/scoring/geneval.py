@@ -1,4 +1,7 @@
-"""GenEval scoring rules: the official verdict and Flow-GRPO's partial-credit reward.
+"""GenEval scoring rules, the official verdict and Flow-GRPO's partial credit (over 500 lines: one parser, two graders).
+
+The two graders walk the same parsed record and filtered detections clause by clause and differ in
+small, upstream-mandated ways (see :func:`_flow_grpo_grade`), so they stay side by side in one module.
 
 Pure Python/numpy: no detector, no CLIP, no torch. A detector plug-in turns an image into
 :data:`Detections` (class name -> boxes with scores); this module decides whether the image

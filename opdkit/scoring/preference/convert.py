@@ -1,4 +1,7 @@
-"""Converters from the upstream checkpoints to transformers weights, with the layouts they expect.
+"""Converters from the upstream checkpoints to transformers weights (over 500 lines: each layout is listed key by key).
+
+One module because the three converters share the key checks, the meta-device targets and the
+conversion cache.
 
 Each converter documents the exact upstream key/shape list it accepts (``*_key_shapes``), checks
 the checkpoint against it, maps every key, and checks the result against the state dict of the
@@ -35,7 +38,7 @@ mis-shaped key stops the conversion with one line listing the keys, e.g.
    what ``CLIPModel`` does with ``eos_token_id`` set to that id.
 
 2. ImageReward-v1.0 (``ImageReward.pt``, a bare state dict): BLIP ViT-L/16 + BERT-base with
-   cross-attention + MLP -> :class:`opdkit.preference.modules.ImageRewardModel`::
+   cross-attention + MLP -> :class:`opdkit.scoring.preference.modules.ImageRewardModel`::
 
        blip.visual_encoder.cls_token (1, 1, W)            -> vision.embeddings.class_embedding
        blip.visual_encoder.pos_embed (1, G*G+1, W)         -> vision.embeddings.position_embedding
@@ -56,7 +59,7 @@ mis-shaped key stops the conversion with one line listing the keys, e.g.
 
 3. LAION Aesthetic predictor v2 (``sac+logos+ava1-l14-linearMSE.pth``, a bare state dict):
    ``layers.{0,2,4,6,7}.{weight,bias}`` with shapes (1024, 768), (128, 1024), (64, 128), (16, 64),
-   (1, 16) -> :class:`opdkit.preference.modules.PreferenceHead`, key for key.
+   (1, 16) -> :class:`opdkit.scoring.preference.modules.PreferenceHead`, key for key.
 """
 
 from __future__ import annotations
@@ -70,8 +73,8 @@ from typing import Any
 import torch
 
 from opdkit.errors import OpdkitError
-from opdkit.preference import IMAGEREWARD_MEAN, IMAGEREWARD_STD
-from opdkit.preference.modules import HEAD_WIDTHS
+from opdkit.scoring.preference import IMAGEREWARD_MEAN, IMAGEREWARD_STD
+from opdkit.scoring.preference.modules import HEAD_WIDTHS
 
 Shapes = dict[str, tuple[int, ...]]
 # At most this many keys are spelled out per kind of problem (the count is always exact).
@@ -459,7 +462,7 @@ def convert_imagereward_state(
             out["head." + key[len("mlp.") :]] = value
     out = {k: v.contiguous() for k, v in out.items()}
 
-    from opdkit.preference.modules import ImageRewardModel
+    from opdkit.scoring.preference.modules import ImageRewardModel
 
     vision_config, text_config = arch.blip_configs()
     with torch.device("meta"):
@@ -513,14 +516,14 @@ def convert_aesthetic_state(
 
 
 def _record(kind: str, source: Path, **extra: Any) -> dict[str, Any]:
-    from opdkit.preference.weights import sha256_file
+    from opdkit.scoring.weights import sha256_file
 
     return {"kind": kind, "source": str(source.resolve()), "source_sha256": sha256_file(source), **extra}
 
 
 def convert_hps_checkpoint(source: Path, arch: OpenClipArch = VIT_H_14) -> Path:
     """``HPS_v2*.pt`` -> a cached ``CLIPModel`` directory (converted on first use only)."""
-    from opdkit.preference.weights import (
+    from opdkit.scoring.weights import (
         conversion_dir,
         is_converted,
         read_upstream_checkpoint,
@@ -542,7 +545,7 @@ def convert_hps_checkpoint(source: Path, arch: OpenClipArch = VIT_H_14) -> Path:
 
 def convert_imagereward_checkpoint(source: Path, arch: ImageRewardArch = IMAGEREWARD_V1) -> Path:
     """``ImageReward.pt`` -> a cached :class:`ImageRewardModel` directory (converted on first use only)."""
-    from opdkit.preference.weights import (
+    from opdkit.scoring.weights import (
         conversion_dir,
         is_converted,
         read_upstream_checkpoint,
@@ -566,7 +569,7 @@ def convert_aesthetic_head(source: Path, in_dim: int = 768) -> Path:
     """``sac+logos+ava1-l14-linearMSE.pth`` -> a cached directory holding ``head.safetensors``."""
     from safetensors.torch import save_file
 
-    from opdkit.preference.weights import (
+    from opdkit.scoring.weights import (
         conversion_dir,
         is_converted,
         read_upstream_checkpoint,

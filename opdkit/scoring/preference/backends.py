@@ -4,7 +4,7 @@ Neither package is a dependency of opdkit (on the core stack both are broken: hp
 pytest/protobuf at run time, needs torchvision and misses its tokenizer file; image-reward 1.5
 needs timm 0.6.13 and an undeclared ``clip`` package and fails on transformers 5). They exist as
 cross-checks for environments that do have them: ``backend: package`` in a reward's or
-benchmark's params. Each returns a scorer with the same interface and keys as the built-in one.
+benchmark's params. Each returns a scorer with the same signature and keys as the built-in one.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from opdkit.errors import OpdkitError
-from opdkit.preference.images import to_pil
+from opdkit.scoring.preference.images import to_pil
+from opdkit.scoring.scorer import Scores
 
 
 def _import(module: str, dist: str) -> Any:
@@ -39,7 +40,7 @@ class Hpsv2PackageScorer:
         self.version = version
         self.engine = f"hpsv2 package ({version})"
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, prompts: list[str], records: list[dict[str, Any]] | None = None) -> Scores:
         values = [
             float(self.hpsv2.score([image], prompt, cp=self.checkpoint, hps_version=self.version)[0])
             for image, prompt in zip(to_pil(images), prompts, strict=True)
@@ -67,7 +68,7 @@ class ImageRewardPackageScorer:
             self.model.eval()
         self.engine = "image-reward package (ImageReward-v1.0)"
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, prompts: list[str], records: list[dict[str, Any]] | None = None) -> Scores:
         values = []
         with torch.no_grad():
             for image, prompt in zip(to_pil(images), prompts, strict=True):

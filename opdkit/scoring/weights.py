@@ -1,6 +1,8 @@
-"""Where preference-model weights come from: a local path, a hub id, or the conversion cache.
+"""Where scoring models' weights come from: a local path, a hub id, or the conversion cache.
 
-Every plug-in parameter that names weights accepts
+One module for every model a scorer loads (GenEval's detector and CLIP, the preference models), so
+that "is this a path or a hub id" is decided by one rule (:func:`looks_local`). Every plug-in
+parameter that names weights accepts
 
 * a local directory or file (used as is), or
 * a Hugging Face hub id ``owner/name`` (a directory of a model) or ``owner/name:file`` (one file
@@ -8,7 +10,12 @@ Every plug-in parameter that names weights accepts
   client is online, and only for what the user (or a default they left in place) names.
 
 When neither works, the error is ONE line that names what to fetch and which parameter to set,
-so a recipe or an ``opdkit eval --param`` can point at a local copy instead.
+so a recipe or an ``opdkit eval --param`` can point at a local copy instead. GenEval's models are
+checked before any image is generated (:func:`resolve_pretrained`) and loaded on first use
+(:func:`load_resolved`); the preference models load at once (:func:`load_pretrained`,
+:func:`resolve_file`); each pair words its messages for its plug-ins (the GenEval ones point at
+``hf download --local-dir`` and ``--param NAME=DIR``, the preference ones at the recipe key and
+``--param NAME=PATH``).
 
 Converted weights (HPSv2.1, ImageReward, the Aesthetic head) are written once into
 ``$OPDKIT_CACHE/preference/<kind>-<key>/`` (default ``~/.cache/opdkit``); ``key`` is derived from
@@ -113,6 +120,69 @@ def resolve_file(spec: str, what: str, param: str, fetch: str | None = None) -> 
             ) from None
     where = f" (get it from {fetch})" if fetch else ""
     raise OpdkitError(f"{what}: {spec!r} does not exist{where}; {param_hint(param)}")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_pretrained(spec: str, what: str, param: str) -> str:
+    """Check that weights ``spec`` (a directory or a Hugging Face hub id) can be loaded; return it.
+
+    Cheap: loads no model. A directory must hold ``config.json``. A hub id must already be in the
+    Hugging Face cache, or (unless ``HF_HUB_OFFLINE`` is set) its ``config.json`` must download;
+    the weights themselves are fetched when the model is first used.
+
+    Args:
+        spec: a local directory or a hub id such as ``openai/clip-vit-large-patch14``.
+        what: what the weights are for, used in the message (``"the CLIP colour classifier"``).
+        param: the benchmark/reward parameter that takes them (``"clip_model"``).
+
+    Raises:
+        OpdkitError: one line naming what to fetch and which parameter to set.
+    """
+    path = Path(spec).expanduser()
+    if looks_local(spec) or path.exists():
+        if not (path / "config.json").is_file():
+            raise OpdkitError(f"{param}={spec}: not a model directory (no config.json) for {what}")
+        return str(path)
+    fetch = f"on a connected machine run `hf download {spec} --local-dir DIR`, then pass --param {param}=DIR"
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(spec, "config.json")
+    except Exception:  # a malformed id: the checks below report it
+        cached = None
+    if isinstance(cached, str):
+        return spec
+    if _offline():
+        raise OpdkitError(
+            f"{what}: {spec!r} is not a local directory and not in the Hugging Face cache (HF_HUB_OFFLINE is set); {fetch}"
+        )
+    try:  # one small file proves the hub is reachable and the repository exists; weights come later
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(spec, "config.json")
+    except Exception as exc:
+        raise OpdkitError(
+            f"{what}: {spec!r} is not a local directory, not in the Hugging Face cache, and could not be fetched "
+            f"({type(exc).__name__}: no network, or no such repository); {fetch}"
+        ) from None
+    return spec
+
+
+def load_resolved(cls: Any, spec: str, what: str, param: str) -> Any:
+    """``cls.from_pretrained(spec)`` for a ``spec`` :func:`resolve_pretrained` accepted; any failure is one line."""
+    try:
+        return cls.from_pretrained(spec)
+    except Exception as exc:  # hub/network/cache/format failures come in many types: report one line
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        if Path(spec).expanduser().is_dir():
+            raise OpdkitError(f"{what}: cannot load {spec} ({type(exc).__name__}: {first}); check --param {param}") from None
+        raise OpdkitError(
+            f"{what}: cannot load {spec!r} ({type(exc).__name__}: {first}); on a connected machine run "
+            f"`hf download {spec} --local-dir DIR`, then pass --param {param}=DIR"
+        ) from None
 
 
 def sha256_file(path: str | Path) -> str:

@@ -12,11 +12,16 @@ Every model runs on transformers classes in the core environment (no ``open_clip
 Converted weights are written once as safetensors under ``$OPDKIT_CACHE/preference`` (default
 ``~/.cache/opdkit/preference``) and reused. Modules:
 
-* :mod:`opdkit.preference.weights` — locating local/hub weights, the conversion cache, one-line errors;
-* :mod:`opdkit.preference.images` — image preprocessing (PIL path as in CLIPProcessor, tensor path as in HPSv2);
-* :mod:`opdkit.preference.convert` — upstream key/shape lists and the three converters;
-* :mod:`opdkit.preference.scorers` — the scorers the reward and benchmark plug-ins wrap;
-* :mod:`opdkit.preference.backends` — the optional ``hpsv2`` / ``image-reward`` package backends.
+* :mod:`opdkit.scoring.preference.images` — image preprocessing (PIL path as in CLIPProcessor, tensor path as in HPSv2);
+* :mod:`opdkit.scoring.preference.convert` — upstream key/shape lists and the three converters;
+* :mod:`opdkit.scoring.preference.builders` — the scorers' builders, whose parameters the reward and
+  benchmark plug-ins take (no torch at import);
+* :mod:`opdkit.scoring.preference.scorers` — the scorers the reward and benchmark plug-ins wrap;
+* :mod:`opdkit.scoring.preference.modules` — the heads and the ImageReward model on transformers' classes;
+* :mod:`opdkit.scoring.preference.backends` — the optional ``hpsv2`` / ``image-reward`` package backends.
+
+Weights (local, hub, conversion cache) are located by :mod:`opdkit.scoring.weights`, shared with
+GenEval's models.
 
 This ``__init__`` imports nothing heavy: the plug-in modules import the submodules inside their
 builders.

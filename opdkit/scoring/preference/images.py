@@ -16,21 +16,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from opdkit.scoring.scorer import to_uint8
+
 if TYPE_CHECKING:
     import torch
 
 # OpenAI CLIP's normalisation, used by every model here (open_clip's ViT-H-14 included).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) float in [0, 1] -> (B, 3, H, W) uint8 on the CPU (round half away from zero)."""
-    import torch
-
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
 def to_pil(images: torch.Tensor) -> list[Any]:
