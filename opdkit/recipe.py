@@ -1,4 +1,8 @@
-"""Recipe schema and loading: YAML -> a validated recipe of its method, in two stages, no model loaded.
+"""Recipe schema and loading (over 500 lines: the loader's errors walk the schema's own models).
+
+YAML -> a validated recipe of its method, in two stages, no model loaded. One module on purpose:
+the error messages name line numbers, "did you mean" and which method owns a key from the schema's
+own models, so the two change together.
 
 Stage 1 is the pydantic schema (unknown keys rejected, types checked, cross-field rules such as
 "method opd needs teachers and a router"). Stage 2 binds every plug-in's ``params`` against its

@@ -499,3 +499,26 @@ def test_named_prompt_sets_and_lists_validate_without_their_files(
     records = load_prompts(loaded.recipe.prompts)
     assert records[-1] == {"prompt": "a red bicycle", "tag": "misc", "dataset": str(extra)}
     assert {r["dataset"] for r in records[:-1]} == {"shapes"}
+
+
+def test_the_recipe_reference_lists_every_key_of_every_method() -> None:
+    """docs/recipes.md documents each key each method's schema accepts (docs match the code)."""
+    from pydantic import BaseModel
+
+    from opdkit.recipe import RECIPE_TYPES
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text(encoding="utf-8")
+    missing = set()
+
+    def walk(model: type[BaseModel]) -> None:
+        for name, field in model.model_fields.items():
+            if f"`{name}`" not in text:
+                missing.add(f"{model.__name__}.{name}")
+            for sub in (field.annotation, *getattr(field.annotation, "__args__", ())):
+                for inner in (sub, *getattr(sub, "__args__", ())):
+                    if isinstance(inner, type) and issubclass(inner, BaseModel):
+                        walk(inner)
+
+    for recipe_type in RECIPE_TYPES.values():
+        walk(recipe_type)
+    assert not missing, sorted(missing)
