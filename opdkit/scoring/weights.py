@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from opdkit.data.cache import cache_dir
 from opdkit.errors import OpdkitError
 
 if TYPE_CHECKING:
@@ -47,9 +48,7 @@ CONVERSION_RECORD = "opdkit_conversion.json"
 
 def cache_root() -> Path:
     """``$OPDKIT_CACHE/preference`` (default ``~/.cache/opdkit/preference``)."""
-    env = os.environ.get("OPDKIT_CACHE")
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "opdkit"
-    return root / "preference"
+    return cache_dir() / "preference"
 
 
 def param_hint(param: str) -> str:
@@ -183,15 +182,6 @@ def load_resolved(cls: Any, spec: str, what: str, param: str) -> Any:
             f"{what}: cannot load {spec!r} ({type(exc).__name__}: {first}); on a connected machine run "
             f"`hf download {spec} --local-dir DIR`, then pass --param {param}=DIR"
         ) from None
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def conversion_dir(kind: str, source: Path) -> Path:

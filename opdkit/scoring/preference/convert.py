@@ -516,7 +516,7 @@ def convert_aesthetic_state(
 
 
 def _record(kind: str, source: Path, **extra: Any) -> dict[str, Any]:
-    from opdkit.scoring.weights import sha256_file
+    from opdkit.data.cache import sha256_file
 
     return {"kind": kind, "source": str(source.resolve()), "source_sha256": sha256_file(source), **extra}
 
