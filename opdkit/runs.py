@@ -1,7 +1,7 @@
 """A finished training run as a model: ``opdkit eval --model runs/grpo_geneval``.
 
 A GRPO (or OPD) run directory holds its resolved ``recipe.yaml`` and a ``final/`` folder written
-by the trainer (see :mod:`opdkit.grpo`):
+by the trainer (see :mod:`opdkit.training.onpolicy`):
 
 * ``final/final.json`` — ``{"kind": "lora" | "full", "step": N, "ema": bool, "adapter": name}``;
 * ``final/lora.safetensors`` — the LoRA adapter (EMA weights when the run used EMA), or

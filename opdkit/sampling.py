@@ -4,7 +4,7 @@ Pure functions on tensors plus a model adapter (anything with ``velocity``, ``en
 ``uncond``, ``latent_shape``, ``shift``, ``device``; :class:`opdkit.models.FlowModel` is one).
 This module belongs to the engine's base and imports no plug-in.
 
-Conventions (DESIGN §2): sigma in [0, 1], 1 = pure noise; ``x_sigma = (1 - sigma) x0 + sigma
+Conventions (SD3's): sigma in [0, 1], 1 = pure noise; ``x_sigma = (1 - sigma) x0 + sigma
 eps``; velocity ``v = eps - x0``; a step goes from ``sigma`` to ``sigma_next < sigma`` with
 ``dt = sigma_next - sigma < 0``.
 
@@ -192,7 +192,7 @@ def sde_step_with_logprob(
 ) -> SdeStep:
     """One Flow-GRPO SDE step from ``sigma`` to ``sigma_next`` and its log-probability.
 
-    With ``a = noise_level`` and ``dt = sigma_next - sigma`` (DESIGN §2)::
+    With ``a = noise_level`` and ``dt = sigma_next - sigma``::
 
         s_t  = a * sqrt(sigma / (1 - sigma))          # (1 - sigma) uses sigma_max when sigma == 1
         mean = x * (1 + s_t^2 dt / (2 sigma)) + v * (1 + s_t^2 (1 - sigma) / (2 sigma)) * dt

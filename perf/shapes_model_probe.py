@@ -28,7 +28,7 @@ from opdkit.models.shapes import ShapesModelConfig, make_shapes_modules
 # (patch, layers, width); head_dim 32 so heads = width / 32.
 CANDIDATES: tuple[tuple[int, int, int], ...] = (
     (2, 2, 64),
-    (2, 4, 128),  # ~ DESIGN §7 probe (2.3M params, 0.86 s/step)
+    (2, 4, 128),  # the first probe of the world (2.3M params, 0.86 s/step)
     (2, 6, 128),
     (4, 2, 64),
     (4, 4, 128),

@@ -6,7 +6,7 @@ transformer (default ~150M parameters), then, each in a fresh subprocess so peak
 
 * ``base``: the base alone;
 * ``lora K``: the base + K LoRA teacher adapters (rank 32 on attention projections), loaded the
-  way :mod:`opdkit.opd` loads them (``FlowModel.add_lora`` per teacher);
+  way :mod:`opdkit.training.teachers` loads them (``FlowModel.add_lora`` per teacher);
 * ``full K``: K full copies of the transformer (what loading K teacher pipelines costs).
 
 It prints a table of peak RSS and the cost per teacher relative to one full copy.

@@ -113,7 +113,7 @@ def test_euler_on_constant_velocity_lands_exactly() -> None:
 def _design_mean_std(
     x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float, a: float
 ) -> tuple[torch.Tensor, float]:
-    """DESIGN §2 written out independently with python floats."""
+    """The SDE step's formulas written out independently with python floats."""
     dt = sigma_next - sigma
     s_t = a * math.sqrt(sigma / (1 - sigma))
     mean = x * (1 + s_t**2 * dt / (2 * sigma)) + v * (1 + s_t**2 * (1 - sigma) / (2 * sigma)) * dt

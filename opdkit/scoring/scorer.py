@@ -6,7 +6,7 @@ A **scorer** reads a batch of generated images with their prompts and prompt rec
         -> dict[str, Tensor (N,)]   # float32 on the CPU
 
 A reward plug-in returns a scorer whose ``"score"`` is the training reward (what
-:class:`opdkit.policy.WeightedReward` calls); a benchmark carries one as
+:class:`opdkit.training.rewards.WeightedReward` calls); a benchmark carries one as
 :attr:`opdkit.eval.benchmark.Benchmark.score`, whose ``"score"`` is the per-image metric. Model
 scorers (GenEval's detector + rules, an OCR engine + metric, a preference model) return named
 measurements, not necessarily a ``"score"``; :class:`WithScore` says which measurement a reward or
