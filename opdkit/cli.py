@@ -68,6 +68,12 @@ SetOption = Annotated[
 ]
 
 
+OverwriteOption = Annotated[
+    bool,
+    typer.Option("--overwrite", help="Replace the run already in the --out folder (its checkpoints, weights and results)."),
+]
+
+
 EvalOption = Annotated[
     bool,
     typer.Option("--eval/--no-eval", help="After training, run the recipe's eval.benchmarks on the final weights (into RUN/results/)."),
@@ -75,7 +81,7 @@ EvalOption = Annotated[
 
 
 def _run_recipe(recipe_path: str, overrides: list[str] | None, out: Path | None, resume: bool, require: str | None,
-                evaluate: bool = True) -> None:
+                evaluate: bool = True, overwrite: bool = False) -> None:
     from opdkit.methods import train
     from opdkit.recipe import load_recipe
 
@@ -87,7 +93,9 @@ def _run_recipe(recipe_path: str, overrides: list[str] | None, out: Path | None,
             f"(use `opdkit train` for {method!r})"
         )
     out_dir = out if out is not None else Path("runs") / loaded.path.stem
-    train(loaded, out_dir, resume=resume, evaluate=evaluate)
+    if resume and overwrite:
+        raise OpdkitError("--resume continues a run and --overwrite replaces it: pass one of them")
+    train(loaded, out_dir, resume=resume, evaluate=evaluate, overwrite=overwrite)
 
 
 @app.command()
@@ -98,9 +106,10 @@ def train(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: runs/<recipe name>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's last checkpoint.")] = False,
     evaluate: EvalOption = True,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Train from a recipe (method pretrain, grpo or opd), then run its eval.benchmarks."""
-    _run_recipe(recipe, set_, out, resume, require=None, evaluate=evaluate)
+    _run_recipe(recipe, set_, out, resume, require=None, evaluate=evaluate, overwrite=overwrite)
 
 
 @app.command()
@@ -111,9 +120,10 @@ def distill(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: runs/<recipe name>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's last checkpoint.")] = False,
     evaluate: EvalOption = True,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Distil several teachers into one student by on-policy distillation (Flow-OPD), then run its eval.benchmarks."""
-    _run_recipe(recipe, set_, out, resume, require="opd", evaluate=evaluate)
+    _run_recipe(recipe, set_, out, resume, require="opd", evaluate=evaluate, overwrite=overwrite)
 
 
 @app.command("eval")

@@ -101,6 +101,58 @@ def rewrite_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
+# What a run writes into its folder: a new run refuses a folder holding any of them.
+RUN_FILES = ("recipe.yaml", "run.json", "metrics.jsonl", "checkpoints", "final", "model", "samples",
+             "tensorboard", "ranks", "results")  # fmt: skip
+# Recipe keys that only extend or observe a run: --resume accepts a change to them (recorded).
+EXTENDING_KEYS = ("train.max_steps", "train.max_minutes", "train.checkpoint_every", "train.keep_checkpoints",
+                  "train.log_every", "train.sample_every", "eval", "description")  # fmt: skip
+
+
+def _extends(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in EXTENDING_KEYS)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out or {prefix: {}}
+    if isinstance(value, list) and value and any(isinstance(v, dict) for v in value):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(_flatten(v, f"{prefix}.{i}"))
+        return out
+    return {prefix: value}
+
+
+def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``key.path -> (old, new)`` for every leaf that differs between two resolved recipes."""
+    a, b = _flatten(old), _flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def recipe_fingerprint(recipe: dict[str, Any]) -> str:
+    """SHA-256 of a resolved recipe without the keys that only extend or observe a run."""
+    import hashlib
+
+    kept = {k: v for k, v in _flatten(recipe).items() if not _extends(k)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def remove_leftover_tmp(root: Path) -> None:
+    """Delete the ``.NAME.*.tmp`` files killed atomic writes left in a run folder's own files
+    (never below other folders: ``--out .`` may be anywhere)."""
+    found = list(root.glob(".*.tmp"))
+    for sub in ("checkpoints", "final", "ranks", "model"):
+        if (root / sub).is_dir():
+            found += (root / sub).rglob(".*.tmp")
+    for leftover in found:
+        if leftover.is_file():
+            leftover.unlink(missing_ok=True)
+
+
 class RunDir:
     """A training run's directory (see the module docstring for its layout)."""
 
@@ -110,17 +162,94 @@ class RunDir:
         self.checkpoints = self.root / "checkpoints"
         self.samples = self.root / "samples"
 
-    def prepare(self, recipe_yaml: str, resume: bool) -> None:
-        """Create the directory; refuse to overwrite a previous run unless resuming."""
-        if not resume and self.latest() is not None:
+    def run_files(self) -> list[str]:
+        """The names in the folder that a run writes (and a new run would overwrite)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(name for name in RUN_FILES if (self.root / name).exists())
+
+    def check_start(self, recipe: dict[str, Any], base: str, *, resume: bool, overwrite: bool) -> dict[str, Any]:
+        """Refuse what would lose or mix runs, before anything is written; returns the history entry.
+
+        A new run refuses a folder holding any file a run writes, unless ``overwrite``. A resumed
+        run refuses a recipe that differs from the one the folder was started with in any key but
+        those that only extend or observe a run (:data:`EXTENDING_KEYS`), and other base weights.
+        """
+        if self.root.exists() and not self.root.is_dir():
+            raise OpdkitError(f"{self.root}: --out is a file, not a folder")
+        present = self.run_files()
+        if not resume:
+            if present and not overwrite:
+                raise OpdkitError(
+                    f"{self.root}: holds a run ({', '.join(present)}); pass --resume to continue it, "
+                    "--overwrite to replace it, or --out to start elsewhere"
+                )
+            return {"event": "created", "base": base}
+        before = self.read_info()
+        old_recipe = before.get("recipe") if before else self._legacy_recipe()
+        if old_recipe is None:
+            return {"event": "created", "base": base}
+        changed = recipe_changes(old_recipe, recipe)
+        fixed = {k: v for k, v in changed.items() if not _extends(k)}
+        if fixed:
+            shown = "; ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in sorted(fixed.items()))
             raise OpdkitError(
-                f"{self.root}: holds a previous run (checkpoint at step {self.latest()[0]}); "
-                "pass --resume to continue it or --out to start elsewhere"
+                f"{self.root}: --resume with a changed recipe ({shown}); only "
+                f"{', '.join(EXTENDING_KEYS)} may change: start a new run with --out"
             )
+        if before and before.get("base_weights") not in (None, base):
+            raise OpdkitError(
+                f"{self.root}: --resume on other base weights (the run started on {before['base_weights']}, "
+                f"the model now is {base}); start a new run with --out"
+            )
+        return {"event": "resumed", "base": base, "changed": {k: list(v) for k, v in changed.items()}}
+
+    def prepare(self, recipe_yaml: str, resume: bool, *, recipe: dict[str, Any] | None = None,
+                entry: dict[str, Any] | None = None, overwrite: bool = False) -> None:  # fmt: skip
+        """Create the folder (after :meth:`check_start`): remove a replaced run's files, leftover
+        ``.tmp`` files of killed writes, write the resolved recipe and the run's history."""
+        if overwrite and not resume:
+            for name in self.run_files():
+                target = self.root / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
         self.root.mkdir(parents=True, exist_ok=True)
+        remove_leftover_tmp(self.root)
         atomic_write_text(self.root / "recipe.yaml", recipe_yaml)
         if not resume and self.metrics_path.exists():
             self.metrics_path.unlink()
+        if recipe is not None and entry is not None:
+            previous = self.read_info() if resume else None
+            info = previous or {"recipe": recipe, "recipe_sha256": recipe_fingerprint(recipe), "base_weights": entry["base"]}
+            event = {k: v for k, v in entry.items() if k != "base"}
+            atomic_write_json(self.info_path, {**info, "history": [*info.get("history", []), event]})
+
+    @property
+    def info_path(self) -> Path:
+        return self.root / "run.json"
+
+    def read_info(self) -> dict[str, Any] | None:
+        """``run.json``: the recipe a run started with, its fingerprints and history; None if absent."""
+        if not self.info_path.is_file():
+            return None
+        try:
+            info = json.loads(self.info_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise OpdkitError(f"{self.info_path}: unreadable run record ({exc}); move the folder aside") from None
+        return info if isinstance(info, dict) else None
+
+    def _legacy_recipe(self) -> dict[str, Any] | None:
+        """The resolved recipe of a run made before ``run.json`` existed, in today's schema."""
+        import yaml
+
+        path = self.root / "recipe.yaml"
+        if not path.is_file():
+            return None
+        from opdkit.recipe import parse_recipe
+
+        try:
+            return parse_recipe(yaml.safe_load(path.read_text(encoding="utf-8")), lenient=True).model_dump(mode="json")
+        except Exception as exc:  # any unreadable recipe: the run cannot be checked, so it is not resumed
+            raise OpdkitError(f"{path}: cannot read the run's recipe to check --resume ({type(exc).__name__})") from None
 
     def log(self, record: dict[str, Any]) -> None:
         append_jsonl(self.metrics_path, record)

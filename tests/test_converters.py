@@ -267,7 +267,7 @@ def test_conversion_is_cached_and_redone_when_the_source_changes(tmp_path: Path)
     assert convert_hps_checkpoint(source, TINY_CLIP) == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp  # not rewritten
     record = (first / "opdkit_conversion.json").read_text()
-    from opdkit.scoring.weights import sha256_file
+    from opdkit.data.cache import sha256_file
 
     assert sha256_file(source) in record
     os.utime(source, ns=(stamp + 10**9, stamp + 10**9))

@@ -415,3 +415,57 @@ def test_train_runs_the_recipes_eval_block(tmp_path: Path, one_thread: None, mon
     skipped = CliRunner().invoke(app, ["train", str(recipe), "--out", "skipped", "--set", "train.max_steps=1", "--no-eval"])
     assert skipped.exit_code == 0, skipped.output
     assert not (tmp_path / "skipped" / "results").exists()
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file below ``root`` with its bytes (to show a refused call changed nothing)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_run_folders_are_never_lost_or_mixed(tmp_path: Path, one_thread: None) -> None:
+    """A finished run is refused without --overwrite; --resume refuses a changed lr with the diff,
+    accepts a larger max_steps (recorded in run.json), and a run killed before its first
+    checkpoint restarts cleanly."""
+    from typer.testing import CliRunner
+
+    from opdkit.cli import app
+
+    runner = CliRunner()
+    recipe = write_recipe(tmp_path, RECIPE)
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["train", str(recipe), "--out", str(out), "--set", "train.max_steps=2"]).exit_code == 0
+
+    # A finished run without checkpoints/ (a committed teacher folder) is still a run.
+    shutil.rmtree(out / "checkpoints")
+    before = snapshot(out)
+    again = runner.invoke(app, ["train", str(recipe), "--out", str(out), "--set", "train.max_steps=2"])
+    assert again.exit_code == 1 and "holds a run" in again.output and "--overwrite" in again.output
+    assert snapshot(out) == before
+
+    # --resume with a changed lr names the key and both values; nothing is written.
+    assert runner.invoke(app, ["train", str(recipe), "--out", str(tmp_path / "b"), "--set", "train.max_steps=2"]).exit_code == 0
+    before = snapshot(tmp_path / "b")
+    changed = runner.invoke(app, ["train", str(recipe), "--out", str(tmp_path / "b"), "--resume", "--set", "train.lr=0.01"])
+    assert changed.exit_code == 1 and "train.lr: 0.003 -> 0.01" in changed.output, changed.output
+    assert snapshot(tmp_path / "b") == before
+    # ... and extends it to more steps, with the change in the run's history.
+    longer = runner.invoke(app, ["train", str(recipe), "--out", str(tmp_path / "b"), "--resume", "--set", "train.max_steps=3"])
+    assert longer.exit_code == 0, longer.output
+    history = json.loads((tmp_path / "b" / "run.json").read_text())["history"]
+    assert [h["event"] for h in history] == ["created", "resumed"]
+    assert history[1]["changed"] == {"train.max_steps": [2, 3]}
+    assert [m["step"] for m in read_jsonl(tmp_path / "b" / "metrics.jsonl")] == [1, 2, 3]
+
+    # --overwrite replaces the run.
+    replaced = runner.invoke(app, ["train", str(recipe), "--out", str(out), "--overwrite", "--set", "train.max_steps=1"])
+    assert replaced.exit_code == 0, replaced.output
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1]
+
+
+def test_resume_before_the_first_checkpoint_starts_over(tmp_path: Path, one_thread: None) -> None:
+    recipe = write_recipe(tmp_path, RECIPE)
+    train(recipe, tmp_path / "run", ["train.max_steps=1", "train.checkpoint_every=5"])
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # as if killed after logging step 1
+    shutil.rmtree(tmp_path / "run" / "final")
+    train(recipe, tmp_path / "run", ["train.max_steps=1", "train.checkpoint_every=5"], resume=True)
+    assert [m["step"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1]

@@ -32,8 +32,10 @@ def method_for(name: str) -> Method:
     raise ValueError(f"unknown method {name!r} (expected pretrain, grpo or opd)")
 
 
-def train(loaded: LoadedRecipe, out_dir: str | Path, *, resume: bool = False, evaluate: bool = True) -> Path:
+def train(
+    loaded: LoadedRecipe, out_dir: str | Path, *, resume: bool = False, evaluate: bool = True, overwrite: bool = False
+) -> Path:
     """Run a loaded recipe with its method over the shared loop; returns the final model's folder."""
     from opdkit.training.loop import run
 
-    return run(method_for(loaded.recipe.method), loaded, out_dir, resume=resume, evaluate=evaluate)
+    return run(method_for(loaded.recipe.method), loaded, out_dir, resume=resume, evaluate=evaluate, overwrite=overwrite)

@@ -249,11 +249,13 @@ def summarize(values: torch.Tensor) -> dict[str, float | None]:
 # the loop
 
 
-def run(method: Method, loaded: LoadedRecipe, out_dir: str | Path, *, resume: bool = False, evaluate: bool = True) -> Path:
+def run(
+    method: Method, loaded: LoadedRecipe, out_dir: str | Path, *, resume: bool = False, evaluate: bool = True,
+    overwrite: bool = False,
+) -> Path:
     """Train ``loaded`` with ``method`` into ``out_dir``; returns the folder of the final model."""
     from accelerate import Accelerator
 
-    from opdkit.recipe import dump_recipe
     from opdkit.registry import models
 
     recipe, train = loaded.recipe, loaded.recipe.train
@@ -262,7 +264,7 @@ def run(method: Method, loaded: LoadedRecipe, out_dir: str | Path, *, resume: bo
     torch.manual_seed(train.seed)
     model = models.build(recipe.model.type, recipe.model.builder_params())
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    rundir = open_run_dir(out_dir, dump_recipe(recipe), resume=resume, accelerator=accelerator)
+    rundir = open_run_dir(out_dir, recipe, model, resume=resume, overwrite=overwrite, accelerator=accelerator)
     model.to(device=accelerator.device)
     ctx = RunContext(loaded, model, accelerator, rundir, resuming=resume and rundir.latest() is not None)
     ctx.precision = autocast_dtype(train.precision, ctx.device)
@@ -341,21 +343,22 @@ def _train_steps(
 # run folder: open, checkpoint, restore, evaluate
 
 
-def open_run_dir(out_dir: str | Path, recipe_yaml: str, *, resume: bool, accelerator: Any) -> RunDir:
-    """The run directory; a previous run there is an error unless resuming.
+def open_run_dir(out_dir: str | Path, recipe: Any, model: Any, *, resume: bool, overwrite: bool, accelerator: Any) -> RunDir:
+    """The run folder, after every check that keeps runs apart (:meth:`RunDir.check_start`: a
+    folder holding a run is refused unless resuming or ``overwrite``; a resumed run must keep its
+    recipe, but for the keys that extend it, and its base weights).
 
-    Every rank checks (so every rank stops, not only the one that writes); rank 0 writes the
-    resolved recipe.
+    Every rank checks (so every rank stops, not only the one that writes); rank 0 writes.
     """
+    from opdkit.recipe import dump_recipe
+
     rundir = RunDir(out_dir)
-    latest = rundir.latest()
-    if not resume and latest is not None:
-        raise OpdkitError(
-            f"{rundir.root}: holds a previous run (checkpoint at step {latest[0]}); "
-            "pass --resume to continue it or --out to start elsewhere"
-        )
+    resolved = recipe.model_dump(mode="json")
+    base = model.base_fingerprint() if hasattr(model, "base_fingerprint") else "unknown"
+    entry = rundir.check_start(resolved, base, resume=resume, overwrite=overwrite)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        rundir.prepare(recipe_yaml, resume)
+        rundir.prepare(dump_recipe(recipe), resume, recipe=resolved, entry=entry, overwrite=overwrite)
     accelerator.wait_for_everyone()
     return rundir
 
@@ -382,6 +385,8 @@ def restore(ctx: RunContext, setup: Setup, optim: Optimization, *, resume: bool)
 
     latest = ctx.rundir.latest()
     if not (resume and latest is not None):
+        if resume and ctx.main:  # killed before its first checkpoint: start over, metrics too
+            ctx.rundir.truncate_metrics(0)
         return 0, 0.0
     state = load_training_state(latest[1], setup.modules, optim.optimizer)
     step = int(state["step"])
