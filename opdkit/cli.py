@@ -51,15 +51,30 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except OpdkitError as exc:
-            console = _console(stderr=True)
-            for line in str(exc).splitlines() or [type(exc).__name__]:
-                console.print(f"[bold red]error:[/] {_plain(line)}", markup=True, highlight=False)
+            _report(exc, str(exc).splitlines() or [type(exc).__name__])
+            raise typer.Exit(1) from None
+        except OSError as exc:  # permission, not a folder, no space: name the path, one line
+            where = exc.filename if exc.filename is not None else "opdkit"
+            _report(exc, [f"{where}: {exc.strerror or type(exc).__name__}"])
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             _console(stderr=True).print("[yellow]interrupted[/]: partial results are kept; rerun with --resume")
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _report(exc: BaseException, lines: list[str]) -> None:
+    """Print an error as red lines; with ``OPDKIT_DEBUG=1`` (or ``opdkit --debug``) its traceback first."""
+    import os
+
+    console = _console(stderr=True)
+    if os.environ.get("OPDKIT_DEBUG") == "1":
+        import traceback
+
+        console.print("".join(traceback.format_exception(exc)), markup=False, highlight=False)
+    for line in lines:
+        console.print(f"[bold red]error:[/] {_plain(line)}", markup=True, highlight=False)
 
 
 SetOption = Annotated[
@@ -309,8 +324,14 @@ def validate(
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback behind an error (or set OPDKIT_DEBUG=1).")] = False,
+) -> None:
     """opdkit: Flow-GRPO teachers, Flow-OPD distillation and benchmarks for flow-matching T2I models."""
+    if debug:
+        import os
+
+        os.environ["OPDKIT_DEBUG"] = "1"
 
 
 def quiet_libraries() -> None:

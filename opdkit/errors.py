@@ -18,3 +18,10 @@ class RecipeError(OpdkitError):
 
 class PluginError(OpdkitError):
     """A plug-in name cannot be resolved, or its parameters do not fit its builder."""
+
+
+def first_line(exc: BaseException) -> str:
+    """``TypeName: first line of the message``: how a plug-in's own exception is shown in one line
+    (the traceback is printed too when ``OPDKIT_DEBUG=1`` or ``--debug``)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__

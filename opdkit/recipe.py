@@ -39,7 +39,8 @@ from opdkit.errors import OpdkitError, RecipeError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are never a setting: refuse them where they are written, not steps later
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class PluginSpec(_Strict):
@@ -185,7 +186,7 @@ class PretrainEmaSpec(EmaSpec):
 class TrainSpec(_Strict):
     """Optimisation settings every method has."""
 
-    seed: int  # required: every recipe names its seed
+    seed: int = Field(ge=0, lt=2**63)  # required: every recipe names its seed (numpy seeds are >= 0)
     lr: float = Field(default=1e-4, gt=0.0)
     batch_size: int = Field(default=8, ge=1)  # pretrain: images; grpo/opd: prompts (x group_size images)
     max_steps: int = Field(default=100, ge=1)
@@ -360,6 +361,7 @@ class GrpoRecipe(_RecipeBase):
     def _needs_rewards(self) -> GrpoRecipe:
         if not self.rewards:
             raise KeyedValueError(("rewards",), "method grpo needs at least one entry in 'rewards'")
+        _check_group_std(self.train)
         return self
 
 
@@ -390,9 +392,17 @@ class OpdRecipe(_RecipeBase):
             seen.add(teacher.name)
         if self.train.loss_mode == "mixed" and not self.rewards:
             raise KeyedValueError(("train", "loss_mode"), "mixed needs 'rewards' (the task reward)")
+        if self.train.loss_mode == "mixed":
+            _check_group_std(self.train)
         if self.init is not None and self.train.lora is None:
             raise KeyedValueError(("init",), "a cold start initialises the student's LoRA adapter; set train.lora")
         return self
+
+
+def _check_group_std(train: GrpoTrainSpec | OpdTrainSpec) -> None:
+    """One image per group has no spread: normalised by its own std, every advantage is +-adv_clip."""
+    if train.adv_std == "group" and train.group_size < 2:
+        raise KeyedValueError(("train", "adv_std"), "group needs train.group_size >= 2 (one image has no group spread); use batch")
 
 
 # One schema per method, chosen by the recipe's ``method`` key.
@@ -570,8 +580,11 @@ def _read_text(path: Path) -> str:
 def _parse_yaml(text: str, path: Path) -> tuple[dict[str, Any], dict[tuple[str | int, ...], int]]:
     """Parse with ``yaml.safe_load`` and record the 1-based line of every key path."""
     try:
-        data = yaml.safe_load(text)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_size(node, path)  # before building objects: aliases can expand exponentially
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to parse; a recipe is a few levels deep") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -602,6 +615,29 @@ def _parse_yaml(text: str, path: Path) -> tuple[dict[str, Any], dict[tuple[str |
     if node is not None:
         walk(node, ())
     return data, lines
+
+
+# A recipe is a few hundred YAML nodes, a few levels deep; far more is an alias bomb or a mistake.
+MAX_YAML_NODES = 20_000
+MAX_YAML_DEPTH = 32
+
+
+def _check_size(root: yaml.Node | None, path: Path) -> None:
+    """Refuse YAML whose aliases expand past :data:`MAX_YAML_NODES` nodes or that nests deeper
+    than :data:`MAX_YAML_DEPTH`, counting each alias at every place it is used."""
+    count = 0
+    stack = [(root, 0)] if root is not None else []
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise RecipeError(f"{path}: expands to over {MAX_YAML_NODES:,} YAML nodes (aliases?); a recipe has a few hundred")
+        if depth > MAX_YAML_DEPTH:
+            raise RecipeError(f"{path}:{node.start_mark.line + 1}: nested deeper than {MAX_YAML_DEPTH} levels")
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend((child, depth + 1) for pair in node.value for child in pair)
 
 
 def _parse_override(item: str) -> tuple[tuple[str | int, ...], Any]:

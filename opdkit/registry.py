@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from opdkit.errors import PluginError
+from opdkit.errors import OpdkitError, PluginError, first_line
 
 Builder = Callable[..., Any]
 
@@ -156,7 +156,12 @@ class Registry:
         params = dict(params or {})
         builder = self.get(name)
         check_builder_params(builder, params, f"{self.kind} {name!r}")
-        return builder(**params)
+        try:
+            return builder(**params)
+        except OpdkitError:
+            raise
+        except Exception as exc:  # a plug-in's own failure: name the plug-in, one line
+            raise PluginError(f"{self.kind} {name!r}: its builder raised {first_line(exc)}") from exc
 
 
 def check_builder_params(builder: Builder, params: dict[str, Any], what: str) -> None:
@@ -235,16 +240,14 @@ def load_object(spec: str, kind: str = "plug-in") -> Builder:
             sys.modules[module_name] = module
             try:
                 file_spec.loader.exec_module(module)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # sys.exit() at import too: never exit silently
                 del sys.modules[module_name]
-                raise PluginError(
-                    f"{kind} {spec!r}: importing {str(path)!r} failed: {type(exc).__name__}: {exc}"
-                ) from exc
+                raise PluginError(f"{kind} {spec!r}: importing {str(path)!r} failed: {first_line(exc)}") from exc
     else:
         try:
             module = importlib.import_module(target)
-        except ImportError as exc:
-            raise PluginError(f"{kind} {spec!r}: cannot import module {target!r}: {exc}") from exc
+        except (Exception, SystemExit) as exc:
+            raise PluginError(f"{kind} {spec!r}: cannot import module {target!r}: {first_line(exc)}") from exc
     try:
         obj = getattr(module, attr)
     except AttributeError:

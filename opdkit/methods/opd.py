@@ -96,6 +96,12 @@ class Opd:
         decode = self.reward_fn is not None or bool(train.sample_every)
         drawn, batch = self.policy.rollout(ctx, self.records, step, decode=decode)
         routes = self.route(batch.records, list(self.teachers))
+        unknown = sorted({str(r) for r in routes} - set(self.teachers))
+        if len(routes) != len(batch) or unknown:
+            raise OpdkitError(
+                f"router {ctx.recipe.router.type!r} returned {len(routes)} routes for {len(batch)} images"
+                + (f", naming {', '.join(unknown)}, not a teacher ({', '.join(self.teachers)})" if unknown else "")
+            )
         t_rollout = time.perf_counter()
 
         scores, rewards, self.task_adv = None, None, None

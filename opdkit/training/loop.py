@@ -207,6 +207,8 @@ class Optimization:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         else:
             norm = torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
+        if not self.scaler.is_enabled() and not bool(torch.isfinite(norm)):
+            raise OpdkitError(f"the gradient norm became {float(norm)}: lower train.lr or set train.max_grad_norm")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -218,6 +220,22 @@ class Optimization:
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+
+
+# Trained weights beyond this have diverged (LoRA factors are ~1e-2, full weights ~1).
+MAX_ABS_WEIGHT = 1e4
+
+
+def check_weights(params: Sequence[torch.Tensor], step: int, lr: float, where: Any) -> None:
+    """Stop a run whose trained weights became non-finite or absurdly large, naming the step."""
+    with torch.no_grad():  # one device sync, not one per tensor
+        maxima = [p.detach().abs().max().float() for p in params if p.numel()]
+        largest = float(torch.stack(maxima).max()) if maxima else 0.0
+    if not math.isfinite(largest) or largest > MAX_ABS_WEIGHT:
+        raise OpdkitError(
+            f"{where}: the trained weights diverged at step {step} (max |w| {largest:.3g}); lower train.lr "
+            f"(now {lr:g}) or set train.max_grad_norm"
+        )
 
 
 def scheduled_lr(train: Any, step: int) -> float:
@@ -319,6 +337,7 @@ def _train_steps(
             record = {"step": step, **result.record, "lr": lr, "seconds": round(elapsed, 3)}
             if not math.isfinite(record["loss"]):
                 raise OpdkitError(f"{loaded.path}: loss became {record['loss']} at step {step}; lower train.lr")
+            check_weights(setup.params, step, train.lr, loaded.path)
             if rank_log is not None and result.drawn is not None:
                 append_jsonl(rank_log, {"step": step, "prompt_indices": result.drawn.indices, "seeds": result.drawn.seeds})
             if ctx.main:

@@ -13,7 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from opdkit.errors import OpdkitError
+from opdkit.errors import OpdkitError, first_line
+
+# A score beyond this is a bug or a unit mistake (rewards are O(1)-O(100)); it is refused.
+MAX_ABS_REWARD = 1e6
 
 if TYPE_CHECKING:
     from opdkit.recipe import RewardSpec
@@ -57,7 +60,11 @@ class WeightedReward:
             )
         self.weights = [float(spec.weight) for spec in specs]
         self.tags = [set(spec.tags) if spec.tags is not None else None for spec in specs]
+        self.types = [spec.type for spec in specs]
         self.functions = [build(spec.type, spec.params) for spec in specs]
+        for label, fn in zip(self.labels, self.functions, strict=True):
+            if not callable(fn):
+                raise OpdkitError(f"reward {label!r}: its builder returned {type(fn).__name__}, not a callable")
 
     def __call__(self, images: torch.Tensor, prompts: list[str], records: list[dict[str, Any]]) -> RewardScores:
         n = images.shape[0]
@@ -68,10 +75,15 @@ class WeightedReward:
             if not rows:
                 parts[label] = torch.full((n,), math.nan)
                 continue
-            if len(rows) == n:
-                out = fn(images, prompts, records)
-            else:
-                out = fn(images[rows], [prompts[i] for i in rows], [records[i] for i in rows])
+            try:
+                if len(rows) == n:
+                    out = fn(images, prompts, records)
+                else:
+                    out = fn(images[rows], [prompts[i] for i in rows], [records[i] for i in rows])
+            except OpdkitError:
+                raise
+            except Exception as exc:  # the plug-in's own failure, named, in one line
+                raise OpdkitError(f"reward {label!r}: scoring raised {first_line(exc)}") from exc
             if not isinstance(out, dict) or "score" not in out:
                 raise OpdkitError(f"reward {label!r} must return a dict with a 'score' tensor")
             index = torch.tensor(rows)
@@ -83,6 +95,11 @@ class WeightedReward:
                 if key == "score":
                     if not bool(torch.isfinite(value).all()):
                         raise OpdkitError(f"reward {label!r} returned a non-finite score")
+                    if float(value.abs().max()) > MAX_ABS_REWARD:
+                        raise OpdkitError(
+                            f"reward {label!r} returned {float(value.abs().max()):.3g}, beyond +-{MAX_ABS_REWARD:g}: "
+                            "such scores swamp the advantages; rescale it (its builder's params or the reward's weight)"
+                        )
                     parts[label] = full
                     total = total + weight * torch.nan_to_num(full, nan=0.0)
                 else:
