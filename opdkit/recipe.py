@@ -538,6 +538,11 @@ def check_recipe_plugins(recipe: AnyRecipe, where: Any = None) -> list[str]:
             problems.append(f"{where((*loc, 'params'))}: {key}.params: {exc}")
 
     check(models, recipe.model.type, recipe.model.builder_params(), ("model",))
+    from opdkit.models.loading import resolution_problem
+
+    problem = resolution_problem(recipe.model.type, recipe.model.builder_params(), recipe.sampler.resolution)
+    if problem is not None:
+        problems.append(f"{where(('sampler', 'resolution'))}: sampler.resolution: {problem}")
     for i, spec in enumerate(getattr(recipe, "rewards", [])):
         check(rewards, spec.type, spec.params, ("rewards", i))
     for i, spec in enumerate(getattr(recipe, "teachers", [])):

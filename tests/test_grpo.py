@@ -218,6 +218,45 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, one_thread: None)
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_kill_during_the_post_run_eval_then_resume_gives_the_same_results(tmp_path: Path, one_thread: None) -> None:
+    """SIGKILL while the post-training eval writes its rows; --resume finishes the same results."""
+    recipe = write_recipe(tmp_path, RECIPE + "eval: {benchmarks: [shapes-quality], samples_per_prompt: 1, limit: 40}\n")
+    steps = ["--set", "train.max_steps=2", "--set", "train.sample_every=0"]
+    command = [sys.executable, "-m", "opdkit.cli", "train", str(recipe), "--out", str(tmp_path / "killed"), *steps]
+    killed = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    rows = tmp_path / "killed" / "results" / "step_000002" / "killed" / "shapes-quality.jsonl"
+    try:
+        deadline = time.monotonic() + 240
+        while not (rows.exists() and rows.read_text().count("\n") >= 1):
+            assert killed.poll() is None, killed.stderr.read() if killed.stderr else ""
+            assert time.monotonic() < deadline, "the eval wrote no rows"
+            time.sleep(0.002)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=30)
+    finally:
+        if killed.poll() is None:
+            killed.kill()
+            killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    from typer.testing import CliRunner
+
+    from opdkit.cli import app
+
+    resumed = CliRunner().invoke(app, [*command[3:], "--resume"])
+    assert resumed.exit_code == 0, resumed.output[-3000:]
+    whole = CliRunner().invoke(app, ["train", str(recipe), "--out", str(tmp_path / "whole"), *steps])
+    assert whole.exit_code == 0, whole.output[-3000:]
+
+    def results(run: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        folder = tmp_path / run / "results" / "step_000002" / run
+        kept = [{k: v for k, v in r.items() if k != "image"} for r in read_jsonl(folder / "shapes-quality.jsonl")]
+        summary = json.loads((folder / "shapes-quality.json").read_text())
+        return sorted(kept, key=lambda r: (r["prompt_index"], r["sample_index"])), summary["metrics"]
+
+    assert results("killed") == results("whole")
+    assert len(results("killed")[0]) == 40
+
+
 def test_accumulation_matches_one_big_batch(tmp_path: Path, one_thread: None) -> None:
     """4 images in one micro-batch vs 2 micro-batches of 2 accumulated: the same update."""
     recipe = write_recipe(tmp_path, RECIPE)

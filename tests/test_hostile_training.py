@@ -123,6 +123,9 @@ CASES = [
     Case("validate-negative-seed", "train.seed", edits=(("seed: 0", "seed: -1"),), command="validate"),
     Case("validate-infinite-alpha", "train.lora.alpha", edits=(("alpha: 4", "alpha: .inf"),), command="validate"),
     Case("validate-alias-bomb", "expands to over", command="validate", whole=BOMB),
+    Case("resolution-off-the-patch-grid", "sampler.resolution: 33 is not a multiple of 4", edits=(("resolution: 32", "resolution: 33"),)),
+    Case("resolution-too-small", "sampler.resolution: 9 is not a multiple", edits=(("resolution: 32", "resolution: 9"),), command="validate"),
+    Case("resolution-beyond-the-model", "above the model's largest side, 32 px", edits=(("resolution: 32", "resolution: 64"),)),
     # plug-ins
     Case("builder-raises", "reward './plugins.py:raises_in_builder': its builder raised ValueError: no weights here",
          edits=(("REWARD", "./plugins.py:raises_in_builder"),)),

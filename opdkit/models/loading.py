@@ -258,3 +258,42 @@ def load_flow_model(
     except OpdkitError as exc:
         raise OpdkitError(f"model {str(path)!r}: {exc}") from None
     return model.to(device=device)
+
+
+def resolution_problem(model_type: str, params: dict[str, Any], resolution: int) -> str | None:
+    """What is wrong with sampling ``resolution`` px with a built-in model, read from its configs
+    without loading weights (None when it fits, or when the model is not one we can read).
+
+    The image side must be a multiple of the VAE factor x the patch side, and its token grid must
+    fit the transformer's ``pos_embed_max_size``. Lets ``opdkit validate`` refuse what training
+    would only find out after building the model.
+    """
+    if model_type == "shapes_new":  # pixel space, built from these params
+        patch = int(params.get("patch_size", 2))
+        return _side_problem(resolution, 1, patch, int(params.get("resolution", 32)) // patch)
+    if model_type in ("shapes", "shapes-base", "sd3"):
+        from opdkit.models.shapes import SHAPES_BASE, checkpoint_path
+
+        given = params.get("path")
+        if given is None and model_type == "sd3":
+            return None
+        folder = Path(str(given)).expanduser() if given is not None else checkpoint_path(SHAPES_BASE)
+        config = folder / "transformer" / "config.json"
+        if not config.is_file():
+            return None  # not a local folder (a hub id, or missing: the builder says so)
+        transformer = json.loads(config.read_text(encoding="utf-8"))
+        vae_file = folder / "vae" / "config.json"
+        vae = json.loads(vae_file.read_text(encoding="utf-8")) if vae_file.is_file() else None
+        factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1) if vae else 1
+        limit = transformer.get("pos_embed_max_size")
+        return _side_problem(resolution, factor, int(transformer.get("patch_size", 1)), int(limit) if limit else None)
+    return None
+
+
+def _side_problem(resolution: int, factor: int, patch: int, max_tokens: int | None) -> str | None:
+    cell = factor * patch
+    if resolution % cell:
+        return f"{resolution} is not a multiple of {cell} (the model's VAE factor {factor} x patch {patch})"
+    if max_tokens is not None and resolution // cell > max_tokens:
+        return f"{resolution} is above the model's largest side, {max_tokens * cell} px ({max_tokens} patches)"
+    return None
