@@ -140,7 +140,7 @@ class SamplerSpec(PretrainSamplerSpec):
     shift: float | None = Field(default=None, gt=0.0)  # None: the model's scheduler shift
     # [start, stop) of the steps that are stochastic and trained on; None: every step. flow_grpo
     # trains steps 0-8 of 10 (timestep_fraction 0.99: the last, lowest-sigma step has huge
-    # likelihoods), i.e. [0, 9]; the shapes recipes train [0, 2] or [0, 3] (docs/grpo.md)
+    # likelihoods), i.e. [0, 9]; the shapes recipes train [0, 2] or [0, 3] (docs/results/grpo.md)
     train_window: tuple[int, int] | None = None
     # the images of a group start from the same initial noise (DanceGRPO), so the reward
     # differences inside a group come from the trained SDE steps alone

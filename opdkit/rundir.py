@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -168,12 +168,16 @@ class RunDir:
             return []
         return sorted(name for name in RUN_FILES if (self.root / name).exists())
 
-    def check_start(self, recipe: dict[str, Any], base: str, *, resume: bool, overwrite: bool) -> dict[str, Any]:
+    def check_start(
+        self, recipe: dict[str, Any], base: str, *, resume: bool, overwrite: bool,
+        read_recipe: Callable[[Path], dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
         """Refuse what would lose or mix runs, before anything is written; returns the history entry.
 
         A new run refuses a folder holding any file a run writes, unless ``overwrite``. A resumed
         run refuses a recipe that differs from the one the folder was started with in any key but
         those that only extend or observe a run (:data:`EXTENDING_KEYS`), and other base weights.
+        ``read_recipe`` reads the ``recipe.yaml`` of a run made before ``run.json`` existed.
         """
         if self.root.exists() and not self.root.is_dir():
             raise OpdkitError(f"{self.root}: --out is a file, not a folder")
@@ -186,7 +190,11 @@ class RunDir:
                 )
             return {"event": "created", "base": base}
         before = self.read_info()
-        old_recipe = before.get("recipe") if before else self._legacy_recipe()
+        legacy = self.root / "recipe.yaml"
+        if before:
+            old_recipe = before.get("recipe")
+        else:
+            old_recipe = read_recipe(legacy) if read_recipe is not None and legacy.is_file() else None
         if old_recipe is None:
             return {"event": "created", "base": base}
         changed = recipe_changes(old_recipe, recipe)
@@ -236,20 +244,6 @@ class RunDir:
         except (OSError, json.JSONDecodeError) as exc:
             raise OpdkitError(f"{self.info_path}: unreadable run record ({exc}); move the folder aside") from None
         return info if isinstance(info, dict) else None
-
-    def _legacy_recipe(self) -> dict[str, Any] | None:
-        """The resolved recipe of a run made before ``run.json`` existed, in today's schema."""
-        import yaml
-
-        path = self.root / "recipe.yaml"
-        if not path.is_file():
-            return None
-        from opdkit.recipe import parse_recipe
-
-        try:
-            return parse_recipe(yaml.safe_load(path.read_text(encoding="utf-8")), lenient=True).model_dump(mode="json")
-        except Exception as exc:  # any unreadable recipe: the run cannot be checked, so it is not resumed
-            raise OpdkitError(f"{path}: cannot read the run's recipe to check --resume ({type(exc).__name__})") from None
 
     def log(self, record: dict[str, Any]) -> None:
         append_jsonl(self.metrics_path, record)

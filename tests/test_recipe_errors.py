@@ -188,13 +188,13 @@ CASES = [
     ),
     Case(
         "nan-weight",
-        r"{file}:{line}: rewards\.0\.weight: weight must be a finite number, got nan",
+        r"{file}:{line}: rewards\.0\.weight: Input should be a finite number \(got nan\)",
         anchor="weight",
         edits=(("weight: 1.0", "weight: .nan"),),
     ),
     Case(
         "inf-weight",
-        r"{file}:{line}: rewards\.0\.weight: weight must be a finite number, got -inf",
+        r"{file}:{line}: rewards\.0\.weight: Input should be a finite number \(got -inf\)",
         anchor="weight",
         edits=(("weight: 1.0", "weight: -.inf"),),
     ),

@@ -272,12 +272,12 @@ def resolution_problem(model_type: str, params: dict[str, Any], resolution: int)
         patch = int(params.get("patch_size", 2))
         return _side_problem(resolution, 1, patch, int(params.get("resolution", 32)) // patch)
     if model_type in ("shapes", "shapes-base", "sd3"):
-        from opdkit.models.shapes import SHAPES_BASE, checkpoint_path
+        from opdkit.checkpoint import COMMITTED_DIR
 
         given = params.get("path")
         if given is None and model_type == "sd3":
             return None
-        folder = Path(str(given)).expanduser() if given is not None else checkpoint_path(SHAPES_BASE)
+        folder = Path(str(given)).expanduser() if given is not None else COMMITTED_DIR / "shapes-base"
         config = folder / "transformer" / "config.json"
         if not config.is_file():
             return None  # not a local folder (a hub id, or missing: the builder says so)

@@ -7,7 +7,7 @@ Pipeline for one ``(H, W, 3)`` uint8 image (all steps numpy / scipy.ndimage):
    noisy pixels keep their colour and blurred edges their object.
 2. Per colour, a 3x3 majority filter (a pixel is "seed" when >= 5 of its 9 neighbours carry
    the colour): removes isolated speckle and thin noise, fills pinholes. Generated images are
-   speckled; without this a fill-ratio classifier breaks (measured: docs/shapes.md).
+   speckled; without this a fill-ratio classifier breaks (measured: docs/results/shapes.md).
 3. Each seed component (4-connected) becomes an object mask: the raw colour pixels within one
    pixel of the seed, holes filled. This restores the corners the majority filter shaved
    (triangle apex, cross arm ends) so a clean object's mask is exact.

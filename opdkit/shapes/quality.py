@@ -9,7 +9,7 @@ quality for any prompt, which is how a quality reward exposes reward hacking whe
 optimised alone.
 
 The degradation helpers (:func:`gaussian_noise`, :func:`speckle`, :func:`blur`) are the ones the
-accuracy-vs-noise table in ``docs/shapes.md`` uses (:func:`noise_sweep`).
+accuracy-vs-noise table in ``docs/results/shapes.md`` uses (:func:`noise_sweep`).
 """
 
 from __future__ import annotations

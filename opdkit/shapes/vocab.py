@@ -3,7 +3,7 @@
 Every constant another module or developer may want to read lives here, so the renderer, the
 detector, the glyph reader, the quality measure and the model's tokenizer agree by construction.
 
-Choices (measured on the clean/noisy sweeps documented in ``docs/shapes.md``):
+Choices (measured on the clean/noisy sweeps documented in ``docs/results/shapes.md``):
 
 - Shapes: circle, square, triangle (apex up), cross. Their fill ratios of the bounding box
   (0.79, 1.0, ~0.5, ~0.55) and their outlines differ enough that template matching separates
@@ -80,7 +80,7 @@ SIDE_MODES: tuple[str, ...] = ("random", "by_count")
   object per image (two 16 px objects leave no room for a clear gap at 32 px); all ``n + 1``
   assignments of ``n`` objects are equally likely.
 - ``by_count``: one side per object count, large alone and small in twos and more. The
-  committed ``shapes-base`` was pretrained on this narrower data (``docs/shapes.md``)."""
+  committed ``shapes-base`` was pretrained on this narrower data (``docs/results/shapes.md``)."""
 
 # Clearances (pixels at 32 px). Objects keep >= 3 px between boxes so a 3x3 majority filter
 # never bridges two objects. They may touch the image border: with objects on the 8 px grid a
@@ -93,7 +93,7 @@ PLACEMENT_GRID: int = 8
 image) wherever the border allows: two of the shapes model's 4 px patches. With free 1 px
 placement, 45 minutes of pretraining left the base drawing ragged blobs the detector could not
 name (GenEval 0.04); on a 4 px grid it drew objects as unions of patch blocks (GenEval 0.243); on
-this grid the same recipe reaches GenEval ~0.5 (``docs/shapes.md``). Positions stay random: a
+this grid the same recipe reaches GenEval ~0.5 (``docs/results/shapes.md``). Positions stay random: a
 16 px object has 3 x 3 origins, an 8 px one 4 x 4."""
 
 SIGN_GRID: int = 4

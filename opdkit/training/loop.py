@@ -374,12 +374,24 @@ def open_run_dir(out_dir: str | Path, recipe: Any, model: Any, *, resume: bool, 
     rundir = RunDir(out_dir)
     resolved = recipe.model_dump(mode="json")
     base = model.base_fingerprint() if hasattr(model, "base_fingerprint") else "unknown"
-    entry = rundir.check_start(resolved, base, resume=resume, overwrite=overwrite)
+    entry = rundir.check_start(resolved, base, resume=resume, overwrite=overwrite, read_recipe=_legacy_recipe)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         rundir.prepare(dump_recipe(recipe), resume, recipe=resolved, entry=entry, overwrite=overwrite)
     accelerator.wait_for_everyone()
     return rundir
+
+
+def _legacy_recipe(path: Path) -> dict[str, Any]:
+    """The resolved recipe of a run made before ``run.json`` existed, in today's schema."""
+    import yaml
+
+    from opdkit.recipe import parse_recipe
+
+    try:
+        return parse_recipe(yaml.safe_load(path.read_text(encoding="utf-8")), lenient=True).model_dump(mode="json")
+    except Exception as exc:  # an unreadable recipe cannot be checked, so the run is not resumed
+        raise OpdkitError(f"{path}: cannot read the run's recipe to check --resume ({type(exc).__name__})") from None
 
 
 def save_checkpoint(ctx: RunContext, setup: Setup, optim: Optimization, *, step: int, elapsed: float) -> None:
