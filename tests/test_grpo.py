@@ -487,13 +487,18 @@ def test_run_folders_are_never_lost_or_mixed(tmp_path: Path, one_thread: None) -
     changed = runner.invoke(app, ["train", str(recipe), "--out", str(tmp_path / "b"), "--resume", "--set", "train.lr=0.01"])
     assert changed.exit_code == 1 and "train.lr: 0.003 -> 0.01" in changed.output, changed.output
     assert snapshot(tmp_path / "b") == before
-    # ... and extends it to more steps, with the change in the run's history.
+    # ... and extends it to more steps, with the change in the run's history; the .tmp files of
+    # writes killed half-way are cleared on the way.
+    orphans = [tmp_path / "b" / ".metrics.jsonl.x1.tmp", tmp_path / "b" / "checkpoints" / "step_000002" / ".ema.x2.tmp"]
+    for orphan in orphans:
+        orphan.write_bytes(b"torn")
     longer = runner.invoke(app, ["train", str(recipe), "--out", str(tmp_path / "b"), "--resume", "--set", "train.max_steps=3"])
     assert longer.exit_code == 0, longer.output
     history = json.loads((tmp_path / "b" / "run.json").read_text())["history"]
     assert [h["event"] for h in history] == ["created", "resumed"]
     assert history[1]["changed"] == {"train.max_steps": [2, 3]}
     assert [m["step"] for m in read_jsonl(tmp_path / "b" / "metrics.jsonl")] == [1, 2, 3]
+    assert not any(orphan.exists() for orphan in orphans)
 
     # --overwrite replaces the run.
     replaced = runner.invoke(app, ["train", str(recipe), "--out", str(out), "--overwrite", "--set", "train.max_steps=1"])

@@ -238,6 +238,18 @@ def test_opd_refusals_are_one_line(tmp_path: Path, teachers: tuple[Path, Path]) 
     unrouted = OPD.replace("mapping: {single_object: shapes, ocr: signs}", "mapping: {single_object: shapes}")
     with pytest.raises(OpdkitError, match=r"unrouted prompt .*tag 'ocr'"):
         run_opd(tmp_path / "c", unrouted, teachers)
+    (tmp_path / "routers.py").write_text(
+        "def nobody():\n    return lambda records, names: ['nobody'] * len(records)\n\n"
+        "def crashes():\n    def route(records, names):\n        raise KeyError('tag')\n    return route\n"
+    )
+    for name, message in (("nobody", r"naming nobody, not a teacher \(shapes, signs\)"), ("crashes", "routing raised KeyError")):
+        custom = OPD.replace(
+            "router:\n  type: tag\n  params: {mapping: {single_object: shapes, ocr: signs}}\n",
+            f"router: {{type: {tmp_path}/routers.py:{name}}}\n",
+        )
+        assert custom != OPD
+        with pytest.raises(OpdkitError, match=message):
+            run_opd(tmp_path / name, custom, teachers)
 
 
 def test_full_teacher_loads_only_its_transformer_and_is_what_the_student_consults(

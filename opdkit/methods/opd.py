@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from opdkit.errors import OpdkitError
+from opdkit.errors import OpdkitError, first_line
 from opdkit.registry import regularizers, routers
 from opdkit.training.loop import Optimization, RunContext, Setup, StepResult, summarize
 from opdkit.training.losses import (
@@ -83,7 +83,9 @@ class Opd:
             ))  # fmt: skip
         self.anchors: list[tuple[str, float, Teacher | None]] = []
         for spec in recipe.regularizers:
-            anchor = regularizers.build(spec.type, spec.params).anchor
+            anchor = getattr(regularizers.build(spec.type, spec.params), "anchor", None)
+            if not isinstance(anchor, str):
+                raise OpdkitError(f"regularizer {spec.type!r}: its builder must return an object with an 'anchor' name")
             if anchor != BASE and anchor not in self.teachers:
                 raise OpdkitError(f"{ctx.loaded.path}: regularizer {spec.type!r} anchors to {anchor!r}, which is not a teacher")
             self.anchors.append((f"{spec.type}:{anchor}", spec.weight, self.teachers.get(anchor)))
@@ -95,7 +97,12 @@ class Opd:
         t0 = time.perf_counter()
         decode = self.reward_fn is not None or bool(train.sample_every)
         drawn, batch = self.policy.rollout(ctx, self.records, step, decode=decode)
-        routes = self.route(batch.records, list(self.teachers))
+        try:
+            routes = list(self.route(batch.records, list(self.teachers)))
+        except OpdkitError:
+            raise
+        except Exception as exc:  # the router's own failure, named, in one line
+            raise OpdkitError(f"router {ctx.recipe.router.type!r}: routing raised {first_line(exc)}") from exc
         unknown = sorted({str(r) for r in routes} - set(self.teachers))
         if len(routes) != len(batch) or unknown:
             raise OpdkitError(
