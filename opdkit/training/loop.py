@@ -28,7 +28,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -497,16 +497,3 @@ class TensorBoardLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-@dataclass
-class StatLists:
-    """Per-sample statistics collected over a step's updates, concatenated at the end."""
-
-    lists: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-
-    def add(self, key: str, value: torch.Tensor) -> None:
-        self.lists.setdefault(key, []).append(value.detach())
-
-    def cat(self) -> dict[str, torch.Tensor]:
-        return {k: torch.cat([x.float().cpu().reshape(-1) for x in v]) if v else torch.zeros(0) for k, v in self.lists.items()}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,26 @@ import torch
 
 from opdkit.errors import OpdkitError
 from opdkit.rundir import atomic_write_json, save_safetensors_atomic
-from opdkit.training.loop import Optimization, RunContext, Setup, StatLists
+from opdkit.training.loop import Optimization, RunContext, Setup
 from opdkit.training.rollout import Rollout, StepPrompts, rollout, shared_noise_seeds, step_prompts
 from opdkit.training.trainable import ADAPTER, Trainable, setup_trainable
 
 # (micro-batch index, trained step t, rows, inner epoch) -> (loss (B,), ratio (B,) detached,
 # other per-sample statistics to log)
 TermLoss = Callable[[int, int, slice, int], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class StatLists:
+    """Per-sample statistics collected over a step's updates, concatenated at the end."""
+
+    lists: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def add(self, key: str, value: torch.Tensor) -> None:
+        self.lists.setdefault(key, []).append(value.detach())
+
+    def cat(self) -> dict[str, torch.Tensor]:
+        return {k: torch.cat([x.float().cpu().reshape(-1) for x in v]) if v else torch.zeros(0) for k, v in self.lists.items()}
 
 
 @dataclass

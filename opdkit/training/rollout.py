@@ -206,10 +206,6 @@ def rollout(
     micro = min(micro_batch or n, n)
     cond = encode_unique(model, [r["prompt"] for r in records])
 
-    def start_noise(rows_seeds: list[int]) -> torch.Tensor:
-        shape = model.latent_shape(resolution)
-        return initial_noise(shape, make_generators(rows_seeds, len(rows_seeds)), model.device, len(rows_seeds))
-
     states, log_probs, images = [], [], []
     traj = None
     for start in range(0, n, micro):
@@ -225,7 +221,7 @@ def rollout(
             noise_level=noise_level,
             seed=list(seeds[rows]),
             sde_window=window,
-            noise=None if noise_seeds is None else start_noise(list(noise_seeds[rows])),
+            noise=None if noise_seeds is None else start_noise(model, resolution, list(noise_seeds[rows])),
             logprob_pool=logprob_pool,
         )
         states.append(traj.states)
@@ -247,6 +243,11 @@ def rollout(
         noise_level=noise_level,
         logprob_pool=logprob_pool,
     )
+
+
+def start_noise(model: Any, resolution: int, seeds: list[int]) -> torch.Tensor:
+    """Initial noise x_1, one image per seed: (len(seeds), C, h, w) on the model's device."""
+    return initial_noise(model.latent_shape(resolution), make_generators(seeds, len(seeds)), model.device, len(seeds))
 
 
 def shared_noise_seeds(seeds: Sequence[int], group_size: int) -> list[int]:
