@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -220,3 +221,41 @@ def test_a_model_given_as_dot_or_dotdot_is_filed_under_its_folder_name(
     assert sorted(p.name for p in tiny.parent.iterdir()) == before  # nothing written beside the model
     assert not (tiny / BENCH).exists() and not (tiny / f"{BENCH}.json").exists()
 
+
+
+def test_model_name_collisions_across_folders(tmp_path: Path) -> None:
+    from opdkit.eval.leaderboard import run_leaderboard
+
+    out = tmp_path / "res"
+    for folder, value in (("m", 0.25), ("m-copy", 0.75)):
+        (out / folder).mkdir(parents=True)
+        summary = {"model": "m", "bench": BENCH, "family": "Quality", "world": "shapes", "metrics": {"overall": value}}
+        (out / folder / f"{BENCH}.json").write_text(json.dumps(summary))
+    markdown = run_leaderboard(out)
+    assert "| m | 0.250 |" in markdown and "| m-copy/ (m) | **0.750** |" in markdown
+    result = RUNNER.invoke(app, ["leaderboard", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert f"warning: model 'm' has results in 2 folders ({out / 'm'}, {out / 'm-copy'})" in result.stderr
+    assert "m-copy/ (m)" in result.stdout
+    shutil.rmtree(out / "m")
+    result = RUNNER.invoke(app, ["leaderboard", str(out)], env={"COLUMNS": "200"})
+    assert "warning" not in result.stderr and "m-copy/ (m)" in result.stdout
+
+
+def test_compare_names_folders_and_refuses_an_ambiguous_model(tmp_path: Path) -> None:
+    from opdkit.eval.compare import compare
+
+    out = tmp_path / "res"
+    rows = [{"prompt_index": p, "sample_index": 0, "score": 0.5} for p in range(3)]
+    for folder, model in (("a", "a"), ("b1", "b"), ("b2", "b")):
+        (out / folder).mkdir(parents=True)
+        summary = {"model": model, "bench": BENCH, "family": "Quality", "seed": 0, "metrics": {"overall": 0.5}}
+        (out / folder / f"{BENCH}.json").write_text(json.dumps(summary))
+        (out / folder / f"{BENCH}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (difference,) = compare(out, "a", "b1")  # a folder name is exact
+    assert difference.diff == 0.0
+    with pytest.raises(OpdkitError, match=r"model 'b' has results in 2 folders \(b1, b2\); give the folder name"):
+        compare(out, "a", "b")
+    shutil.rmtree(out / "b2")
+    (difference,) = compare(out, "a", "b")  # one folder holds model 'b': that one
+    assert difference.n_prompts == 3
