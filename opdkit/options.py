@@ -48,7 +48,7 @@ def check_folder_name(option: str, name: str) -> None:
     elif "/" in name or "\\" in name or os.sep in name:
         problem = "it contains '/'"
     elif name.startswith("."):
-        problem = "it starts with '.' (a hidden folder)"
+        problem = "it starts with '.', which hides the folder"
     elif any(ord(c) < 32 or ord(c) == 127 for c in name):
         problem = "it contains a control character"
     else:

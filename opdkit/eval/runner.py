@@ -167,6 +167,8 @@ def run_eval(
         # resume from, or be mixed with, the images of the old weights
         "weights": flow_model.base_fingerprint(),
     }
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise OpdkitError(f"{out_dir}: --out is a file, not a folder")
     root = Path(out_dir) / model_name
     root.mkdir(parents=True, exist_ok=True)
     with results_lock(root), naming_path(root):
