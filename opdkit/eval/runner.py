@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -301,15 +302,20 @@ def results_lock(root: Path) -> Iterator[None]:
         yield
         return
     path = root / LOCK_FILE
-    with naming_path(path), path.open("a") as fh:  # "a": never truncates, never changes the file
+    with naming_path(path):
+        # read-only: flock needs no write access, and the file is never changed once it exists
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise OpdkitError(
                 f"{root}: another `opdkit eval` is writing to this results folder (it holds {path}); "
                 "wait for it to finish, or pass another --out or --name"
             ) from None
         yield
+    finally:
+        os.close(fd)
 
 
 def remove_leftover_tmp(root: Path) -> None:
