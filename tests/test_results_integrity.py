@@ -177,7 +177,7 @@ def test_resume_over_a_torn_line_equals_an_uninterrupted_eval(tiny: Path, tmp_pa
     assert results(tmp_path / "torn") == results(tmp_path / "whole")
 
 
-def test_duplicate_rows_from_before_the_lock_count_once(tiny: Path, tmp_path: Path) -> None:
+def test_duplicate_rows_count_once(tiny: Path, tmp_path: Path) -> None:
     reference = evaluate(tiny, tmp_path / "res")
     path = tmp_path / "res" / "m" / f"{BENCH}.jsonl"
     path.write_text(path.read_text() * 2)  # two evals that wrote the same images at once

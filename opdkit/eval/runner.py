@@ -242,8 +242,8 @@ def _run_locked(root: Path, benchmark: Benchmark, flow_model: FlowModel, model: 
             bar.update(total - len(todo) + start + len(chunk))
     seconds = time.perf_counter() - t0
 
-    # one row per image: a folder written by two evals at once before the lock existed holds
-    # duplicates, and counting them twice would skew the metrics
+    # one row per image: two writers at once (on a filesystem where flock is not shared between
+    # machines, say) leave duplicate rows, and counting them twice would skew the metrics
     rows = [r for (i, s), r in _rows_by_image(records_path).items() if i < len(records) and s < n_samples]
     metrics = benchmark.summarize(rows)
     main = np.array([r["score"] for r in rows], dtype=np.float64)
@@ -298,7 +298,7 @@ def results_lock(root: Path) -> Iterator[None]:
     """
     try:
         import fcntl
-    except ImportError:  # no flock on this platform: run unlocked, as before locks existed
+    except ImportError:  # no flock on this platform (Windows): run unlocked
         yield
         return
     path = root / LOCK_FILE
