@@ -8,6 +8,7 @@ traceback means a bug in opdkit.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -159,8 +160,10 @@ def eval_(
     ] = None,
 ) -> None:
     """Generate images for a benchmark's prompts, score them, and write results/<model>/<bench>.json."""
-    from opdkit.eval.runner import run_eval
+    from opdkit.eval.runner import check_eval_options, run_eval
 
+    # ranges first: a bad value is one line before any model is loaded or any file written
+    check_eval_options(samples=samples, limit=limit, steps=steps, cfg=cfg, batch_size=batch_size, name=name)
     params = _parse_params(param or [])
     summary = run_eval(
         bench=bench,
@@ -211,6 +214,7 @@ def merge(
 ) -> None:
     """Merge LoRA teachers into one adapter on their weight deltas (OPD cold start)."""
     from opdkit.models.merge import merge_files
+    from opdkit.options import check_count, check_float
 
     parsed = None
     if weights is not None:
@@ -218,6 +222,10 @@ def merge(
             parsed = [float(w) for w in weights.split(",")]
         except ValueError:
             raise OpdkitError(f"--weights {weights}: expected comma-separated numbers") from None
+        if not all(math.isfinite(w) for w in parsed):
+            raise OpdkitError(f"--weights {weights}: expected finite numbers (no nan or inf)")
+    check_count("--rank", rank)
+    check_float("--density", density, above=0.0, maximum=1.0)
     path = merge_files(adapters, out, method=method, weights=parsed, rank=rank, density=density)
     _console().print(f"wrote {path}", markup=False)
 

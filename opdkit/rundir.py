@@ -29,22 +29,27 @@ from opdkit.errors import OpdkitError
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success fsync and rename it into place."""
+    """Yield a temporary path beside ``path``; on success fsync and rename it into place.
+
+    An OS error (no space, a read-only folder) names ``path``, not the temporary file or nothing.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)  # its errors name the folder it could not make
+    with naming_path(path, "*"):  # mkstemp names its random temporary file
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     umask = os.umask(0)
     os.umask(umask)
     try:
-        yield tmp_path
-        # mkstemp creates 0600, and some writers (safetensors) recreate the file as 0600: once
-        # written, give it the permissions an ordinary open() would
-        os.chmod(tmp_path, 0o666 & ~umask)
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
+        with naming_path(path, tmp):
+            yield tmp_path
+            # mkstemp creates 0600, and some writers (safetensors) recreate the file as 0600: once
+            # written, give it the permissions an ordinary open() would
+            os.chmod(tmp_path, 0o666 & ~umask)
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -68,13 +73,86 @@ def save_safetensors_atomic(tensors: dict[str, Any], path: str | Path, metadata:
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one JSON line and flush it to disk (a killed run loses at most the line in flight)."""
+    """Append one JSON line and flush it to disk (a killed run loses at most the line in flight).
+
+    A torn last line left by a process killed mid-append is repaired first (see
+    :func:`repair_jsonl_tail`): appended onto, it would glue two records into one corrupt line in
+    the middle of the file, which :func:`read_jsonl` refuses.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
+    repair_jsonl_tail(path)
+    line = json.dumps(record) + "\n"
+    with naming_path(path), path.open("a", encoding="utf-8") as fh:
+        fh.write(line)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def repair_jsonl_tail(path: str | Path) -> bool:
+    """Make a JSONL file end on a complete line; True if it had to be changed.
+
+    A last line without its newline is the record a killed writer left half-written: when it
+    still parses (only the newline was lost) the newline is added; otherwise the file is
+    truncated to the end of the last complete line, so that record is written again in full.
+    """
+    path = Path(path)
+    try:
+        fh = path.open("rb+")
+    except FileNotFoundError:
+        return False
+    with fh:
+        end = fh.seek(0, os.SEEK_END)
+        if end == 0:
+            return False
+        fh.seek(end - 1)
+        if fh.read(1) == b"\n":
+            return False
+        start = _last_line_start(fh, end)
+        fh.seek(start)
+        tail = fh.read(end - start)
+        try:
+            json.loads(tail)
+            complete = True
+        except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+            complete = False
+        if complete:
+            fh.seek(end)
+            fh.write(b"\n")
+        else:
+            fh.truncate(start)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
+
+
+def _last_line_start(fh: Any, end: int, block: int = 1 << 16) -> int:
+    """Offset just after the last newline before ``end`` (0 if none), read backwards in blocks."""
+    pos = end
+    while pos > 0:
+        step = min(block, pos)
+        fh.seek(pos - step)
+        found = fh.read(step).rfind(b"\n")
+        if found >= 0:
+            return pos - step + found + 1
+        pos -= step
+    return 0
+
+
+@contextmanager
+def naming_path(path: str | Path, *aliases: str) -> Iterator[None]:
+    """Make an OS error raised inside name ``path`` when the OS named no file (a failed write or
+    fsync: no space left) or one of ``aliases`` (a temporary file; ``"*"``: any file).
+
+    The CLI prints an OS error as ``FILE: reason``; without this a full disk reads "opdkit: No
+    space left on device", and an atomic write names a ``.tmp`` file the user never asked for.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None and "*" not in aliases and exc.filename not in aliases:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -83,7 +161,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     records = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue

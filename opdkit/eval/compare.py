@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from opdkit.errors import OpdkitError
-from opdkit.eval.leaderboard import load_results
+from opdkit.eval.leaderboard import Results, load_results, recorded_models
 from opdkit.rundir import read_jsonl
 
 # the summary fields that must agree for two results to be paired image by image
@@ -102,21 +102,38 @@ def paired_difference(bench: str, a: dict[str, Any], b: dict[str, Any], rows_a: 
     return Difference(bench, value_a, value_b, value_a - value_b, stderr, len(pa))
 
 
+def results_folder(results: Results, root: Path, model: str) -> str:
+    """The results folder a model name means: the folder of that name, else the one folder whose
+    results record that model; several such folders are refused, naming them."""
+    if model in results:
+        return model
+    found = [folder for folder, per_model in sorted(results.items()) if model in recorded_models(per_model, folder)]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise OpdkitError(
+            f"{root}: model {model!r} has results in {len(found)} folders ({', '.join(found)}); give the folder name"
+        )
+    raise OpdkitError(f"{root}: no results for model {model!r} (have: {', '.join(sorted(results))})")
+
+
 def compare(results_dir: str | Path, model_a: str, model_b: str, benches: list[str] | None = None) -> list[Difference]:
-    """``model_a - model_b`` on every benchmark both have (or on ``benches``), from ``results_dir``."""
+    """``model_a - model_b`` on every benchmark both have (or on ``benches``), from ``results_dir``.
+
+    A model is named by its results folder (what the leaderboard's rows show), or by the model
+    name its results record when exactly one folder holds it.
+    """
     root = Path(results_dir)
     results = load_results(root)
-    for model in (model_a, model_b):
-        if model not in results:
-            raise OpdkitError(f"{root}: no results for model {model!r} (have: {', '.join(sorted(results))})")
-    shared = [x for x in results[model_a] if x in results[model_b]]
+    folder_a, folder_b = results_folder(results, root, model_a), results_folder(results, root, model_b)
+    shared = [x for x in results[folder_a] if x in results[folder_b]]
     chosen = benches or shared
     missing = [x for x in chosen if x not in shared]
     if missing or not chosen:
         raise OpdkitError(f"{root}: {model_a!r} and {model_b!r} do not both have results for {missing or 'any benchmark'}")
     out = []
     for bench in chosen:
-        a, b = results[model_a][bench], results[model_b][bench]
+        a, b = results[folder_a][bench], results[folder_b][bench]
         rows_a = read_jsonl(root / a["_dir"] / f"{bench}.jsonl")
         rows_b = read_jsonl(root / b["_dir"] / f"{bench}.jsonl")
         out.append(paired_difference(bench, a, b, rows_a, rows_b))

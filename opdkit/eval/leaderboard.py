@@ -30,7 +30,7 @@ from opdkit.eval.curves import curves_html
 from opdkit.rundir import atomic_write_text
 
 Results = dict[str, dict[str, dict[str, Any]]]
-"""``{model: {bench: summary}}``, as read by :func:`load_results`."""
+"""``{folder: {bench: summary}}``, as read by :func:`load_results`: one row per results folder."""
 
 GENEVAL_COLUMNS: tuple[tuple[str, str], ...] = (
     ("overall", "Overall"),
@@ -63,7 +63,12 @@ class Column:
 
 
 def load_results(results_dir: str | Path) -> Results:
-    """``{model: {bench: summary}}`` from every ``<model>/<bench>.json`` under ``results_dir``."""
+    """``{folder: {bench: summary}}`` from every ``<folder>/<bench>.json`` under ``results_dir``.
+
+    Rows are keyed by folder, not by the model name a summary records: two folders holding the
+    same model (a copied or renamed folder) are two rows, never one hiding the other. Each
+    summary gets ``_dir``, the folder its rows and grid live in.
+    """
     root = Path(results_dir)
     if not root.is_dir():
         raise OpdkitError(f"{root}: no such results directory (run `opdkit eval` first)")
@@ -73,15 +78,40 @@ def load_results(results_dir: str | Path) -> Results:
             continue
         try:
             summary = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise OpdkitError(f"{path}: not a valid result file: {exc.msg}") from None
-        if not isinstance(summary, dict) or "bench" not in summary or "metrics" not in summary:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise OpdkitError(f"{path}: not a valid result file: {getattr(exc, 'msg', exc)}") from None
+        if not isinstance(summary, dict) or "bench" not in summary or not isinstance(summary.get("metrics"), dict):
             continue
-        summary = {**summary, "_dir": path.parent.name}  # where its grid lives
-        table.setdefault(str(summary.get("model", path.parent.name)), {})[summary["bench"]] = summary
+        folder = path.parent.name
+        summary = {**summary, "_dir": folder}
+        table.setdefault(folder, {})[str(summary["bench"])] = summary
     if not table:
         raise OpdkitError(f"{root}: holds no result files (<model>/<bench>.json)")
     return table
+
+
+def recorded_models(per_model: dict[str, dict[str, Any]], folder: str) -> list[str]:
+    """The model names a folder's summaries record (the folder's name where one records none)."""
+    return sorted({str(s.get("model", folder)) for s in per_model.values()})
+
+
+def row_label(results: Results, folder: str) -> str:
+    """How a row is named: its folder, and the recorded model name too when that differs.
+
+    ``opdkit eval`` files a model's results under its own name, so the two differ only for a
+    folder copied or renamed by hand; its row then says which model it holds: ``copy/ (sd35m)``.
+    """
+    names = recorded_models(results[folder], folder)
+    return folder if names == [folder] else f"{folder}/ ({', '.join(names)})"
+
+
+def model_collisions(results: Results) -> dict[str, list[str]]:
+    """``{model name: [folders]}`` for every model name recorded in more than one folder."""
+    folders: dict[str, list[str]] = {}
+    for folder, per_model in sorted(results.items()):
+        for name in recorded_models(per_model, folder):
+            folders.setdefault(name, []).append(folder)
+    return {name: found for name, found in folders.items() if len(found) > 1}
 
 
 def columns_for(results: Results) -> list[Column]:
@@ -147,7 +177,7 @@ def bench_notes(results: Results) -> dict[str, list[str]]:
     for model, per_model in sorted(results.items()):
         for bench, s in per_model.items():
             key = (str(s.get("protocol", "")), str(s.get("engine", "")))
-            seen.setdefault(bench, {}).setdefault(key, []).append(model)
+            seen.setdefault(bench, {}).setdefault(key, []).append(row_label(results, model))
     notes: dict[str, list[str]] = {}
     for bench, variants in sorted(seen.items()):
         lines = []
@@ -196,7 +226,7 @@ def _markdown_table(results: Results) -> list[str]:
     align = ["---", *["---:" for _ in cols]]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"]
     for model in sorted(results):
-        cells = [model.replace("|", "\\|")]
+        cells = [row_label(results, model).replace("|", "\\|")]
         for col in cols:
             text, best = _text(results, model, col)
             cells.append(f"**{text}**" if best else text)
@@ -242,7 +272,7 @@ def _print_world(console: Any, results: Results, title: str) -> None:
     from rich.table import Table
 
     cols = columns_for(results)
-    model_width = max(len(m) for m in results)
+    model_width = max(len(row_label(results, m)) for m in results)
     # cell text is at most 6 characters ("0.123†"); rich adds 3 per column for padding and rules
     needed = model_width + 4 + sum(max(len(f"{c.title} {c.arrow}"), 6) + 3 for c in cols)
     if needed <= console.width:
@@ -259,7 +289,7 @@ def _print_world(console: Any, results: Results, title: str) -> None:
             cells = [_text(results, model, col) for col in part]
             if all(text == "-" for text, _ in cells):
                 continue
-            table.add_row(escape(model), *[f"[bold]{text}[/]" if best else text for text, best in cells])
+            table.add_row(escape(row_label(results, model)), *[f"[bold]{text}[/]" if best else text for text, best in cells])
         console.print(table)
 
 
@@ -315,7 +345,7 @@ def _html_table(results: Results) -> str:
     )
     body = []
     for model in sorted(results):
-        cells = [f"<th>{html.escape(model)}</th>"]
+        cells = [f"<th>{html.escape(row_label(results, model))}</th>"]
         for col in cols:
             text, best = _text(results, model, col)
             summary = results[model].get(col.bench)
@@ -350,10 +380,11 @@ def to_html(results: Results, results_dir: Path, runs_dir: Path | None = None) -
         for bench in sorted(results[model]):
             folder = results[model][bench].get("_dir", model)
             grid = results_dir / folder / f"{bench}.grid.png"
+            label = html.escape(row_label(results, model))
             if grid.is_file():
                 grids.append(
-                    f"<figure><figcaption>{html.escape(model)} · {html.escape(bench)}</figcaption>"
-                    f'<img alt="{html.escape(model)} {html.escape(bench)} samples" src="{_data_uri(grid)}"></figure>'
+                    f"<figure><figcaption>{label} · {html.escape(bench)}</figcaption>"
+                    f'<img alt="{label} {html.escape(bench)} samples" src="{_data_uri(grid)}"></figure>'
                 )
     samples = "".join(grids) or '<p class="note">No sample grids found.</p>'
     return f"""<!doctype html>
@@ -387,6 +418,11 @@ def run_leaderboard(results_dir: str | Path, out: str | Path | None = None, runs
     if runs_dir is not None and not Path(runs_dir).is_dir():
         raise OpdkitError(f"--runs {runs_dir}: no such directory")
     results = load_results(results_dir)
+    warn = Console(stderr=True, highlight=False, soft_wrap=True)
+    for name, folders in model_collisions(results).items():
+        shown = ", ".join(str(results_dir / f) for f in folders)
+        warn.print(f"warning: model {name!r} has results in {len(folders)} folders ({shown}); each is its own row, "
+                   "named by its folder", markup=False)  # fmt: skip
     print_table(results, f"opdkit leaderboard ({results_dir})")
     markdown = to_markdown(results)
     if out is not None:

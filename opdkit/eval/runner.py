@@ -11,19 +11,27 @@ Files under ``<out>/<model name>/``::
 Resumable: images already recorded in ``<bench>.jsonl`` are neither regenerated nor rescored.
 Each image's initial noise comes from its own seed (derived from ``--seed``, the prompt index and
 the sample index), so results do not depend on batch size or on where a run was interrupted.
+
+One eval at a time per folder: ``<out>/<model name>/.lock`` is held (``flock``) while an eval
+runs, and a second eval of that folder refuses at once instead of writing duplicate rows. The
+lock dies with its process, so a killed eval never leaves the folder locked.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from opdkit.errors import OpdkitError
+from opdkit.options import check_count, check_float, check_folder_name
 from opdkit.registry import benchmarks, models
-from opdkit.rundir import append_jsonl, atomic_write_json, read_jsonl
+from opdkit.rundir import append_jsonl, atomic_write_json, naming_path, read_jsonl
 
 if TYPE_CHECKING:
     import torch
@@ -49,10 +57,13 @@ def resolve_model(spec: str) -> tuple[FlowModel, str]:
     if path.is_dir():
         if (path / "model" / "model_index.json").is_file():  # a pretrain run directory
             path = path / "model"
+        # names come from the resolved folder: `--model .` or `--model ..` is filed under the
+        # folder's own name, never under "." or ".." (which would leave --out)
+        full = path.resolve()
         if (path / "model_index.json").is_file():
             from opdkit.models.loading import load_flow_model
 
-            name = path.parent.name if path.name == "model" else path.name
+            name = full.parent.name if full.name == "model" else full.name
             return load_flow_model(path), name
         if (path / "recipe.yaml").is_file():  # a GRPO/OPD run directory: base + final weights
             from opdkit.runs import is_run_dir, load_run_model
@@ -60,7 +71,7 @@ def resolve_model(spec: str) -> tuple[FlowModel, str]:
             if not is_run_dir(path):
                 raise OpdkitError(f"--model {spec}: the run in {str(path)!r} has no final weights yet (final/final.json)")
             # a committed run is filed under its whole name: shapes-teachers/ocr -> shapes-teachers-ocr
-            name = spec.replace("/", "-") if path.is_relative_to(COMMITTED_DIR) else path.name
+            name = spec.strip("/").replace("/", "-") if path.is_relative_to(COMMITTED_DIR) else full.name
             return load_run_model(path), name
         raise OpdkitError(f"--model {spec}: {str(path)!r} is not a pipeline or run directory (no model_index.json, no recipe.yaml)")
     if spec in models.names():
@@ -116,11 +127,20 @@ def run_eval(
     name: str | None = None,
     bench_params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run one benchmark on one model; returns the summary written to ``<bench>.json``."""
-    import numpy as np
-    import torch
+    """Run one benchmark on one model; returns the summary written to ``<bench>.json``.
 
+    Raises :class:`OpdkitError` for an option out of range, a results name that would leave
+    ``out_dir``, or a results folder another eval is writing, before anything is written.
+    """
+    check_eval_options(samples=samples, limit=limit, steps=steps, cfg=cfg, batch_size=batch_size, name=name)
     flow_model, default_name = resolve_model(model)
+    if name is None:
+        try:
+            check_folder_name("--name", default_name)
+        except OpdkitError:
+            raise OpdkitError(
+                f"--model {model}: cannot file results under {default_name!r} (not one folder name); pass --name"
+            ) from None
     twin = f"shapes-{bench}"
     if flow_model.world == "shapes" and not bench.startswith("shapes-") and twin in benchmarks.names():
         # say the model is of the wrong world before the benchmark asks for its prompt files
@@ -148,13 +168,31 @@ def run_eval(
         # resume from, or be mixed with, the images of the old weights
         "weights": flow_model.base_fingerprint(),
     }
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise OpdkitError(f"{out_dir}: --out is a file, not a folder")
     root = Path(out_dir) / model_name
     root.mkdir(parents=True, exist_ok=True)
+    with results_lock(root), naming_path(root):
+        return _run_locked(root, benchmark, flow_model, model, model_name, records, settings, limit, seed,
+                           batch_size)
+
+
+def _run_locked(root: Path, benchmark: Benchmark, flow_model: FlowModel, model: str, model_name: str,
+                records: list[dict[str, Any]], settings: dict[str, Any], limit: int | None, seed: int,
+                batch_size: int) -> dict[str, Any]:  # fmt: skip
+    """The part of :func:`run_eval` that reads and writes ``root`` (with its lock held)."""
+    import numpy as np
+    import torch
+
+    remove_leftover_tmp(root)
+    n_samples = settings["samples_per_prompt"]
     image_dir = root / benchmark.name
     records_path = root / f"{benchmark.name}.jsonl"
     settings_path = root / f"{benchmark.name}.settings.json"
     if settings_path.is_file():
-        previous = json.loads(settings_path.read_text())
+        previous = _read_json(settings_path, "settings")
+        if not isinstance(previous, dict):
+            raise OpdkitError(f"{settings_path}: unreadable settings file (not a JSON object); delete it, or pass another --out")
         if previous != settings:
             changed = sorted(k for k in settings if previous.get(k) != settings[k])
             raise OpdkitError(
@@ -163,7 +201,7 @@ def run_eval(
             )
     atomic_write_json(settings_path, settings)
 
-    done = {(r["prompt_index"], r["sample_index"]) for r in read_jsonl(records_path)}
+    done = set(_rows_by_image(records_path))
     todo = [(i, s) for i in range(len(records)) for s in range(n_samples) if (i, s) not in done]
 
     from PIL import Image
@@ -204,7 +242,9 @@ def run_eval(
             bar.update(total - len(todo) + start + len(chunk))
     seconds = time.perf_counter() - t0
 
-    rows = [r for r in read_jsonl(records_path) if r["prompt_index"] < len(records) and r["sample_index"] < n_samples]
+    # one row per image: two writers at once (on a filesystem where flock is not shared between
+    # machines, say) leave duplicate rows, and counting them twice would skew the metrics
+    rows = [r for (i, s), r in _rows_by_image(records_path).items() if i < len(records) and s < n_samples]
     metrics = benchmark.summarize(rows)
     main = np.array([r["score"] for r in rows], dtype=np.float64)
     summary = {
@@ -228,6 +268,80 @@ def run_eval(
     atomic_write_json(root / f"{benchmark.name}.json", summary)
     _write_grid(root, benchmark.name, rows)
     return summary
+
+
+def check_eval_options(*, samples: int | None = None, limit: int | None = None, steps: int | None = None,
+                       cfg: float | None = None, batch_size: int = 1, name: str | None = None) -> None:  # fmt: skip
+    """Refuse a value out of range with one line naming its option (None: the benchmark's default).
+
+    Counts are >= 1 (``--samples 0`` is not "the default", ``--limit -1`` not "all but the
+    last"), the guidance scale is finite and >= 0 (a NaN would make every rerun refuse its own
+    settings), and ``--name`` is one folder name inside ``--out``.
+    """
+    for option, value in (("--samples", samples), ("--limit", limit), ("--steps", steps), ("--batch-size", batch_size)):
+        check_count(option, value)
+    check_float("--cfg", cfg, minimum=0.0)
+    if name is not None:
+        check_folder_name("--name", name)
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def results_lock(root: Path) -> Iterator[None]:
+    """Hold ``root/.lock`` exclusively while an eval writes ``root``; refuse at once if another does.
+
+    ``flock`` locks belong to the open file, so the kernel releases this one when the process
+    exits or is killed; the file itself stays (deleting it would let a third eval lock a new
+    file while the second still holds the old one).
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform (Windows): run unlocked
+        yield
+        return
+    path = root / LOCK_FILE
+    with naming_path(path):
+        # read-only: flock needs no write access, and the file is never changed once it exists
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OpdkitError(
+                f"{root}: another `opdkit eval` is writing to this results folder (it holds {path}); "
+                "wait for it to finish, or pass another --out or --name"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_leftover_tmp(root: Path) -> None:
+    """Delete the ``.NAME.*.tmp`` files that killed atomic writes left beside the results files."""
+    for leftover in root.glob(".*.tmp"):
+        if leftover.is_file():
+            leftover.unlink(missing_ok=True)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OpdkitError(f"{path}: unreadable {what} file ({exc}); delete it, or pass another --out") from None
+
+
+def _rows_by_image(path: Path) -> dict[tuple[int, int], dict[str, Any]]:
+    """``{(prompt index, sample index): row}`` of a results JSONL, the first row of each image."""
+    rows: dict[tuple[int, int], dict[str, Any]] = {}
+    for n, row in enumerate(read_jsonl(path), start=1):
+        try:
+            key = (int(row["prompt_index"]), int(row["sample_index"]))
+        except (TypeError, KeyError, ValueError):
+            raise OpdkitError(f"{path}: record {n} is not a result row (no prompt_index/sample_index)") from None
+        rows.setdefault(key, row)
+    return rows
 
 
 def _write_grid(root: Path, bench: str, rows: list[dict[str, Any]], count: int = 32) -> None:

@@ -17,6 +17,7 @@ Adapters are read and written in opdkit's LoRA format (:mod:`opdkit.models.lora`
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -81,6 +82,10 @@ def merge_loras(
         raise OpdkitError("merge method 'mean' takes no weights; use 'weighted'")
     if len(weights) != len(loras):
         raise OpdkitError(f"merge: {len(weights)} weights for {len(loras)} adapters")
+    if not all(math.isfinite(w) for w in weights):  # one NaN would make every merged entry NaN
+        raise OpdkitError(f"merge: weights must be finite numbers, got {weights}")
+    if rank is not None and rank < 1:
+        raise OpdkitError(f"merge: rank must be >= 1, got {rank}")
     modules = set(loras[0].factors)
     for lora in loras[1:]:
         if set(lora.factors) != modules:
