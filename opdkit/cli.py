@@ -59,7 +59,7 @@ def user_errors(fn: F) -> F:
             _report(exc, [f"{where}: {exc.strerror or type(exc).__name__}"])
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            _console(stderr=True).print("[yellow]interrupted[/]: partial results are kept; rerun with --resume")
+            _console(stderr=True).print("[yellow]interrupted[/]: what was written is kept; rerun the same command to continue (train and distill: with --resume)")
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +171,23 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def sigkill_when(process: subprocess.Popen[str], ready: Callable[[], bool], never: str) -> None:
+    """SIGKILL ``process`` as soon as ``ready()`` (polled, not timed: the kill lands inside the
+    work however fast the machine is); fail if it exits first or ``never`` happens in 240 s."""
+    try:
+        deadline = time.monotonic() + 240
+        while not ready():
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            assert time.monotonic() < deadline, f"the run {never}"
+            time.sleep(0.002)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, one_thread: None) -> None:
     recipe = write_recipe(tmp_path, RECIPE)
     steps = ["--set", "train.max_steps=8", "--set", "train.sample_every=0"]
@@ -182,18 +199,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, one_thread: None)
     kill_after = random.randint(3, 6)  # after the step-2 checkpoint, before the last step
     metrics = tmp_path / "killed" / "metrics.jsonl"
     pointer = tmp_path / "killed" / "checkpoints" / "latest.json"
-    try:
-        deadline = time.monotonic() + 240
-        while not (pointer.exists() and metrics.read_text().count("\n") >= kill_after):
-            assert killed.poll() is None, killed.stderr.read() if killed.stderr else ""
-            assert time.monotonic() < deadline, "the run logged no steps"
-            time.sleep(0.005)
-        killed.send_signal(signal.SIGKILL)
-        killed.wait(timeout=30)
-    finally:
-        if killed.poll() is None:
-            killed.kill()
-            killed.wait()
+    sigkill_when(killed, lambda: pointer.exists() and metrics.read_text().count("\n") >= kill_after, "logged no steps")
     train(recipe, tmp_path / "whole", ["train.max_steps=8", "train.sample_every=0"])
     assert killed.returncode == -signal.SIGKILL
     done = read_jsonl(tmp_path / "killed" / "metrics.jsonl")
@@ -225,18 +231,7 @@ def test_kill_during_the_post_run_eval_then_resume_gives_the_same_results(tmp_pa
     command = [sys.executable, "-m", "opdkit.cli", "train", str(recipe), "--out", str(tmp_path / "killed"), *steps]
     killed = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     rows = tmp_path / "killed" / "results" / "step_000002" / "killed" / "shapes-quality.jsonl"
-    try:
-        deadline = time.monotonic() + 240
-        while not (rows.exists() and rows.read_text().count("\n") >= 1):
-            assert killed.poll() is None, killed.stderr.read() if killed.stderr else ""
-            assert time.monotonic() < deadline, "the eval wrote no rows"
-            time.sleep(0.002)
-        killed.send_signal(signal.SIGKILL)
-        killed.wait(timeout=30)
-    finally:
-        if killed.poll() is None:
-            killed.kill()
-            killed.wait()
+    sigkill_when(killed, lambda: rows.exists() and rows.read_text().count("\n") >= 1, "wrote no eval rows")
     assert killed.returncode == -signal.SIGKILL
     from typer.testing import CliRunner
 
