@@ -358,10 +358,38 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    """Click's usage-error class, as typer vendors it (and plain click's, for older typer)."""
+    import importlib
+
+    found: list[type[BaseException]] = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(importlib.import_module(module).UsageError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. A malformed command line (``--samples abc``) is one line and
+    exit 2, like every other error, rather than click's usage box."""
     quiet_libraries()
-    app(prog_name="opdkit")
+    usage_errors = _usage_errors()
+    try:
+        code = app(prog_name="opdkit", standalone_mode=False)
+    except usage_errors as exc:
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:  # bare `opdkit`: its help
+            typer.echo(ctx.get_help())
+            sys.exit(0)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        _console(stderr=True).print(f"[bold red]error:[/] {_plain(exc.format_message())}{hint}", markup=True)  # type: ignore[attr-defined]
+        sys.exit(2)
+    except typer.Abort:
+        _console(stderr=True).print("[yellow]interrupted[/]")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

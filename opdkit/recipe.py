@@ -247,6 +247,15 @@ class OnPolicyTrainSpec(TrainSpec):
     detach_uncond: bool = False
     sample_every: int = Field(default=0, ge=0)  # image grid every N steps; 0: never
 
+    @model_validator(mode="after")
+    def _micro_batches_fit(self) -> OnPolicyTrainSpec:
+        images = self.batch_size * self.group_size
+        if self.micro_batch is not None and images % self.micro_batch:
+            raise KeyedValueError(
+                ("micro_batch",), f"{self.micro_batch} must divide the {images} images of a step (batch_size x group_size)"
+            )
+        return self
+
 
 class GrpoTrainSpec(OnPolicyTrainSpec):
     """``method: grpo``."""

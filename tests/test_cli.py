@@ -187,3 +187,25 @@ def test_shipped_recipe_names_match_the_folder() -> None:
     result = RUNNER.invoke(app, ["list", "recipe"], env=WIDE)
     assert result.exit_code == 0, result.output
     assert sorted(name for name, kind, _, _ in table_rows(result.stdout) if kind == "recipe") == expected
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["eval", "-b", "shapes-quality", "-m", "shapes-base", "--samples", "abc"], "Invalid value for '--samples'"),
+        (["bogus"], "No such command 'bogus'"),
+        (["train"], "Missing argument 'recipe'"),
+    ],
+)
+def test_a_malformed_command_line_is_one_line(args: list[str], expected: str) -> None:
+    """Through the console script (not click's usage box): one error line, exit 2."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", "from opdkit.cli import main; main()", *args], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
