@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -460,10 +461,19 @@ def _known_keys(data: Any, model: Any) -> Any:
 class LoadedRecipe:
     """A validated recipe plus where it came from (for error messages and the run directory)."""
 
-    def __init__(self, recipe: AnyRecipe, path: Path, overrides: list[str]) -> None:
+    def __init__(
+        self, recipe: AnyRecipe, path: Path, overrides: list[str], where: Callable[[tuple[str | int, ...]], str] | None = None
+    ) -> None:
         self.recipe = recipe
         self.path = path
         self.overrides = overrides
+        self._where = where
+
+    def where(self, *loc: str | int) -> str:
+        """``FILE:LINE: key.path`` of a recipe key (the ``--set`` that gave it, if one did), to
+        name in errors found while running, e.g. ``where("rewards", 0)``."""
+        key = ".".join(str(p) for p in loc)
+        return f"{self._where(loc) if self._where is not None else self.path}: {key}" if key else str(self.path)
 
 
 def resolve_recipe_path(name: str | Path) -> Path:
@@ -516,7 +526,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_plug
         problems = check_recipe_plugins(recipe, where)
         if problems:
             raise RecipeError("\n".join(problems))
-    return LoadedRecipe(recipe, path, overrides)
+    return LoadedRecipe(recipe, path, overrides, where)
 
 
 def check_recipe_plugins(recipe: AnyRecipe, where: Any = None) -> list[str]:

@@ -95,7 +95,7 @@ def context(model: Any, method: str, args: argparse.Namespace, teachers: list[An
         teachers=teachers, router=SimpleNamespace(type=f"{__file__}:round_robin", params={}),
         regularizers=[], init=None,
     )  # fmt: skip
-    loaded: Any = SimpleNamespace(recipe=recipe, path=Path("real_size"))
+    loaded: Any = SimpleNamespace(recipe=recipe, path=Path("real_size"), where=lambda *loc: ".".join(map(str, loc)))
     accelerator = Accelerator(cpu=args.device == "cpu")
     ctx = RunContext(loaded, model, accelerator, rundir=None, resuming=False)  # type: ignore[arg-type]
     ctx.precision = autocast_dtype(args.precision, ctx.device)

@@ -449,3 +449,19 @@ def test_ema_warmup_lowers_the_first_decays() -> None:
         p.fill_(1.0)
     ema.update([p], 1)
     assert float(ema.shadow[0]) == pytest.approx(1.0 - 2 / 11)
+
+
+def test_absurd_rewards_stop_the_run_unless_the_reward_declares_its_range() -> None:
+    def builder(name: str, params: dict[str, Any]) -> Any:
+        def reward(images: torch.Tensor, prompts: list[str], records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+            return {"score": torch.full((images.shape[0],), 1e7)}
+
+        if params.get("declared"):
+            reward.score_range = (0.0, 1e9)  # type: ignore[attr-defined]
+        return reward
+
+    images, prompts, records = torch.zeros(2, 3, 4, 4), ["a", "b"], [{}, {}]
+    with pytest.raises(OpdkitError, match=r"rewards\.0: reward 'big' returned 1e\+07\.\.1e\+07, outside"):
+        WeightedReward([RewardSpec(type="big")], build=builder)(images, prompts, records)
+    declared = WeightedReward([RewardSpec(type="big", params={"declared": True})], build=builder)(images, prompts, records)
+    assert torch.equal(declared.total, torch.full((2,), 1e7))

@@ -44,7 +44,7 @@ class Grpo:
 
         self.ctx = ctx
         self.policy = OnPolicy.create(ctx)
-        self.reward_fn = WeightedReward(ctx.recipe.rewards)
+        self.reward_fn = WeightedReward(ctx.recipe.rewards, where=ctx.loaded.where)
         self.records = load_prompts(ctx.recipe.prompts)
         return self.policy.setup(ctx)
 

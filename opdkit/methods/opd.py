@@ -53,6 +53,14 @@ from opdkit.training.rollout import transition
 from opdkit.training.teachers import BASE, Teacher, frozen_means, load_teachers, routed_teacher_means
 
 
+def _named(ctx: RunContext, loc: tuple[str | int, ...], build: Any) -> Any:
+    """``build()``, its plug-in errors prefixed with the recipe line that named the plug-in."""
+    try:
+        return build()
+    except OpdkitError as exc:
+        raise OpdkitError(f"{ctx.loaded.where(*loc)}: {exc}") from exc
+
+
 class Opd:
     """Flow-OPD over the shared loop."""
 
@@ -74,7 +82,7 @@ class Opd:
             error = merge_init(ctx.model, trainable, self.teachers, recipe.init, train.lora.rank, train.lora.alpha)
             if error is not None:
                 self.init_stats["init_merge_rel_error"] = error
-        self.route = routers.build(recipe.router.type, recipe.router.params)
+        self.route = _named(ctx, ("router",), lambda: routers.build(recipe.router.type, recipe.router.params))
         self.records = load_prompts(recipe.prompts)
         if recipe.init is not None and recipe.init.sft is not None and not ctx.resuming:
             self.init_stats.update(sft_cold_start(
@@ -82,14 +90,15 @@ class Opd:
                 seed=train.seed, balance_tags=recipe.prompts.balance_tags, show_progress=ctx.main,
             ))  # fmt: skip
         self.anchors: list[tuple[str, float, Teacher | None]] = []
-        for spec in recipe.regularizers:
-            anchor = getattr(regularizers.build(spec.type, spec.params), "anchor", None)
+        for i, spec in enumerate(recipe.regularizers):
+            built = _named(ctx, ("regularizers", i), lambda spec=spec: regularizers.build(spec.type, spec.params))
+            anchor = getattr(built, "anchor", None)
             if not isinstance(anchor, str):
-                raise OpdkitError(f"regularizer {spec.type!r}: its builder must return an object with an 'anchor' name")
+                raise OpdkitError(f"{ctx.loaded.where('regularizers', i)}: its builder must return an object with an 'anchor' name")
             if anchor != BASE and anchor not in self.teachers:
-                raise OpdkitError(f"{ctx.loaded.path}: regularizer {spec.type!r} anchors to {anchor!r}, which is not a teacher")
+                raise OpdkitError(f"{ctx.loaded.where('regularizers', i)}: anchors to {anchor!r}, which is not a teacher")
             self.anchors.append((f"{spec.type}:{anchor}", spec.weight, self.teachers.get(anchor)))
-        self.reward_fn = WeightedReward(recipe.rewards) if recipe.rewards else None
+        self.reward_fn = WeightedReward(recipe.rewards, where=ctx.loaded.where) if recipe.rewards else None
         return self.policy.setup(ctx)
 
     def step(self, step: int, ctx: RunContext, optim: Optimization) -> StepResult:
@@ -102,11 +111,11 @@ class Opd:
         except OpdkitError:
             raise
         except Exception as exc:  # the router's own failure, named, in one line
-            raise OpdkitError(f"router {ctx.recipe.router.type!r}: routing raised {first_line(exc)}") from exc
+            raise OpdkitError(f"{ctx.loaded.where('router')}: {ctx.recipe.router.type!r} raised {first_line(exc)}") from exc
         unknown = sorted({str(r) for r in routes} - set(self.teachers))
         if len(routes) != len(batch) or unknown:
             raise OpdkitError(
-                f"router {ctx.recipe.router.type!r} returned {len(routes)} routes for {len(batch)} images"
+                f"{ctx.loaded.where('router')}: {ctx.recipe.router.type!r} returned {len(routes)} routes for {len(batch)} images"
                 + (f", naming {', '.join(unknown)}, not a teacher ({', '.join(self.teachers)})" if unknown else "")
             )
         t_rollout = time.perf_counter()

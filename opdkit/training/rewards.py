@@ -15,7 +15,8 @@ import torch
 
 from opdkit.errors import OpdkitError, first_line
 
-# A score beyond this is a bug or a unit mistake (rewards are O(1)-O(100)); it is refused.
+# A score beyond this is a bug or a unit mistake (rewards are O(1)-O(100)); it is refused, unless
+# the reward callable declares its own ``score_range = (low, high)``.
 MAX_ABS_REWARD = 1e6
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ class WeightedReward:
     :attr:`RewardScores.parts` (so logged means cover only the images it scored).
     """
 
-    def __init__(self, specs: Sequence[RewardSpec], build: Any = None) -> None:
+    def __init__(self, specs: Sequence[RewardSpec], build: Any = None, where: Any = None) -> None:
         if build is None:
             from opdkit.registry import rewards
 
@@ -60,17 +61,25 @@ class WeightedReward:
             )
         self.weights = [float(spec.weight) for spec in specs]
         self.tags = [set(spec.tags) if spec.tags is not None else None for spec in specs]
-        self.types = [spec.type for spec in specs]
-        self.functions = [build(spec.type, spec.params) for spec in specs]
-        for label, fn in zip(self.labels, self.functions, strict=True):
+        # "FILE:LINE: rewards.i" for errors found while running (a LoadedRecipe's where)
+        self.places = [where("rewards", i) if where is not None else f"rewards.{i}" for i in range(len(specs))]
+        self.functions = []
+        for place, spec in zip(self.places, specs, strict=True):
+            try:
+                fn = build(spec.type, spec.params)
+            except OpdkitError as exc:
+                raise OpdkitError(f"{place}: {exc}") from exc
             if not callable(fn):
-                raise OpdkitError(f"reward {label!r}: its builder returned {type(fn).__name__}, not a callable")
+                raise OpdkitError(f"{place}: reward {spec.label!r}: its builder returned {type(fn).__name__}, not a callable")
+            self.functions.append(fn)
 
     def __call__(self, images: torch.Tensor, prompts: list[str], records: list[dict[str, Any]]) -> RewardScores:
         n = images.shape[0]
         total = torch.zeros(n, dtype=torch.float32)
         parts: dict[str, torch.Tensor] = {}
-        for label, weight, tags, fn in zip(self.labels, self.weights, self.tags, self.functions, strict=True):
+        for place, label, weight, tags, fn in zip(
+            self.places, self.labels, self.weights, self.tags, self.functions, strict=True
+        ):
             rows = [i for i, r in enumerate(records) if tags is None or r.get("tag") in tags]
             if not rows:
                 parts[label] = torch.full((n,), math.nan)
@@ -83,22 +92,24 @@ class WeightedReward:
             except OpdkitError:
                 raise
             except Exception as exc:  # the plug-in's own failure, named, in one line
-                raise OpdkitError(f"reward {label!r}: scoring raised {first_line(exc)}") from exc
+                raise OpdkitError(f"{place}: reward {label!r}: scoring raised {first_line(exc)}") from exc
             if not isinstance(out, dict) or "score" not in out:
-                raise OpdkitError(f"reward {label!r} must return a dict with a 'score' tensor")
+                raise OpdkitError(f"{place}: reward {label!r} must return a dict with a 'score' tensor")
             index = torch.tensor(rows)
             for key, value in out.items():
                 value = torch.as_tensor(value, dtype=torch.float32).detach().cpu().reshape(-1)
                 if value.numel() != len(rows):
-                    raise OpdkitError(f"reward {label!r}: {key!r} has {value.numel()} values for {len(rows)} images")
+                    raise OpdkitError(f"{place}: reward {label!r}: {key!r} has {value.numel()} values for {len(rows)} images")
                 full = torch.full((n,), math.nan).index_copy(0, index, value)
                 if key == "score":
                     if not bool(torch.isfinite(value).all()):
-                        raise OpdkitError(f"reward {label!r} returned a non-finite score")
-                    if float(value.abs().max()) > MAX_ABS_REWARD:
+                        raise OpdkitError(f"{place}: reward {label!r} returned a non-finite score")
+                    lo, hi = getattr(fn, "score_range", (-MAX_ABS_REWARD, MAX_ABS_REWARD))
+                    if float(value.min()) < lo or float(value.max()) > hi:
                         raise OpdkitError(
-                            f"reward {label!r} returned {float(value.abs().max()):.3g}, beyond +-{MAX_ABS_REWARD:g}: "
-                            "such scores swamp the advantages; rescale it (its builder's params or the reward's weight)"
+                            f"{place}: reward {label!r} returned {float(value.min()):.3g}..{float(value.max()):.3g}, "
+                            f"outside [{lo:g}, {hi:g}]: such scores swamp the advantages; rescale it, or give the "
+                            "callable a score_range attribute if they are right"
                         )
                     parts[label] = full
                     total = total + weight * torch.nan_to_num(full, nan=0.0)
