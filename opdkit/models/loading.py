@@ -1,11 +1,12 @@
-"""Pipeline directories: reading and writing SD3-family models in the diffusers layout.
+"""Pipeline directories: reading SD3-family models in the diffusers layout (writing: :mod:`.saving`).
 
 A model directory is a ``StableDiffusion3Pipeline`` folder: ``model_index.json`` naming one
 sub-folder per component (``transformer``, CLIP ``text_encoder``/``_2`` with their tokenizers,
 T5 ``text_encoder_3``, ``vae``, ``scheduler``), weights as safetensors, plus opdkit's own
 ``opdkit.json`` beside the index for what that layout has no slot for (the world name, the
 T5/zero-padding sequence length, e.g. the shapes model's config). SD3.5-M/L, the tiny test
-pipelines and the shapes-world model all load through :func:`load_flow_model`.
+pipelines and the shapes-world model all load through :func:`load_flow_model`;
+:func:`resolution_problem` reads the same configs to check a recipe's resolution without loading.
 """
 
 from __future__ import annotations
