@@ -238,6 +238,9 @@ def test_opd_refusals_are_one_line(tmp_path: Path, teachers: tuple[Path, Path]) 
     unrouted = OPD.replace("mapping: {single_object: shapes, ocr: signs}", "mapping: {single_object: shapes}")
     with pytest.raises(OpdkitError, match=r"unrouted prompt .*tag 'ocr'"):
         run_opd(tmp_path / "c", unrouted, teachers)
+    missing = OPD.replace("path: TEACHER_A", f"path: {tmp_path / 'no_such_run'}")
+    with pytest.raises(OpdkitError, match=r"opd\.yaml:\d+: teachers\.0: "):
+        run_opd(tmp_path / "missing", missing, teachers)
     (tmp_path / "routers.py").write_text(
         "def nobody():\n    return lambda records, names: ['nobody'] * len(records)\n\n"
         "def crashes():\n    def route(records, names):\n        raise KeyError('tag')\n    return route\n"

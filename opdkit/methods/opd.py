@@ -72,7 +72,7 @@ class Opd:
 
         recipe, train = ctx.recipe, ctx.train
         self.ctx = ctx
-        self.teachers = load_teachers(ctx.model, recipe.teachers, ctx.device)
+        self.teachers = load_teachers(ctx.model, recipe.teachers, ctx.device, where=ctx.loaded.where)
         self.policy = OnPolicy.create(ctx)  # adds and activates the student adapter
         trainable = self.policy.trainable
         if not trainable.lora and any(t.kind == "lora" for t in self.teachers.values()):

@@ -41,30 +41,39 @@ class Teacher:
     lora_path: Path | None = None
 
 
-def load_teachers(model: Any, specs: list[TeacherSpec], device: Any) -> dict[str, Teacher]:
-    """Build every teacher plug-in and load its weights beside the student on the shared base."""
-    loaded: dict[str, Teacher] = {}
-    for spec in specs:
-        source = teachers.build(spec.type, spec.builder_params())
-        kind = getattr(source, "kind", None)
-        if kind == "lora":
-            path = adapter_file(source.path)
-            adapter = f"teacher_{spec.name}"
-            model.load_lora(path, adapter)
-            loaded[spec.name] = Teacher(spec.name, "lora", adapter=adapter, lora_path=path)
-        elif kind == "full":
-            from opdkit.models.loading import load_transformer
+def load_teachers(model: Any, specs: list[TeacherSpec], device: Any, where: Any = None) -> dict[str, Teacher]:
+    """Build every teacher plug-in and load its weights beside the student on the shared base.
 
-            # the teacher's transformer runs on the student's prompt embeddings: its text
-            # encoders and VAE are never used, so they are not loaded
-            transformer = load_transformer(source.path, dtype=model.dtype, device=device)
-            transformer.eval().requires_grad_(False)
-            loaded[spec.name] = Teacher(spec.name, "full", transformer=transformer)
-        elif kind == "base":
-            loaded[spec.name] = Teacher(spec.name, "base")
-        else:
-            raise OpdkitError(f"teacher {spec.name!r}: plug-in {spec.type!r} returned {source!r}, not a TeacherSource")
+    ``where(section, index)`` (a LoadedRecipe's) names the recipe line of a teacher that fails.
+    """
+    loaded: dict[str, Teacher] = {}
+    for i, spec in enumerate(specs):
+        try:
+            loaded[spec.name] = _load_teacher(model, spec, device)
+        except OpdkitError as exc:
+            raise OpdkitError(f"{where('teachers', i) if where is not None else f'teachers.{i}'}: {exc}") from exc
     return loaded
+
+
+def _load_teacher(model: Any, spec: TeacherSpec, device: Any) -> Teacher:
+    source = teachers.build(spec.type, spec.builder_params())
+    kind = getattr(source, "kind", None)
+    if kind == "lora":
+        path = adapter_file(source.path)
+        adapter = f"teacher_{spec.name}"
+        model.load_lora(path, adapter)
+        return Teacher(spec.name, "lora", adapter=adapter, lora_path=path)
+    if kind == "full":
+        from opdkit.models.loading import load_transformer
+
+        # the teacher's transformer runs on the student's prompt embeddings: its text
+        # encoders and VAE are never used, so they are not loaded
+        transformer = load_transformer(source.path, dtype=model.dtype, device=device)
+        transformer.eval().requires_grad_(False)
+        return Teacher(spec.name, "full", transformer=transformer)
+    if kind == "base":
+        return Teacher(spec.name, "base")
+    raise OpdkitError(f"teacher {spec.name!r}: plug-in {spec.type!r} returned {source!r}, not a TeacherSource")
 
 
 def adapter_file(path: Path | None) -> Path:
