@@ -219,11 +219,11 @@ def recipe_fingerprint(recipe: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def remove_leftover_tmp(root: Path) -> None:
-    """Delete the ``.NAME.*.tmp`` files killed atomic writes left in a run folder's own files
-    (never below other folders: ``--out .`` may be anywhere)."""
+def remove_leftover_tmp(root: Path, subfolders: tuple[str, ...] = ()) -> None:
+    """Delete the ``.NAME.*.tmp`` files killed atomic writes (:func:`atomic_path`) left in ``root``
+    and below its named ``subfolders`` (never below others: ``--out .`` may be anywhere)."""
     found = list(root.glob(".*.tmp"))
-    for sub in ("checkpoints", "final", "ranks", "model"):
+    for sub in subfolders:
         if (root / sub).is_dir():
             found += (root / sub).rglob(".*.tmp")
     for leftover in found:
@@ -290,8 +290,9 @@ class RunDir:
             )
         return {"event": "resumed", "base": base, "changed": {k: list(v) for k, v in changed.items()}}
 
-    def prepare(self, recipe_yaml: str, resume: bool, *, recipe: dict[str, Any] | None = None,
-                entry: dict[str, Any] | None = None, overwrite: bool = False) -> None:  # fmt: skip
+    def prepare(
+        self, recipe_yaml: str, resume: bool, *, recipe: dict[str, Any], entry: dict[str, Any], overwrite: bool = False
+    ) -> None:
         """Create the folder (after :meth:`check_start`): remove a replaced run's files, leftover
         ``.tmp`` files of killed writes, write the resolved recipe and the run's history."""
         if overwrite and not resume:
@@ -299,15 +300,14 @@ class RunDir:
                 target = self.root / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
         self.root.mkdir(parents=True, exist_ok=True)
-        remove_leftover_tmp(self.root)
+        remove_leftover_tmp(self.root, ("checkpoints", "final", "ranks", "model"))
         atomic_write_text(self.root / "recipe.yaml", recipe_yaml)
         if not resume and self.metrics_path.exists():
             self.metrics_path.unlink()
-        if recipe is not None and entry is not None:
-            previous = self.read_info() if resume else None
-            info = previous or {"recipe": recipe, "recipe_sha256": recipe_fingerprint(recipe), "base_weights": entry["base"]}
-            event = {k: v for k, v in entry.items() if k != "base"}
-            atomic_write_json(self.info_path, {**info, "history": [*info.get("history", []), event]})
+        previous = self.read_info() if resume else None
+        info = previous or {"recipe": recipe, "recipe_sha256": recipe_fingerprint(recipe), "base_weights": entry["base"]}
+        event = {k: v for k, v in entry.items() if k != "base"}
+        atomic_write_json(self.info_path, {**info, "history": [*info.get("history", []), event]})
 
     @property
     def info_path(self) -> Path:

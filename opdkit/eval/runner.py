@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from opdkit.errors import OpdkitError
 from opdkit.options import check_count, check_float, check_folder_name
 from opdkit.registry import benchmarks, models
-from opdkit.rundir import append_jsonl, atomic_write_json, naming_path, read_jsonl
+from opdkit.rundir import append_jsonl, atomic_write_json, naming_path, read_jsonl, remove_leftover_tmp
 
 if TYPE_CHECKING:
     import torch
@@ -316,13 +316,6 @@ def results_lock(root: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def remove_leftover_tmp(root: Path) -> None:
-    """Delete the ``.NAME.*.tmp`` files that killed atomic writes left beside the results files."""
-    for leftover in root.glob(".*.tmp"):
-        if leftover.is_file():
-            leftover.unlink(missing_ok=True)
 
 
 def _read_json(path: Path, what: str) -> Any:

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from opdkit.errors import OpdkitError, first_line
+from opdkit.errors import OpdkitError, first_line, prefixed
 from opdkit.registry import regularizers, routers
 from opdkit.training.loop import Optimization, RunContext, Setup, StepResult, summarize
 from opdkit.training.losses import (
@@ -51,14 +51,6 @@ from opdkit.training.onpolicy import OnPolicy, ratio_metrics, save_rollout_grid,
 from opdkit.training.rewards import RewardScores, WeightedReward
 from opdkit.training.rollout import transition
 from opdkit.training.teachers import BASE, Teacher, frozen_means, load_teachers, routed_teacher_means
-
-
-def _named(ctx: RunContext, loc: tuple[str | int, ...], build: Any) -> Any:
-    """``build()``, its plug-in errors prefixed with the recipe line that named the plug-in."""
-    try:
-        return build()
-    except OpdkitError as exc:
-        raise OpdkitError(f"{ctx.loaded.where(*loc)}: {exc}") from exc
 
 
 class Opd:
@@ -82,7 +74,8 @@ class Opd:
             error = merge_init(ctx.model, trainable, self.teachers, recipe.init, train.lora.rank, train.lora.alpha)
             if error is not None:
                 self.init_stats["init_merge_rel_error"] = error
-        self.route = _named(ctx, ("router",), lambda: routers.build(recipe.router.type, recipe.router.params))
+        with prefixed(ctx.loaded.where("router")):
+            self.route = routers.build(recipe.router.type, recipe.router.params)
         self.records = load_prompts(recipe.prompts)
         if recipe.init is not None and recipe.init.sft is not None and not ctx.resuming:
             self.init_stats.update(sft_cold_start(
@@ -91,7 +84,8 @@ class Opd:
             ))  # fmt: skip
         self.anchors: list[tuple[str, float, Teacher | None]] = []
         for i, spec in enumerate(recipe.regularizers):
-            built = _named(ctx, ("regularizers", i), lambda spec=spec: regularizers.build(spec.type, spec.params))
+            with prefixed(ctx.loaded.where("regularizers", i)):
+                built = regularizers.build(spec.type, spec.params)
             anchor = getattr(built, "anchor", None)
             if not isinstance(anchor, str):
                 raise OpdkitError(f"{ctx.loaded.where('regularizers', i)}: its builder must return an object with an 'anchor' name")

@@ -207,8 +207,6 @@ class Optimization:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         else:
             norm = torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
-        if not self.scaler.is_enabled() and not bool(torch.isfinite(norm)):
-            raise OpdkitError(f"the gradient norm became {float(norm)}: lower train.lr or set train.max_grad_norm")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

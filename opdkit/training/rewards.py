@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from opdkit.errors import OpdkitError, first_line
+from opdkit.errors import OpdkitError, first_line, prefixed
 
 # A score beyond this is a bug or a unit mistake (rewards are O(1)-O(100)); it is refused, unless
 # the reward callable declares its own ``score_range = (low, high)``.
@@ -65,10 +65,8 @@ class WeightedReward:
         self.places = [where("rewards", i) if where is not None else f"rewards.{i}" for i in range(len(specs))]
         self.functions = []
         for place, spec in zip(self.places, specs, strict=True):
-            try:
+            with prefixed(place):
                 fn = build(spec.type, spec.params)
-            except OpdkitError as exc:
-                raise OpdkitError(f"{place}: {exc}") from exc
             if not callable(fn):
                 raise OpdkitError(f"{place}: reward {spec.label!r}: its builder returned {type(fn).__name__}, not a callable")
             self.functions.append(fn)

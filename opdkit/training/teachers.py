@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from opdkit.errors import OpdkitError
+from opdkit.errors import OpdkitError, prefixed
 from opdkit.registry import teachers
 from opdkit.training.trainable import ADAPTER
 
@@ -48,10 +48,8 @@ def load_teachers(model: Any, specs: list[TeacherSpec], device: Any, where: Any 
     """
     loaded: dict[str, Teacher] = {}
     for i, spec in enumerate(specs):
-        try:
+        with prefixed(where("teachers", i) if where is not None else f"teachers.{i}"):
             loaded[spec.name] = _load_teacher(model, spec, device)
-        except OpdkitError as exc:
-            raise OpdkitError(f"{where('teachers', i) if where is not None else f'teachers.{i}'}: {exc}") from exc
     return loaded
 
 
