@@ -167,7 +167,9 @@ class LoraSpec(_Strict):
     rank: int = Field(default=32, ge=1)
     alpha: float = Field(default=64.0, gt=0.0)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # module-name suffixes to adapt; None: the model family's own (SD3/FLUX/Qwen-Image attention
+    # projections, see docs/models.md)
+    targets: list[str] | None = None
 
 
 class EmaSpec(_Strict):

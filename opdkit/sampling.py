@@ -36,6 +36,7 @@ __all__ = [
     "guided_velocity",
     "initial_noise",
     "make_generators",
+    "model_sigmas",
     "sample_ode",
     "sample_sde",
     "sd3_sigmas",
@@ -133,6 +134,9 @@ def guided_velocity(
     v_cond, v_uncond = v.chunk(2)
     if detach_uncond:
         v_uncond = v_uncond.detach()
+    guide = getattr(model, "guide", None)  # a family's own combination (Qwen-Image renormalizes)
+    if guide is not None:
+        return guide(v_cond, v_uncond, cfg)
     return v_uncond + cfg * (v_cond - v_uncond)
 
 
@@ -321,6 +325,19 @@ def initial_noise(
     return _draw_noise(full, generators, torch.device(device))
 
 
+def model_sigmas(model: VelocityModel, steps: int, shift: float | None, resolution: int) -> torch.Tensor:
+    """The sigma schedule of a sampling run, (steps + 1,) float32 from 1 to 0.
+
+    A model with a ``sigmas(steps, shift=, resolution=)`` method chooses its own (FLUX and
+    Qwen-Image shift by the image's token count); otherwise :func:`sd3_sigmas` with ``shift``
+    (default ``model.shift``).
+    """
+    own = getattr(model, "sigmas", None)
+    if own is not None:
+        return own(steps, shift=shift, resolution=resolution)
+    return sd3_sigmas(steps, model.shift if shift is None else shift)
+
+
 def _prepare(
     model: VelocityModel,
     prompts: Sequence[str] | None,
@@ -369,7 +386,7 @@ def sample_ode(
         prompts: B prompts (or pass ``cond``).
         steps: Euler steps.
         cfg: guidance weight (1 = no guidance, one forward per step).
-        shift: schedule shift (default ``model.shift``).
+        shift: schedule shift (default: the model's, see :func:`model_sigmas`).
         resolution: image side in pixels.
         seed: int (sample i uses seed + i), per-sample seeds, or one batch-wide generator.
         cond, uncond: precomputed conditioning (uncond defaults to the empty prompt).
@@ -377,7 +394,7 @@ def sample_ode(
             (the SDE noise of :func:`sample_sde` still comes from ``seed``).
     """
     cond, uncond, _, x = _prepare(model, prompts, cond, uncond, cfg, seed, resolution, noise)
-    sigmas = sd3_sigmas(steps, model.shift if shift is None else shift).to(x.device)
+    sigmas = model_sigmas(model, steps, shift, resolution).to(x.device)
     for i in range(steps):
         v = guided_velocity(model, x, sigmas[i], cond, uncond, cfg)
         x = euler_step(x, v, sigmas[i], sigmas[i + 1])
@@ -415,7 +432,7 @@ def sample_sde(
         :class:`Trajectory` with states (T+1, B, ...), log_probs (T, B), sigmas, sde_steps.
     """
     cond, uncond, generators, x = _prepare(model, prompts, cond, uncond, cfg, seed, resolution, noise)
-    sigmas = sd3_sigmas(steps, model.shift if shift is None else shift).to(x.device)
+    sigmas = model_sigmas(model, steps, shift, resolution).to(x.device)
     start, end = sde_window if sde_window is not None else (0, steps)
     if not 0 <= start < end <= steps:
         raise ValueError(f"sde_window {sde_window} must satisfy 0 <= start < end <= steps ({steps})")

@@ -128,10 +128,7 @@ def _sft_step(model: Any, x0: torch.Tensor, cond: Any, rng: Any, optimizer: Any,
     if sft.cond_dropout > 0:  # these rows learn the teacher's image from the empty prompt
         drop = torch.from_numpy(rng.random(len(rows)) < sft.cond_dropout).to(step_cond.prompt_embeds.device)
         empty = model.uncond(len(rows))
-        step_cond = type(step_cond)(
-            torch.where(drop.view(-1, 1, 1), empty.prompt_embeds, step_cond.prompt_embeds),
-            torch.where(drop.view(-1, 1), empty.pooled, step_cond.pooled),
-        )
+        step_cond = step_cond.where(drop, empty)
     loss = flow_matching_loss(model, x0[rows], step_cond, gen, model.shift)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

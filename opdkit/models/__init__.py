@@ -2,13 +2,15 @@
 
 This package is imported by the ``models`` registry on first lookup, so it stays import-light:
 torch, diffusers and transformers are imported inside the builders (and lazily for the
-re-exported names below). It registers the ``sd3`` plug-in here and the shapes-world plug-ins
-in :mod:`opdkit.models.shapes`.
+re-exported names below). It registers the ``sd3``, ``flux`` and ``qwen-image`` plug-ins here
+and the shapes-world plug-ins in :mod:`opdkit.models.shapes`.
 
 Modules:
 
 * :mod:`~opdkit.models.flow_model` — :class:`FlowModel` (the interface, SD3 implementation) and
   :class:`Cond`;
+* :mod:`~opdkit.models.packed`, :mod:`~opdkit.models.flux`, :mod:`~opdkit.models.qwen_image`
+  — the FLUX.1 and Qwen-Image families (2x2 packed latents, token-count time shift);
 * :mod:`~opdkit.models.adapters` — LoRA adapters on the transformer (peft);
 * :mod:`~opdkit.models.lora` — the LoRA file format (the one reader and writer);
 * :mod:`~opdkit.models.merge` — merging LoRA adapters on their weight deltas;
@@ -42,7 +44,7 @@ _LAZY: dict[str, str] = {
     "ShapesModelConfig": "opdkit.models.shapes",
 }
 
-__all__ = [*sorted(_LAZY), "sd3"]
+__all__ = [*sorted(_LAZY), "flux", "qwen_image", "sd3"]
 
 
 def __getattr__(name: str) -> Any:
@@ -61,7 +63,7 @@ def sd3(
     max_sequence_length: int | None = None,
     text_dtype: str | None = None,
 ) -> FlowModel:
-    """SD3-family model (SD3.5-M/L or a tiny test pipeline) from a diffusers pipeline directory.
+    """SD3-family model (SD3.5-M/L or a tiny test pipeline) from a diffusers StableDiffusion3Pipeline folder.
 
     Args:
         path: local directory in the StableDiffusion3Pipeline layout, or ``hf:owner/name`` for a
@@ -82,6 +84,68 @@ def sd3(
         device=device,
         max_sequence_length=max_sequence_length,
         text_dtype=None if text_dtype is None else parse_dtype(text_dtype),
+        family="sd3",
+    )
+
+
+@models.register("flux")
+def flux(
+    path: str,
+    dtype: str = "float32",
+    device: str = "cpu",
+    max_sequence_length: int | None = None,
+    text_dtype: str | None = None,
+    guidance: float | None = None,
+) -> FlowModel:
+    """FLUX.1-dev/schnell from a diffusers FluxPipeline folder (or ``hf:owner/name``); guidance embedded, not CFG.
+
+    Args:
+        path, dtype, device, text_dtype: as for ``sd3``.
+        max_sequence_length: T5 tokens per prompt (default: ``opdkit.json``, else 512 as
+            diffusers' FluxPipeline; schnell was trained with 256).
+        guidance: the guidance scale fed to dev's guidance embedding in every forward (default:
+            ``opdkit.json``, else 3.5); ignored by schnell. Keep ``sampler.cfg: 1``.
+    """
+    from opdkit.models.loading import load_flow_model, parse_dtype
+
+    return load_flow_model(
+        path,
+        dtype=parse_dtype(dtype),
+        device=device,
+        max_sequence_length=max_sequence_length,
+        text_dtype=None if text_dtype is None else parse_dtype(text_dtype),
+        family_options={"guidance": guidance},
+        family="flux",
+    )
+
+
+@models.register("qwen-image")
+def qwen_image(
+    path: str,
+    dtype: str = "float32",
+    device: str = "cpu",
+    max_sequence_length: int | None = None,
+    text_dtype: str | None = None,
+    negative_prompt: str | None = None,
+) -> FlowModel:
+    """Qwen-Image from a diffusers QwenImagePipeline folder (or ``hf:owner/name``); true CFG on a negative prompt.
+
+    Args:
+        path, dtype, device, text_dtype: as for ``sd3``.
+        max_sequence_length: prompt tokens kept after the chat template (default: ``opdkit.json``,
+            else 512 as diffusers' QwenImagePipeline).
+        negative_prompt: CFG's unconditional prompt (default: ``opdkit.json``, else " ").
+    """
+    from opdkit.models.loading import load_flow_model, parse_dtype
+
+    return load_flow_model(
+        path,
+        dtype=parse_dtype(dtype),
+        device=device,
+        max_sequence_length=max_sequence_length,
+        text_dtype=None if text_dtype is None else parse_dtype(text_dtype),
+        family_options={"negative_prompt": negative_prompt},
+        family="qwen-image",
     )
 
 

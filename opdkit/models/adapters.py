@@ -31,6 +31,9 @@ SD3_LORA_TARGETS: tuple[str, ...] = (
     "attn.add_v_proj",
     "attn.to_add_out",
 )
+# The attention projections of the image stream only: the shapes-world model's default (what its
+# shipped recipes and committed teachers were trained with).
+ATTENTION_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 class LoraAdapters:
@@ -41,6 +44,7 @@ class LoraAdapters:
     """
 
     transformer: Any
+    lora_targets: tuple[str, ...] = SD3_LORA_TARGETS  # what add_lora adapts by default
     _base_fingerprint: str | None = None  # cache of base_fingerprint(); None after a merge
 
     def add_lora(
@@ -49,7 +53,7 @@ class LoraAdapters:
         *,
         rank: int = 32,
         alpha: int = 64,
-        target_modules: Sequence[str] = SD3_LORA_TARGETS,
+        target_modules: Sequence[str] | None = None,
         dropout: float = 0.0,
         init_lora_weights: Any = "gaussian",
     ) -> None:
@@ -57,6 +61,7 @@ class LoraAdapters:
 
         ``init_lora_weights="gaussian"`` (flow_grpo's choice) starts B at zero, so a fresh
         adapter leaves the model unchanged. peft marks only adapter weights trainable.
+        ``target_modules`` defaults to the family's :attr:`lora_targets`.
 
         The adapter weights are float32 whatever the base dtype: on a bf16/fp16 base, peft would
         create them in the base's dtype, where AdamW's small updates round away (bf16 keeps 8
@@ -69,7 +74,7 @@ class LoraAdapters:
         config = LoraConfig(
             r=rank,
             lora_alpha=alpha,
-            target_modules=list(target_modules),
+            target_modules=list(self.lora_targets if target_modules is None else target_modules),
             lora_dropout=dropout,
             init_lora_weights=init_lora_weights,
         )
@@ -216,5 +221,21 @@ class LoraAdapters:
             # peft would switch to another adapter itself, with a warning; say which one here
             self.set_adapter([n for n in active if n != name] or remaining[0])
         self.transformer.delete_adapters(name)
+        if not self.lora_names():
+            self._unwrap_lora_layers()
         self._base_fingerprint = None  # the base weights changed
+
+    def _unwrap_lora_layers(self) -> None:
+        """Put each peft wrapper's base layer back in its place once no adapter is left.
+
+        peft keeps the empty wrappers after the last adapter is deleted; their weights would be
+        saved as ``<module>.base_layer.weight``, which a plain transformer does not load.
+        """
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for name, module in list(self.transformer.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                parent_name, _, child = name.rpartition(".")
+                parent = self.transformer.get_submodule(parent_name) if parent_name else self.transformer
+                setattr(parent, child, module.get_base_layer())
 

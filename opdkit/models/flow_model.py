@@ -33,40 +33,75 @@ DEFAULT_MAX_SEQUENCE_LENGTH = 256
 
 @dataclass
 class Cond:
-    """Text conditioning of a batch, as the SD3 transformer consumes it.
+    """Text conditioning of a batch, as a family's transformer consumes it.
 
     Attributes:
         prompt_embeds: (B, L, D) token embeddings, D = transformer ``joint_attention_dim``
-            (CLIP penultimate states, channel-concatenated and zero-padded, then T5 tokens or
-            zero tokens along L).
-        pooled: (B, P) pooled embedding, P = ``pooled_projection_dim`` (concat of CLIP
-            ``text_embeds``).
+            (SD3: CLIP penultimate states, channel-concatenated and zero-padded, then T5 tokens
+            or zero tokens along L; FLUX: T5 tokens; Qwen-Image: Qwen2.5-VL states).
+        pooled: (B, P) pooled embedding, P = ``pooled_projection_dim`` (SD3: concat of CLIP
+            ``text_embeds``; FLUX: CLIP's pooled output); (B, 0) for a family without one.
+        mask: (B, L) 1 for a real token, 0 for padding, or None when every token is real
+            (SD3, FLUX). Rows of different lengths are zero-padded at the end when batched.
     """
 
     prompt_embeds: torch.Tensor
     pooled: torch.Tensor
+    mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.prompt_embeds.shape[0])
 
+    def _padded(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeds, mask) zero-padded to ``length`` tokens (the mask made explicit)."""
+        embeds, mask = self.prompt_embeds, self.mask
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        extra = length - embeds.shape[1]
+        if extra:
+            embeds = nn.functional.pad(embeds, (0, 0, 0, extra))
+            mask = nn.functional.pad(mask, (0, extra))
+        return embeds, mask
+
     def cat(self, other: Cond) -> Cond:
         """Batch-concatenate (used to run cond and uncond in one forward)."""
+        if self.mask is None and other.mask is None and self.prompt_embeds.shape[1] == other.prompt_embeds.shape[1]:
+            return Cond(
+                torch.cat([self.prompt_embeds, other.prompt_embeds], dim=0),
+                torch.cat([self.pooled, other.pooled], dim=0),
+            )
+        length = max(self.prompt_embeds.shape[1], other.prompt_embeds.shape[1])
+        (a, mask_a), (b, mask_b) = self._padded(length), other._padded(length)
+        return Cond(torch.cat([a, b]), torch.cat([self.pooled, other.pooled]), torch.cat([mask_a, mask_b]))
+
+    def where(self, rows: torch.Tensor, other: Cond) -> Cond:
+        """Row i of ``other`` where ``rows[i]`` (a (B,) bool tensor) is True, else row i of self."""
+        if self.mask is None and other.mask is None and self.prompt_embeds.shape[1] == other.prompt_embeds.shape[1]:
+            return Cond(
+                torch.where(rows.view(-1, 1, 1), other.prompt_embeds, self.prompt_embeds),
+                torch.where(rows.view(-1, 1), other.pooled, self.pooled),
+            )
+        length = max(self.prompt_embeds.shape[1], other.prompt_embeds.shape[1])
+        (a, mask_a), (b, mask_b) = self._padded(length), other._padded(length)
         return Cond(
-            torch.cat([self.prompt_embeds, other.prompt_embeds], dim=0),
-            torch.cat([self.pooled, other.pooled], dim=0),
+            torch.where(rows.view(-1, 1, 1), b, a),
+            torch.where(rows.view(-1, 1), other.pooled, self.pooled),
+            torch.where(rows.view(-1, 1), mask_b, mask_a),
         )
 
     def __getitem__(self, index: int | slice | torch.Tensor | list[int]) -> Cond:
         """Select batch rows; an int index keeps the batch dimension."""
         if isinstance(index, int):
             index = slice(index, index + 1)
-        return Cond(self.prompt_embeds[index], self.pooled[index])
+        mask = self.mask[index] if self.mask is not None else None
+        return Cond(self.prompt_embeds[index], self.pooled[index], mask)
 
     def repeat_interleave(self, repeats: int) -> Cond:
         """Each row ``repeats`` times in a row (a GRPO group per prompt)."""
         return Cond(
             self.prompt_embeds.repeat_interleave(repeats, dim=0),
             self.pooled.repeat_interleave(repeats, dim=0),
+            self.mask.repeat_interleave(repeats, dim=0) if self.mask is not None else None,
         )
 
     def expand(self, batch_size: int) -> Cond:
@@ -76,16 +111,26 @@ class Cond:
         return Cond(
             self.prompt_embeds.expand(batch_size, -1, -1),
             self.pooled.expand(batch_size, -1),
+            self.mask.expand(batch_size, -1) if self.mask is not None else None,
         )
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Cond:
+        """Move (and cast the embeddings; the mask keeps its integer dtype)."""
         return Cond(
-            self.prompt_embeds.to(device=device, dtype=dtype), self.pooled.to(device=device, dtype=dtype)
+            self.prompt_embeds.to(device=device, dtype=dtype),
+            self.pooled.to(device=device, dtype=dtype),
+            self.mask.to(device=device) if self.mask is not None else None,
         )
 
 
 class FlowModel(LoraAdapters):
-    """SD3-architecture flow model with its text encoders and (optional) VAE.
+    """SD3-architecture flow model with its text encoders and (optional) VAE; the base of every family.
+
+    The other families (:class:`~opdkit.models.flux.FluxModel`,
+    :class:`~opdkit.models.qwen_image.QwenImageModel`) subclass it and override the
+    text encoding, :meth:`velocity`, :meth:`latent_shape`, :meth:`sigmas` and the checks; the
+    device/dtype handling, the VAE transform, the empty-prompt cache and the LoRA management are
+    shared.
 
     Attributes:
         transformer: the ``SD3Transformer2DModel`` (the only part trainers update).
@@ -99,7 +144,13 @@ class FlowModel(LoraAdapters):
             pipeline behaviour; 0 for the shapes model so no tokens are wasted).
         scheduler_config: the scheduler's config dict (written back by :meth:`save_pretrained`).
         extra_config: other keys of the directory's ``opdkit.json``.
+        family: the model family's plug-in name (``"sd3"``, ``"flux"``, ``"qwen-image"``).
+        lora_targets: module-name suffixes a recipe's LoRA adapts when it names none
+            (``train.lora.targets``); flow_grpo's SD3 attention projections here.
     """
+
+    family: str = "sd3"
+    negative_prompt: str = ""  # CFG's unconditional branch: the empty prompt, as SD3 samples
 
     def __init__(
         self,
@@ -264,15 +315,29 @@ class FlowModel(LoraAdapters):
         return Cond(torch.cat([clip, t5_states], dim=1), pooled)
 
     def uncond(self, batch_size: int) -> Cond:
-        """The empty-prompt conditioning (CFG's unconditional branch), cached, as (batch_size, ...).
+        """The :attr:`negative_prompt` conditioning (CFG's unconditional branch), cached, as (batch_size, ...).
 
         The returned tensors are expanded views of one cached row; do not modify them in place.
         """
         if self._uncond_cache is None or self._uncond_cache.prompt_embeds.device != self.device:
-            self._uncond_cache = self.encode_prompts([""])
+            self._uncond_cache = self.encode_prompts([self.negative_prompt])
         return self._uncond_cache.expand(batch_size)
 
     # -- flow ----------------------------------------------------------------------------------
+    def sigmas(self, steps: int, *, shift: float | None = None, resolution: int | None = None) -> torch.Tensor:
+        """The noise levels of a sampling run, (steps + 1,) float32 from 1 down to 0.
+
+        SD3: :func:`opdkit.sampling.sd3_sigmas` with ``shift`` (default: the scheduler's); the
+        resolution does not change it.
+        """
+        from opdkit.sampling import sd3_sigmas
+
+        return sd3_sigmas(steps, self.shift if shift is None else shift)
+
+    def guide(self, v_cond: torch.Tensor, v_uncond: torch.Tensor, cfg: float) -> torch.Tensor:
+        """Classifier-free guidance ``v_u + cfg * (v_c - v_u)`` of two (B, C, h, w) velocities."""
+        return v_uncond + cfg * (v_cond - v_uncond)
+
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond) -> torch.Tensor:
         """Predicted velocity ``v = eps - x0`` at noise level ``sigma``.
 

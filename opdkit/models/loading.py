@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from opdkit.errors import OpdkitError
+from opdkit.models.adapters import ATTENTION_LORA_TARGETS
 from opdkit.models.flow_model import DEFAULT_MAX_SEQUENCE_LENGTH, FlowModel, encoder_kind
 
 # opdkit's additions to a pipeline directory, written beside model_index.json.
@@ -177,8 +178,17 @@ def load_flow_model(
     world: str | None = None,
     max_sequence_length: int | None = None,
     text_dtype: torch.dtype | str | None = None,
+    family_options: dict[str, Any] | None = None,
+    family: str | None = None,
 ) -> FlowModel:
-    """Load an SD3-family model (SD3.5, tiny test pipelines, the shapes model) from a pipeline dir.
+    """Load a flow model from a pipeline dir: SD3 (SD3.5, tiny test pipelines, the shapes model),
+    FLUX.1 or Qwen-Image, by model_index.json's ``_class_name`` (:data:`PIPELINE_FAMILIES`).
+
+    The SD3 layout is described here; FLUX (``FluxPipeline``: transformer, CLIP
+    ``text_encoder``, T5 ``text_encoder_2``, vae, scheduler) and Qwen-Image
+    (``QwenImagePipeline``: transformer, Qwen2.5-VL ``text_encoder``, vae, scheduler) need every
+    component and are built by :class:`~opdkit.models.flux.FluxModel` /
+    :class:`~opdkit.models.qwen_image.QwenImageModel`.
 
     Reads ``model_index.json`` and loads each present component with ``from_pretrained``
     (safetensors only): ``transformer`` (required), ``text_encoder``/``tokenizer`` and
@@ -196,6 +206,9 @@ def load_flow_model(
         text_dtype: weights dtype of the (frozen) text encoders; default ``dtype``. bf16 halves
             SD3.5's T5-XXL (4.7B parameters: 19 GB in fp32) next to an fp32 transformer; the
             prompt embeddings are cast to the transformer's dtype either way.
+        family_options: a family's own settings, None values ignored: FLUX ``guidance``,
+            Qwen-Image ``negative_prompt`` (default: ``opdkit.json``, else the family's).
+        family: the family the folder must hold (a model plug-in's name); None accepts any.
 
     Raises:
         OpdkitError: one line naming the path and component when something is missing/broken.
@@ -205,6 +218,22 @@ def load_flow_model(
     extra = _read_json(root / OPDKIT_CONFIG, "opdkit config") if (root / OPDKIT_CONFIG).exists() else {}
     torch_dtype = parse_dtype(dtype)
     encoder_dtype = torch_dtype if text_dtype is None else parse_dtype(text_dtype)
+    class_name = str(index.get("_class_name", "StableDiffusion3Pipeline"))
+    found = PIPELINE_FAMILIES.get(class_name)
+    if found is None:
+        raise OpdkitError(
+            f"model {str(path)!r}: model_index.json's _class_name {class_name!r} is no family opdkit "
+            f"loads (expected one of: {', '.join(PIPELINE_FAMILIES)})"
+        )
+    if family is not None and found != family:
+        raise OpdkitError(f"model {str(path)!r} is a {class_name} folder: use model type {found!r}, not {family!r}")
+    if found != "sd3":
+        settings = {"world": world, "max_sequence_length": max_sequence_length, **(family_options or {})}
+        try:
+            model = _load_packed(found, root, index, extra, path, torch_dtype, encoder_dtype, settings)
+        except OpdkitError as exc:
+            raise OpdkitError(f"model {str(path)!r}: {exc}") from None
+        return model.to(device=device)
 
     transformer = _load_transformer(root, index, path, torch_dtype)
 
@@ -258,7 +287,64 @@ def load_flow_model(
         )
     except OpdkitError as exc:
         raise OpdkitError(f"model {str(path)!r}: {exc}") from None
+    if model.world == "shapes":
+        model.lora_targets = ATTENTION_LORA_TARGETS  # what the shapes recipes and teachers adapt
     return model.to(device=device)
+
+
+# model_index.json's _class_name -> the family (the ``model`` plug-in) that loads it
+PIPELINE_FAMILIES: dict[str, str] = {
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+    "QwenImagePipeline": "qwen-image",
+}
+# Per family: its text slots (encoder, tokenizer), and the opdkit.json keys of its own settings.
+_PACKED_SLOTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "flux": (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")),
+    "qwen-image": (("text_encoder", "tokenizer"),),
+}
+_PACKED_SETTINGS: dict[str, tuple[str, ...]] = {"flux": ("guidance",), "qwen-image": ("negative_prompt",)}
+
+
+def _load_packed(
+    family: str,
+    root: Path,
+    index: dict[str, Any],
+    extra: dict[str, Any],
+    path: str | Path,
+    dtype: torch.dtype,
+    text_dtype: torch.dtype,
+    settings: dict[str, Any],
+) -> Any:
+    """A FLUX or Qwen-Image model from its pipeline folder (every component required).
+
+    ``settings``: world, max_sequence_length and the family's own options (None: the folder's
+    ``opdkit.json``, else the family default).
+    """
+    transformer = _load_transformer(root, index, path, dtype)
+    encoders, tokenizers = [], []
+    for encoder_name, tokenizer_name in _PACKED_SLOTS[family]:
+        encoder_cls, tokenizer_cls = _component_class(root, index, encoder_name), _component_class(root, index, tokenizer_name)
+        if encoder_cls is None or tokenizer_cls is None:
+            raise OpdkitError(f"model_index.json lacks {encoder_name!r} or {tokenizer_name!r}, which {family} needs")
+        encoders.append(_load_component(root, encoder_name, encoder_cls, dtype=text_dtype))
+        tokenizers.append(_load_component(root, tokenizer_name, tokenizer_cls, dtype=None))
+    vae_cls = _component_class(root, index, "vae")
+    if vae_cls is None:
+        raise OpdkitError(f"model_index.json has no 'vae', which {family} needs")
+    vae = _load_component(root, "vae", vae_cls, dtype=dtype)
+    scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json", "component 'scheduler'")
+    own = set(_PACKED_SETTINGS[family]) | {"world", "max_sequence_length"}
+    options = {k: extra[k] for k in own if k in extra}
+    options.update({k: v for k, v in settings.items() if v is not None})
+    common = {"scheduler_config": scheduler_config, "extra_config": {k: v for k, v in extra.items() if k not in own}}
+    if family == "flux":
+        from opdkit.models.flux import FluxModel
+
+        return FluxModel(transformer, encoders, tokenizers, vae, **options, **common)
+    from opdkit.models.qwen_image import QwenImageModel
+
+    return QwenImageModel(transformer, encoders[0], tokenizers[0], vae, **options, **common)
 
 
 def resolution_problem(model_type: str, params: dict[str, Any], resolution: int) -> str | None:
@@ -272,6 +358,17 @@ def resolution_problem(model_type: str, params: dict[str, Any], resolution: int)
     if model_type == "shapes_new":  # pixel space, built from these params
         patch = int(params.get("patch_size", 2))
         return _side_problem(resolution, 1, patch, int(params.get("resolution", 32)) // patch)
+    if model_type in ("flux", "qwen-image"):  # 2x2 packed latents, no token limit
+        given = params.get("path")
+        vae_file = Path(str(given)).expanduser() / "vae" / "config.json" if given is not None else None
+        if vae_file is None or not vae_file.is_file():
+            return None
+        vae = json.loads(vae_file.read_text(encoding="utf-8"))
+        if "temperal_downsample" in vae:  # Qwen-Image's video VAE
+            factor = 2 ** len(vae["temperal_downsample"])
+        else:
+            factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+        return _side_problem(resolution, factor, 2, None)
     if model_type in ("shapes", "shapes-base", "sd3"):
         from opdkit.checkpoint import COMMITTED_DIR
 

@@ -14,6 +14,7 @@ from opdkit.errors import OpdkitError
 
 if TYPE_CHECKING:
     from opdkit.models.flow_model import FlowModel
+    from opdkit.models.packed import PackedFlowModel
 
 # opdkit's own settings of a pipeline folder (world, max_sequence_length, model.extra_config)
 OPDKIT_CONFIG = "opdkit.json"
@@ -35,11 +36,7 @@ def save_flow_model(model: FlowModel, out_dir: str | Path) -> Path:
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    if model.lora_names():
-        raise OpdkitError(
-            f"cannot save_pretrained to {str(out_dir)!r} with LoRA adapters attached "
-            f"({', '.join(model.lora_names())}); merge_lora() or save_lora() them first"
-        )
+    _refuse_adapters(model, out_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     index: dict[str, Any] = {
@@ -72,6 +69,39 @@ def save_flow_model(model: FlowModel, out_dir: str | Path) -> Path:
     write_opdkit_config(
         out, {**model.extra_config, "world": model.world, "max_sequence_length": model.max_sequence_length}
     )
+    return out
+
+
+def _refuse_adapters(model: FlowModel, out_dir: str | Path) -> None:
+    if model.lora_names():
+        raise OpdkitError(
+            f"cannot save_pretrained to {str(out_dir)!r} with LoRA adapters attached "
+            f"({', '.join(model.lora_names())}); merge_lora() or save_lora() them first"
+        )
+
+
+def save_family_pipeline(model: PackedFlowModel, out_dir: str | Path) -> Path:
+    """Write a FLUX / Qwen-Image model as its diffusers pipeline folder plus ``opdkit.json``.
+
+    The pipeline class named by ``model.pipeline_class`` saves its own components (safetensors),
+    with a FlowMatchEulerDiscreteScheduler of the model's scheduler config; ``opdkit.json``
+    keeps world, ``max_sequence_length``, the family's own settings and ``model.extra_config``.
+    """
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    _refuse_adapters(model, out_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")}
+    pipeline_cls = getattr(diffusers, model.pipeline_class)
+    pipe = pipeline_cls(scheduler=FlowMatchEulerDiscreteScheduler.from_config(config), **model.pipeline_components())
+    save_pipeline(pipe, out)
+    write_opdkit_config(
+        out,
+        {**model.extra_config, **model.opdkit_config(), "world": model.world,
+         "max_sequence_length": model.max_sequence_length},
+    )  # fmt: skip
     return out
 
 

@@ -82,21 +82,17 @@ def setup_trainable(model: Any, lora: LoraSpec | None, gradient_checkpointing: b
     if lora is not None:
         if not float(lora.alpha).is_integer():
             raise OpdkitError(f"train.lora.alpha must be a whole number (adapter files store it so), got {lora.alpha}")
+        # no targets in the recipe: the model family's own (its adapter's lora_targets)
+        targets = list(lora.targets) if lora.targets is not None else list(model.lora_targets)
         try:
-            model.add_lora(
-                ADAPTER,
-                rank=lora.rank,
-                alpha=int(lora.alpha),
-                target_modules=list(lora.targets),
-                dropout=lora.dropout,
-            )
+            model.add_lora(ADAPTER, rank=lora.rank, alpha=int(lora.alpha), target_modules=targets, dropout=lora.dropout)
         except ValueError as exc:  # peft: no module matched the targets
             first = str(exc).strip().splitlines()[0]
-            raise OpdkitError(f"train.lora.targets {lora.targets} matched no module of the transformer ({first})") from None
+            raise OpdkitError(f"train.lora.targets {targets} matched no module of the transformer ({first})") from None
         model.set_adapter(ADAPTER)
         named = [(n, p) for n, p in transformer.named_parameters() if "lora_" in n and f".{ADAPTER}." in n + "."]
         if not named:
-            raise OpdkitError(f"train.lora.targets {lora.targets} matched no module of the transformer")
+            raise OpdkitError(f"train.lora.targets {targets} matched no module of the transformer")
         for _, p in named:
             p.requires_grad_(True)
         return Trainable([n for n, _ in named], [p for _, p in named], lora=True)
