@@ -109,6 +109,15 @@ def test_list_filters_by_kind() -> None:
     assert table_rows(plural.stdout) == rows
 
 
+def test_list_model_shows_every_family_with_a_one_line_doc() -> None:
+    result = RUNNER.invoke(app, ["list", "model"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    docs = {name: doc for name, kind, _, doc in table_rows(result.stdout) if kind == "model"}
+    for name in ("sd3", "flux", "qwen-image", "shapes", "shapes-base", "shapes_new"):
+        assert docs.get(name, "").strip(), f"model {name!r} is not listed with a doc"
+    assert "FluxPipeline" in docs["flux"] and "QwenImagePipeline" in docs["qwen-image"]
+
+
 def test_list_unknown_kind_is_one_line_error() -> None:
     result = RUNNER.invoke(app, ["list", "bogus"], env=WIDE)
     assert result.exit_code == 1

@@ -203,3 +203,17 @@ def test_lora_save_load_merge_and_export(family: str, pipelines: dict[str, Path]
     again = build(family, {family: tmp_path / "merged"})
     torch.testing.assert_close(again.velocity(x, 0.7, cond), adapted, atol=1e-5, rtol=1e-4)
     assert again.max_sequence_length == fresh.max_sequence_length
+
+
+@pytest.mark.parametrize("name", ["flux/grpo", "flux/opd", "qwen_image/grpo", "qwen_image/opd"])
+def test_shipped_family_recipes(name: str) -> None:
+    """Real-size recipes: their family, guidance as the family samples it, the family's LoRA targets."""
+    from opdkit.recipe import load_recipe
+
+    recipe = load_recipe(name).recipe
+    family = "flux" if name.startswith("flux") else "qwen-image"
+    assert recipe.model.type == family and recipe.sampler.resolution == 512
+    assert recipe.sampler.cfg == CFG[family] if family == "flux" else recipe.sampler.cfg > 1.0
+    assert recipe.train.lora is not None and recipe.train.lora.targets is None
+    if recipe.method == "opd":
+        assert len(recipe.teachers) == 3 and all(t.type == "lora" for t in recipe.teachers)
