@@ -55,6 +55,29 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+def _load(
+    family: str,
+    path: str,
+    dtype: str,
+    device: str,
+    max_sequence_length: int | None,
+    text_dtype: str | None,
+    **options: Any,
+) -> FlowModel:
+    """What the family plug-ins share: parse the dtypes, load the folder, insist on ``family``."""
+    from opdkit.models.loading import load_flow_model, parse_dtype
+
+    return load_flow_model(
+        path,
+        dtype=parse_dtype(dtype),
+        device=device,
+        max_sequence_length=max_sequence_length,
+        text_dtype=None if text_dtype is None else parse_dtype(text_dtype),
+        family_options=options,
+        family=family,
+    )
+
+
 @models.register("sd3")
 def sd3(
     path: str,
@@ -76,16 +99,7 @@ def sd3(
             fp32 transformer saves about 12 GB on SD3.5-M (T5-XXL and CLIP-G), as flow_grpo keeps
             its text encoders in the inference dtype.
     """
-    from opdkit.models.loading import load_flow_model, parse_dtype
-
-    return load_flow_model(
-        path,
-        dtype=parse_dtype(dtype),
-        device=device,
-        max_sequence_length=max_sequence_length,
-        text_dtype=None if text_dtype is None else parse_dtype(text_dtype),
-        family="sd3",
-    )
+    return _load("sd3", path, dtype, device, max_sequence_length, text_dtype)
 
 
 @models.register("flux")
@@ -106,17 +120,7 @@ def flux(
         guidance: the guidance scale fed to dev's guidance embedding in every forward (default:
             ``opdkit.json``, else 3.5); ignored by schnell. Keep ``sampler.cfg: 1``.
     """
-    from opdkit.models.loading import load_flow_model, parse_dtype
-
-    return load_flow_model(
-        path,
-        dtype=parse_dtype(dtype),
-        device=device,
-        max_sequence_length=max_sequence_length,
-        text_dtype=None if text_dtype is None else parse_dtype(text_dtype),
-        family_options={"guidance": guidance},
-        family="flux",
-    )
+    return _load("flux", path, dtype, device, max_sequence_length, text_dtype, guidance=guidance)
 
 
 @models.register("qwen-image")
@@ -136,16 +140,8 @@ def qwen_image(
             else 512 as diffusers' QwenImagePipeline).
         negative_prompt: CFG's unconditional prompt (default: ``opdkit.json``, else " ").
     """
-    from opdkit.models.loading import load_flow_model, parse_dtype
-
-    return load_flow_model(
-        path,
-        dtype=parse_dtype(dtype),
-        device=device,
-        max_sequence_length=max_sequence_length,
-        text_dtype=None if text_dtype is None else parse_dtype(text_dtype),
-        family_options={"negative_prompt": negative_prompt},
-        family="qwen-image",
+    return _load(
+        "qwen-image", path, dtype, device, max_sequence_length, text_dtype, negative_prompt=negative_prompt
     )
 
 

@@ -65,7 +65,11 @@ class Cond:
 
     def cat(self, other: Cond) -> Cond:
         """Batch-concatenate (used to run cond and uncond in one forward)."""
-        if self.mask is None and other.mask is None and self.prompt_embeds.shape[1] == other.prompt_embeds.shape[1]:
+        if (
+            self.mask is None
+            and other.mask is None
+            and self.prompt_embeds.shape[1] == other.prompt_embeds.shape[1]
+        ):
             return Cond(
                 torch.cat([self.prompt_embeds, other.prompt_embeds], dim=0),
                 torch.cat([self.pooled, other.pooled], dim=0),
@@ -76,7 +80,11 @@ class Cond:
 
     def where(self, rows: torch.Tensor, other: Cond) -> Cond:
         """Row i of ``other`` where ``rows[i]`` (a (B,) bool tensor) is True, else row i of self."""
-        if self.mask is None and other.mask is None and self.prompt_embeds.shape[1] == other.prompt_embeds.shape[1]:
+        if (
+            self.mask is None
+            and other.mask is None
+            and self.prompt_embeds.shape[1] == other.prompt_embeds.shape[1]
+        ):
             return Cond(
                 torch.where(rows.view(-1, 1, 1), other.prompt_embeds, self.prompt_embeds),
                 torch.where(rows.view(-1, 1), other.pooled, self.pooled),
@@ -276,29 +284,15 @@ class FlowModel(LoraAdapters):
         for encoder, tokenizer, kind in zip(
             self.text_encoders, self.tokenizers, self.encoder_kinds, strict=True
         ):
-            enc_device = next(encoder.parameters()).device
             if kind == "clip":
-                ids = tokenizer(
-                    texts,
-                    padding="max_length",
-                    max_length=self.clip_max_length,
-                    truncation=True,
-                    return_tensors="pt",
-                ).input_ids.to(enc_device)
+                ids = padded_ids(tokenizer, texts, self.clip_max_length, encoder)
                 # No attention mask, as in SD3: CLIP is causal, so trailing pads change nothing
                 # before the end token, and the pad positions' states are part of the sequence.
                 out = encoder(ids, output_hidden_states=True)
                 clip_states.append(out.hidden_states[-2].to(device=device, dtype=dtype))
                 pooled_parts.append(out.text_embeds.to(device=device, dtype=dtype))
             else:
-                ids = tokenizer(
-                    texts,
-                    padding="max_length",
-                    max_length=self.max_sequence_length,
-                    truncation=True,
-                    add_special_tokens=True,
-                    return_tensors="pt",
-                ).input_ids.to(enc_device)
+                ids = padded_ids(tokenizer, texts, self.max_sequence_length, encoder)
                 t5_states = encoder(ids)[0].to(device=device, dtype=dtype)
         if clip_states:
             clip = torch.cat(clip_states, dim=-1)
@@ -324,7 +318,9 @@ class FlowModel(LoraAdapters):
         return self._uncond_cache.expand(batch_size)
 
     # -- flow ----------------------------------------------------------------------------------
-    def sigmas(self, steps: int, *, shift: float | None = None, resolution: int | None = None) -> torch.Tensor:
+    def sigmas(
+        self, steps: int, *, shift: float | None = None, resolution: int | None = None
+    ) -> torch.Tensor:
         """The noise levels of a sampling run, (steps + 1,) float32 from 1 down to 0.
 
         SD3: :func:`opdkit.sampling.sd3_sigmas` with ``shift`` (default: the scheduler's); the
@@ -443,6 +439,14 @@ class FlowModel(LoraAdapters):
         if int(config.in_channels) != expected_channels:
             what = "VAE latent channels" if self.vae is not None else "3 (pixel space, no VAE)"
             raise OpdkitError(f"transformer in_channels {config.in_channels} != {what} {expected_channels}")
+
+
+def padded_ids(tokenizer: Any, texts: list[str], length: int, encoder: Any) -> torch.Tensor:
+    """Token ids (B, length) of ``texts``: truncated or padded to ``length``, on ``encoder``'s device."""
+    ids = tokenizer(
+        texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return ids.to(next(encoder.parameters()).device)
 
 
 def encoder_kind(encoder: Any) -> str:

@@ -21,6 +21,7 @@ import torch
 
 from opdkit.errors import OpdkitError
 from opdkit.models.adapters import SD3_LORA_TARGETS
+from opdkit.models.flow_model import Cond, padded_ids
 from opdkit.models.packed import PackedFlowModel, pack_latents, unpack_latents
 
 # diffusers' FluxPipeline default T5 length (FLUX.1-dev; schnell uses 256).
@@ -85,28 +86,13 @@ class FluxModel(PackedFlowModel):
         """True for a guidance-distilled transformer (FLUX.1-dev)."""
         return bool(self.transformer.config.get("guidance_embeds", False))
 
-    def _encode(self, texts: list[str]) -> Any:
+    def _encode(self, texts: list[str]) -> Cond:
         """CLIP's pooled output (B, 768) and T5's last states (B, max_sequence_length, 4096), as FluxPipeline."""
-        from opdkit.models.flow_model import Cond
-
         clip, t5 = self.text_encoders
         clip_tok, t5_tok = self.tokenizers
-        ids = clip_tok(
-            texts,
-            padding="max_length",
-            max_length=int(clip_tok.model_max_length),
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        pooled = clip(ids.to(next(clip.parameters()).device), output_hidden_states=False).pooler_output
-        ids = t5_tok(
-            texts,
-            padding="max_length",
-            max_length=self.max_sequence_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        states = t5(ids.to(next(t5.parameters()).device), output_hidden_states=False)[0]
+        ids = padded_ids(clip_tok, texts, int(clip_tok.model_max_length), clip)
+        pooled = clip(ids, output_hidden_states=False).pooler_output
+        states = t5(padded_ids(t5_tok, texts, self.max_sequence_length, t5), output_hidden_states=False)[0]
         device, dtype = self.device, self.dtype
         return Cond(states.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype))
 

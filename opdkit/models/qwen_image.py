@@ -21,6 +21,7 @@ import torch
 
 from opdkit.errors import OpdkitError
 from opdkit.models.adapters import SD3_LORA_TARGETS
+from opdkit.models.flow_model import Cond
 from opdkit.models.packed import PackedFlowModel, pack_latents, unpack_latents
 
 # diffusers' QwenImagePipeline: the chat template its prompts are encoded in (the text before
@@ -83,14 +84,12 @@ class QwenImageModel(PackedFlowModel):
         """Pixels per latent cell: 2 ** (number of temporal down-sampling stages), 8 for Qwen-Image."""
         return 2 ** len(self.vae.temperal_downsample)
 
-    def _encode(self, texts: list[str]) -> Any:
+    def _encode(self, texts: list[str]) -> Cond:
         """Last hidden states of the templated prompts minus the prefix, (B, L, D), L the longest kept.
 
         Each row keeps its own tokens (at most :attr:`max_sequence_length`), zero-padded at the
         end; the mask marks them.
         """
-        from opdkit.models.flow_model import Cond
-
         encoder, tokenizer = self.text_encoders[0], self.tokenizers[0]
         enc_device = next(encoder.parameters()).device
         tokens = tokenizer(
