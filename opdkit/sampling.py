@@ -54,7 +54,10 @@ class VelocityModel(Protocol):
     """What the samplers need from a model adapter (``opdkit.models.FlowModel`` fits).
 
     The conditioning object is opaque here; it must support ``len()`` and ``cond.cat(other)``
-    (batch concatenation), which CFG uses to run both branches in one forward.
+    (batch concatenation), which CFG uses to run both branches in one forward. Optional: a
+    ``sigmas(steps, shift=, resolution=)`` method (:func:`model_sigmas`) and a
+    ``guide(v_cond, v_uncond, cfg)`` method (:func:`guided_velocity`) replace the SD3 schedule
+    and plain CFG.
     """
 
     shift: float
@@ -389,7 +392,8 @@ def sample_ode(
         shift: schedule shift (default: the model's, see :func:`model_sigmas`).
         resolution: image side in pixels.
         seed: int (sample i uses seed + i), per-sample seeds, or one batch-wide generator.
-        cond, uncond: precomputed conditioning (uncond defaults to the empty prompt).
+        cond, uncond: precomputed conditioning (uncond defaults to ``model.uncond``: the empty
+            prompt, or the family's negative prompt).
         noise: (B, C, h, w) initial noise to start from instead of drawing it from ``seed``
             (the SDE noise of :func:`sample_sde` still comes from ``seed``).
     """

@@ -14,7 +14,8 @@ CFG for SD3 / the guidance embedding for FLUX, update sweep,
 Adapters (student and teachers) are rank 32 / alpha 64 on the family's own LoRA targets. Last,
 the memory of K LoRA teachers against K full transformer copies.
 
-Usage (a GPU; on a CPU, ``--layers 1 --resolution 64`` checks that it runs)::
+Usage (a GPU; on a CPU, ``--layers 1 --resolution 64`` checks that it runs: there the defaults
+shrink to 2 SDE steps, groups of 2, 16 T5 tokens and the fp32 setting, so the check takes minutes)::
 
     python perf/real_size.py                       # SD3.5-M, 512 px, 8 images per step, 10 SDE steps
     python perf/real_size.py --family flux         # FLUX.1-dev, 1024 px
@@ -187,17 +188,23 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="blocks (SD3: 24; FLUX: 19 double-stream)")
     parser.add_argument("--single-layers", type=int, default=None, help="FLUX single-stream blocks (default 2 x --layers)")
     parser.add_argument("--resolution", type=int, default=None, help="px (SD3: 512; FLUX: 1024)")
-    parser.add_argument("--text-tokens", type=int, default=512, help="FLUX: T5 tokens per prompt (FluxPipeline: 512)")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--text-tokens", type=int, default=None, help="FLUX: T5 tokens per prompt (512; a CPU check: 16)")
+    parser.add_argument("--steps", type=int, default=None, help="SDE steps (10; a CPU check: 2)")
     parser.add_argument("--prompts", type=int, default=2)
-    parser.add_argument("--group", type=int, default=4)
-    parser.add_argument("--micro", type=int, default=8)
-    parser.add_argument("--settings", default="bf16,bf16+ckpt,fp32")
+    parser.add_argument("--group", type=int, default=None, help="images per prompt (4; a CPU check: 2)")
+    parser.add_argument("--micro", type=int, default=None, help="images per forward (8, at most a step's images)")
+    parser.add_argument("--settings", default=None, help="bf16,bf16+ckpt,fp32 (a CPU check: fp32)")
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     flux = args.family == "flux"
     args.layers = args.layers or (19 if flux else 24)
     args.resolution = args.resolution or (1024 if flux else 512)
+    cpu = args.device == "cpu"  # a check that it runs, not a measurement: keep it to minutes
+    args.steps = args.steps or (2 if cpu else 10)
+    args.group = args.group or (2 if cpu else 4)
+    args.text_tokens = args.text_tokens or (16 if cpu else 512)
+    args.micro = args.micro or min(8, args.prompts * args.group)
+    args.settings = args.settings or ("fp32" if cpu else "bf16,bf16+ckpt,fp32")
 
     from opdkit.recipe import TeacherSpec
 

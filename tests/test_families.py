@@ -95,6 +95,11 @@ def test_flux_guidance_reaches_the_transformer(pipelines: dict[str, Path]) -> No
     low = model.velocity(x, 0.5, cond)
     model.guidance = 7.0
     assert not torch.allclose(low, model.velocity(x, 0.5, cond))
+    # benchmarks sample the guidance-distilled model without a CFG branch unless told otherwise
+    from opdkit.eval.runner import benchmark_cfg
+
+    assert model.embedded_guidance and benchmark_cfg(model, {"cfg": 4.5}) == 1.0
+    assert benchmark_cfg(build("qwen-image", pipelines), {"cfg": 4.5}) == 4.5
 
 
 def test_qwen_guidance_keeps_the_conditional_norm_per_patch(pipelines: dict[str, Path]) -> None:

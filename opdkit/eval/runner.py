@@ -160,7 +160,7 @@ def run_eval(
         "seed": seed,
         "samples_per_prompt": n_samples,
         "steps": steps or sampler.get("steps", 40),
-        "cfg": cfg if cfg is not None else sampler.get("cfg", 4.5),
+        "cfg": cfg if cfg is not None else benchmark_cfg(flow_model, sampler),
         "resolution": sampler.get("resolution", 512),
         "shift": sampler.get("shift"),
         "protocol": benchmark.protocol,
@@ -268,6 +268,14 @@ def _run_locked(root: Path, benchmark: Benchmark, flow_model: FlowModel, model: 
     atomic_write_json(root / f"{benchmark.name}.json", summary)
     _write_grid(root, benchmark.name, rows)
     return summary
+
+
+def benchmark_cfg(model: Any, sampler: dict[str, Any]) -> float:
+    """The benchmark's CFG (default 4.5), or 1 for a guidance-distilled model (FLUX.1-dev), whose
+    guidance is an input of every forward: CFG on top would be a second, untrained guidance."""
+    if getattr(model, "embedded_guidance", False):
+        return 1.0
+    return float(sampler.get("cfg", 4.5))
 
 
 def check_eval_options(*, samples: int | None = None, limit: int | None = None, steps: int | None = None,

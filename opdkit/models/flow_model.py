@@ -158,6 +158,7 @@ class FlowModel(LoraAdapters):
     """
 
     family: str = "sd3"
+    embedded_guidance: bool = False  # guidance is a transformer input (FLUX.1-dev): benchmarks use CFG 1
     negative_prompt: str = ""  # CFG's unconditional branch: the empty prompt, as SD3 samples
 
     def __init__(

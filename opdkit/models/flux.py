@@ -86,6 +86,11 @@ class FluxModel(PackedFlowModel):
         """True for a guidance-distilled transformer (FLUX.1-dev)."""
         return bool(self.transformer.config.get("guidance_embeds", False))
 
+    @property
+    def embedded_guidance(self) -> bool:  # type: ignore[override]  # a class attribute in the base
+        """FLUX.1-dev guides inside the transformer: benchmarks sample it with CFG 1."""
+        return self.guidance_embeds
+
     def _encode(self, texts: list[str]) -> Cond:
         """CLIP's pooled output (B, 768) and T5's last states (B, max_sequence_length, 4096), as FluxPipeline."""
         clip, t5 = self.text_encoders
