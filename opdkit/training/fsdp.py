@@ -47,7 +47,9 @@ def shard(setup: Setup, frozen: Iterable[torch.nn.Module], device: torch.device)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    slot = {id(p): (key, name) for key, module in setup.modules.items() for name, p in module.named_parameters()}
+    slot = {
+        id(p): (key, name) for key, module in setup.modules.items() for name, p in module.named_parameters()
+    }
     missing = [n for n, p in zip(setup.names, setup.params, strict=True) if id(p) not in slot]
     if missing:  # a method bug: FSDP can only shard what its modules own
         raise ValueError(f"train.fsdp: trained parameter {missing[0]} is not in the checkpointed modules")
@@ -169,6 +171,8 @@ def load_full_training_state(
     names = _param_names(holder, optimizer)
     by_name = {
         "state": {names[int(i)]: values for i, values in optimizer_state["state"].items()},
-        "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in optimizer_state["param_groups"]],
+        "param_groups": [
+            {**g, "params": [names[int(i)] for i in g["params"]]} for g in optimizer_state["param_groups"]
+        ],
     }
     set_optimizer_state_dict(holder, optimizer, by_name, options=options)
