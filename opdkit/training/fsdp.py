@@ -34,8 +34,8 @@ def wanted(train: Any, world: int) -> bool:
     return bool(getattr(train, "fsdp", False)) and world > 1
 
 
-def shard(setup: Setup, frozen: Iterable[torch.nn.Module], device: torch.device) -> None:
-    """``fully_shard`` the trained modules of ``setup`` and the ``frozen`` ones over every process.
+def shard(setup: Setup, device: torch.device) -> None:
+    """``fully_shard`` the trained modules of ``setup`` and its frozen ones over every process.
 
     Each module's blocks (the items of the ``ModuleList`` children, e.g. diffusers'
     ``transformer_blocks``) are sharded units of their own, so a forward holds one whole block at
@@ -55,7 +55,7 @@ def shard(setup: Setup, frozen: Iterable[torch.nn.Module], device: torch.device)
         raise ValueError(f"train.fsdp: trained parameter {missing[0]} is not in the checkpointed modules")
     where = [slot[id(p)] for p in setup.params]
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for module in [*setup.modules.values(), *frozen]:
+    for module in [*setup.modules.values(), *setup.frozen]:
         for child in module.children():
             if isinstance(child, torch.nn.ModuleList):
                 for block in child:
@@ -135,12 +135,12 @@ def full_training_state(
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     holder = torch.nn.ModuleDict(modules)
-    flat = get_model_state_dict(holder, options=_options())
+    flat: dict[str, Any] = get_model_state_dict(holder, options=_options())
     weights: dict[str, dict[str, torch.Tensor]] = {}
     for key, module in modules.items():
         trained = [name for name, p in module.named_parameters() if p.requires_grad]
         weights[key] = {name: flat[f"{key}.{name}"] for name in trained if f"{key}.{name}" in flat}
-    by_name = get_optimizer_state_dict(holder, optimizer, options=_options())
+    by_name: dict[str, Any] = get_optimizer_state_dict(holder, optimizer, options=_options())
     if not by_name:
         return weights, {}
     index = {name: i for i, name in enumerate(_param_names(holder, optimizer))}
@@ -164,12 +164,14 @@ def load_full_training_state(
 
     holder = torch.nn.ModuleDict(modules)
     options = StateDictOptions(full_state_dict=True, strict=False)  # only trained parameters are stored
-    flat = {f"{key}.{name}": value for key, tensors in weights.items() for name, value in tensors.items()}
+    flat: dict[str, Any] = {
+        f"{key}.{name}": v for key, tensors in weights.items() for name, v in tensors.items()
+    }
     set_model_state_dict(holder, flat, options=options)
     if optimizer_state is None:
         return
     names = _param_names(holder, optimizer)
-    by_name = {
+    by_name: dict[str, Any] = {
         "state": {names[int(i)]: values for i, values in optimizer_state["state"].items()},
         "param_groups": [
             {**g, "params": [names[int(i)] for i in g["params"]]} for g in optimizer_state["param_groups"]

@@ -235,7 +235,9 @@ class Optimization:
 MAX_ABS_WEIGHT = 1e4
 
 
-def check_weights(params: Sequence[torch.Tensor], step: int, lr: float, where: Any, sharded: Any = None) -> None:
+def check_weights(
+    params: Sequence[torch.Tensor], step: int, lr: float, where: Any, sharded: torch.device | None = None
+) -> None:
     """Stop a run whose trained weights became non-finite or absurdly large, naming the step.
     ``sharded``: the device of FSDP-sharded ``params`` (every process then checks every shard)."""
     with torch.no_grad():  # one device sync, not one per tensor
@@ -303,7 +305,7 @@ def run(
     setup = method.setup(ctx)
     sharded = fsdp.wanted(train, ctx.world)
     if sharded:  # before the optimizer and the EMA see the parameters
-        fsdp.shard(setup, setup.frozen, ctx.device)
+        fsdp.shard(setup, ctx.device)
     optimizer = torch.optim.AdamW(setup.params, lr=train.lr, weight_decay=train.weight_decay)
     ema = EMA(setup.names, setup.params, train.ema.decay, train.ema.every, train.ema.warmup) if train.ema else None
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.precision == torch.float16)
