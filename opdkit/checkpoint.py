@@ -59,15 +59,30 @@ def save_training_state(
     extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """Write a complete checkpoint into ``directory`` (created)."""
+    weights = {name: trainable_state_dict(module) for name, module in modules.items()}
+    write_training_state(directory, weights, optimizer.state_dict() if optimizer is not None else None, state, extra_tensors)
+
+
+def write_training_state(
+    directory: str | Path,
+    weights: dict[str, dict[str, torch.Tensor]],
+    optimizer_state: dict[str, Any] | None,
+    state: dict[str, Any],
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> None:
+    """Write a checkpoint of tensors already at hand: ``weights`` (``{module: {parameter name:
+    tensor}}``, full, unsharded) and an optimizer ``state_dict()`` (state by parameter index).
+    A sharded run gathers both first (:func:`opdkit.training.fsdp.full_training_state`), so the
+    files are the same whatever the number of processes."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for name, module in modules.items():
-        save_safetensors_atomic(trainable_state_dict(module), directory / f"{name}.safetensors")
+    for name, tensors in weights.items():
+        save_safetensors_atomic(tensors, directory / f"{name}.safetensors")
     for name, tensors in (extra_tensors or {}).items():
         save_safetensors_atomic(tensors, directory / f"{name}.safetensors")
     payload = dict(state)
-    if optimizer is not None:
-        tensors, groups = _flatten_optimizer(optimizer)
+    if optimizer_state is not None:
+        tensors, groups = _flatten_optimizer(optimizer_state)
         save_safetensors_atomic(tensors, directory / "optimizer.safetensors")
         payload["optimizer_param_groups"] = groups
     atomic_write_json(directory / "trainer_state.json", payload)
@@ -79,6 +94,19 @@ def load_training_state(
     optimizer: torch.optim.Optimizer | None,
 ) -> dict[str, Any]:
     """Restore modules (strictly: every saved key must exist) and optimizer; return the JSON state."""
+    weights, optimizer_state, state = read_training_state(directory, modules, with_optimizer=optimizer is not None)
+    for name, module in modules.items():
+        load_module_state(module, weights[name])
+    if optimizer is not None and optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    return state
+
+
+def read_training_state(
+    directory: str | Path, modules: dict[str, torch.nn.Module], *, with_optimizer: bool
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any] | None, dict[str, Any]]:
+    """Read a checkpoint: ``({module: {parameter name: tensor}}, optimizer state_dict or None,
+    JSON state)``, every saved parameter name checked against ``modules``."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -86,25 +114,25 @@ def load_training_state(
     if not state_path.is_file():
         raise OpdkitError(f"{directory}: incomplete checkpoint (no trainer_state.json)")
     state = json.loads(state_path.read_text())
+    weights = {}
     for name, module in modules.items():
         path = directory / f"{name}.safetensors"
         if not path.is_file():
             raise OpdkitError(f"{directory}: checkpoint lacks {path.name}")
-        try:
-            load_module_state(module, load_file(str(path)))
-        except KeyError as exc:
-            raise OpdkitError(f"{path}: keys not in the model: {exc.args[0]}") from None
-    if optimizer is not None:
-        groups = state.pop("optimizer_param_groups", None)
-        if groups is None:
-            raise OpdkitError(f"{state_path}: no optimizer state")
-        tensors = load_file(str(directory / "optimizer.safetensors"))
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, groups))
-    return state
+        weights[name] = load_file(str(path))
+        unknown = sorted(set(weights[name]) - {n for n, _ in module.named_parameters()})
+        if unknown:
+            raise OpdkitError(f"{path}: keys not in the model: {', '.join(unknown[:5])}")
+    groups = state.pop("optimizer_param_groups", None)
+    if not with_optimizer:
+        return weights, None, state
+    if groups is None:
+        raise OpdkitError(f"{state_path}: no optimizer state")
+    tensors = load_file(str(directory / "optimizer.safetensors"))
+    return weights, _unflatten_optimizer(tensors, groups), state
 
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    sd = optimizer.state_dict()
+def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     tensors: dict[str, torch.Tensor] = {}
     for index, per_param in sd["state"].items():
         for key, value in per_param.items():

@@ -241,6 +241,10 @@ class OnPolicyTrainSpec(TrainSpec):
     # recompute the transformer's block activations in the backward pass instead of keeping them
     # (same numbers, less memory, roughly one more forward of time per update)
     gradient_checkpointing: bool = False
+    # full fine-tuning over several processes: shard the transformer's weights, gradients and
+    # AdamW state (and the frozen reference copy) instead of replicating them. Off: replicas are
+    # simplest and fastest while they fit (a LoRA run always fits); one process ignores it
+    fsdp: bool = False
     clip_range: float = Field(default=1e-4, gt=0.0)
     adv_clip: float = Field(default=5.0, gt=0.0)
     kl_scaling: Literal["flow_grpo", "exact"] = "flow_grpo"
@@ -256,6 +260,12 @@ class OnPolicyTrainSpec(TrainSpec):
         if self.micro_batch is not None and images % self.micro_batch:
             raise KeyedValueError(
                 ("micro_batch",), f"{self.micro_batch} must divide the {images} images of a step (batch_size x group_size)"
+            )
+        if self.fsdp and self.lora is not None:
+            raise KeyedValueError(("fsdp",), "shards a full fine-tune; remove train.lora (adapters are small: replicate them)")
+        if self.fsdp and self.precision == "fp16":
+            raise KeyedValueError(
+                ("fsdp",), "fp16's gradient scaler would see one shard of the gradients per process; use precision bf16 or fp32"
             )
         return self
 

@@ -39,6 +39,7 @@ import torch
 
 from opdkit.errors import OpdkitError, first_line, prefixed
 from opdkit.registry import regularizers, routers
+from opdkit.training import fsdp
 from opdkit.training.loop import Optimization, RunContext, Setup, StepResult, summarize
 from opdkit.training.losses import (
     clipped_policy_loss,
@@ -69,6 +70,11 @@ class Opd:
         trainable = self.policy.trainable
         if not trainable.lora and any(t.kind == "lora" for t in self.teachers.values()):
             raise OpdkitError(f"{ctx.loaded.path}: LoRA teachers share the base with a LoRA student; set train.lora")
+        if fsdp.wanted(train, ctx.world) and any(t.kind == "base" for t in self.teachers.values()):
+            raise OpdkitError(
+                f"{ctx.loaded.where('train', 'fsdp')}: a 'base' teacher runs the sharded model only on the processes with "
+                "images routed to it, and a sharded forward needs them all; use a full teacher"
+            )
         self.init_stats: dict[str, Any] = {}
         if recipe.init is not None:
             error = merge_init(ctx.model, trainable, self.teachers, recipe.init, train.lora.rank, train.lora.alpha)

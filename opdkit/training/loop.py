@@ -2,12 +2,14 @@
 
 What the loop owns, written once:
 
-* **set-up**: the seed, the base model, accelerate (DDP; on a machine without CUDA two processes
-  talk gloo), the run directory (refused if it holds a run unless resuming);
+* **set-up**: the seed, the base model, accelerate (data parallel; on a machine without CUDA the
+  processes talk gloo), the run directory (refused if it holds a run unless resuming);
+  ``train.fsdp`` shards the trained modules over the processes (:mod:`opdkit.training.fsdp`);
 * **precision**: ``train.precision`` bf16/fp16 autocasts the forward passes where the device
   supports it, fp16 with a gradient scaler; fp32 master weights always (:func:`autocast_dtype`);
 * **optimisation** (:class:`Optimization`): backward through the scaler, gradients averaged over
-  processes, clipped, AdamW, the EMA after each optimizer step; the learning-rate schedule;
+  processes (by hand, or by FSDP's reduce-scatter), clipped by their global norm, AdamW, the EMA
+  after each optimizer step; the learning-rate schedule;
 * **bookkeeping**: checkpoint and resume (weights, optimizer, EMA, counters), ``metrics.jsonl``,
   TensorBoard, sample grids, the progress bar, the time budget (``train.max_minutes``, decided by
   rank 0 for everyone), a divergence check;
@@ -28,7 +30,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -36,6 +38,7 @@ import torch
 
 from opdkit.errors import OpdkitError
 from opdkit.rundir import RunDir, append_jsonl, read_jsonl, rewrite_jsonl
+from opdkit.training import fsdp
 from opdkit.training.trainable import EMA, parameters_sha256
 
 if TYPE_CHECKING:
@@ -97,11 +100,14 @@ class RunContext:
 @dataclass
 class Setup:
     """What a method trains. ``modules`` are checkpointed by name (their parameters that require
-    grad); ``names`` and ``params`` are what the optimizer and the EMA see, aligned."""
+    grad); ``names`` and ``params`` are what the optimizer and the EMA see, aligned. ``frozen``:
+    modules the steps run without grad on every process alike (the reference copy), sharded with
+    the trained ones under ``train.fsdp``, which also refills ``params`` in place."""
 
     modules: dict[str, torch.nn.Module]
     names: list[str]
     params: list[torch.nn.Parameter]
+    frozen: list[torch.nn.Module] = field(default_factory=list)
 
 
 @dataclass
@@ -185,7 +191,8 @@ class Optimization:
     :meth:`backward` accumulates a loss's gradient (scaled for fp16); :meth:`step` averages the
     gradients over processes, unscales and clips them (``train.max_grad_norm``), steps AdamW,
     clears the gradients and folds the weights into the EMA. ``steps`` counts optimizer steps
-    over the whole run (GRPO and OPD take several per training step).
+    over the whole run (GRPO and OPD take several per training step). ``sharded``: the
+    parameters are FSDP shards, whose backward has averaged the gradients already.
     """
 
     params: list[torch.nn.Parameter]
@@ -195,15 +202,19 @@ class Optimization:
     max_grad_norm: float | None
     world: int
     steps: int = 0
+    sharded: bool = False
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
     def step(self) -> torch.Tensor:
         """One optimizer step; returns the gradient norm before clipping, shape (1,)."""
-        average_gradients(self.params, self.world)
+        if not self.sharded:
+            average_gradients(self.params, self.world)
         self.scaler.unscale_(self.optimizer)
-        if self.max_grad_norm is not None:
+        if self.sharded:  # the norm over every process's shards
+            norm = fsdp.gradient_norm(self.params, self.max_grad_norm)
+        elif self.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         else:
             norm = torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
@@ -224,11 +235,17 @@ class Optimization:
 MAX_ABS_WEIGHT = 1e4
 
 
-def check_weights(params: Sequence[torch.Tensor], step: int, lr: float, where: Any) -> None:
-    """Stop a run whose trained weights became non-finite or absurdly large, naming the step."""
+def check_weights(
+    params: Sequence[torch.Tensor], step: int, lr: float, where: Any, sharded: torch.device | None = None
+) -> None:
+    """Stop a run whose trained weights became non-finite or absurdly large, naming the step.
+    ``sharded``: the device of FSDP-sharded ``params`` (every process then checks every shard)."""
     with torch.no_grad():  # one device sync, not one per tensor
-        maxima = [p.detach().abs().max().float() for p in params if p.numel()]
-        largest = float(torch.stack(maxima).max()) if maxima else 0.0
+        if sharded is not None:
+            largest = fsdp.largest_abs(params, sharded)
+        else:
+            maxima = [p.detach().abs().max().float() for p in params if p.numel()]
+            largest = float(torch.stack(maxima).max()) if maxima else 0.0
     if not math.isfinite(largest) or largest > MAX_ABS_WEIGHT:
         raise OpdkitError(
             f"{where}: the trained weights diverged at step {step} (max |w| {largest:.3g}); lower train.lr "
@@ -286,10 +303,13 @@ def run(
     ctx.precision = autocast_dtype(train.precision, ctx.device)
 
     setup = method.setup(ctx)
+    sharded = fsdp.wanted(train, ctx.world)
+    if sharded:  # before the optimizer and the EMA see the parameters
+        fsdp.shard(setup, ctx.device)
     optimizer = torch.optim.AdamW(setup.params, lr=train.lr, weight_decay=train.weight_decay)
     ema = EMA(setup.names, setup.params, train.ema.decay, train.ema.every, train.ema.warmup) if train.ema else None
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.precision == torch.float16)
-    optim = Optimization(setup.params, optimizer, scaler, ema, train.max_grad_norm, ctx.world)
+    optim = Optimization(setup.params, optimizer, scaler, ema, train.max_grad_norm, ctx.world, sharded=sharded)
     start, elapsed_before = restore(ctx, setup, optim, resume=resume)
     rank_log = rundir.root / "ranks" / f"rank_{ctx.rank}.jsonl" if ctx.world > 1 else None
     if rank_log is not None:
@@ -298,8 +318,9 @@ def run(
     step = _train_steps(method, ctx, setup, optim, start, elapsed_before, rank_log)
 
     final = method.finish(ctx, optim, step)
-    if rank_log is not None:
-        append_jsonl(rank_log, {"step": step, "weights_sha256": parameters_sha256(setup.params)})
+    if rank_log is not None:  # of the full weights (gathered where sharded)
+        weights = fsdp.gathered(dict(zip(setup.names, setup.params, strict=True)))
+        append_jsonl(rank_log, {"step": step, "weights_sha256": parameters_sha256(list(weights.values()))})
     accelerator.wait_for_everyone()
     if evaluate and recipe.eval.benchmarks and ctx.main:
         from opdkit.runs import is_run_dir
@@ -335,7 +356,7 @@ def _train_steps(
             record = {"step": step, **result.record, "lr": lr, "seconds": round(elapsed, 3)}
             if not math.isfinite(record["loss"]):
                 raise OpdkitError(f"{loaded.path}: loss became {record['loss']} at step {step}; lower train.lr")
-            check_weights(setup.params, step, train.lr, loaded.path)
+            check_weights(setup.params, step, train.lr, loaded.path, ctx.device if optim.sharded else None)
             if rank_log is not None and result.drawn is not None:
                 append_jsonl(rank_log, {"step": step, "prompt_indices": result.drawn.indices, "seeds": result.drawn.seeds})
             if ctx.main:
@@ -393,14 +414,25 @@ def _legacy_recipe(path: Path) -> dict[str, Any]:
 
 
 def save_checkpoint(ctx: RunContext, setup: Setup, optim: Optimization, *, step: int, elapsed: float) -> None:
-    """Rank 0 writes a complete checkpoint (weights, optimizer, EMA, counters) atomically; all ranks sync."""
-    if ctx.main:
-        from opdkit.checkpoint import save_training_state
+    """Rank 0 writes a complete checkpoint (weights, optimizer, EMA, counters) atomically; all ranks
+    sync. Sharded, every rank first helps gather the full state: the files do not depend on the
+    number of processes, so a run resumes on any."""
+    from opdkit.checkpoint import trainable_state_dict, write_training_state
 
-        save_training_state(
-            ctx.rundir.checkpoint_dir(step), setup.modules, optim.optimizer,
+    if not (ctx.main or optim.sharded):
+        ctx.accelerator.wait_for_everyone()
+        return
+    if optim.sharded:
+        weights, optimizer_state = fsdp.full_training_state(setup.modules, optim.optimizer)
+    else:
+        weights = {name: trainable_state_dict(module) for name, module in setup.modules.items()}
+        optimizer_state = optim.optimizer.state_dict()
+    ema = fsdp.gathered(optim.ema.state_dict()) if optim.ema is not None else None
+    if ctx.main:
+        write_training_state(
+            ctx.rundir.checkpoint_dir(step), weights, optimizer_state,
             {"step": step, "elapsed_s": elapsed, "optimizer_steps": optim.steps},
-            extra_tensors={"ema": optim.ema.state_dict()} if optim.ema is not None else None,
+            extra_tensors={"ema": ema} if ema is not None else None,
         )  # fmt: skip
         ctx.rundir.commit_checkpoint(step, keep=ctx.train.keep_checkpoints)
     ctx.accelerator.wait_for_everyone()
@@ -410,14 +442,18 @@ def restore(ctx: RunContext, setup: Setup, optim: Optimization, *, resume: bool)
     """Load the last checkpoint when resuming and cut the metrics back to its step, so that a
     resumed run appends exactly what an uninterrupted one would have written. Returns (step,
     elapsed seconds); (0, 0.0) for a fresh run."""
-    from opdkit.checkpoint import load_training_state
+    from opdkit.checkpoint import load_training_state, read_training_state
 
     latest = ctx.rundir.latest()
     if not (resume and latest is not None):
         if resume and ctx.main:  # killed before its first checkpoint: start over, metrics too
             ctx.rundir.truncate_metrics(0)
         return 0, 0.0
-    state = load_training_state(latest[1], setup.modules, optim.optimizer)
+    if optim.sharded:  # every rank reads the full state and keeps its shard
+        weights, optimizer_state, state = read_training_state(latest[1], setup.modules, with_optimizer=True)
+        fsdp.load_full_training_state(setup.modules, weights, optim.optimizer, optimizer_state)
+    else:
+        state = load_training_state(latest[1], setup.modules, optim.optimizer)
     step = int(state["step"])
     # checkpoints of one optimizer step per training step may predate the counter
     optim.steps = int(state.get("optimizer_steps", step))

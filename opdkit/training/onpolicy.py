@@ -24,6 +24,7 @@ import torch
 
 from opdkit.errors import OpdkitError
 from opdkit.rundir import atomic_write_json, save_safetensors_atomic
+from opdkit.training.fsdp import gathered
 from opdkit.training.loop import Optimization, RunContext, Setup
 from opdkit.training.rollout import Rollout, StepPrompts, rollout, shared_noise_seeds, step_prompts
 from opdkit.training.trainable import ADAPTER, Trainable, setup_trainable
@@ -79,7 +80,8 @@ class OnPolicy:
         return cls(trainable, local, micro)
 
     def setup(self, ctx: RunContext) -> Setup:
-        return Setup({"transformer": ctx.model.transformer}, self.trainable.names, self.trainable.params)
+        frozen = [self.trainable.frozen] if self.trainable.frozen is not None else []
+        return Setup({"transformer": ctx.model.transformer}, self.trainable.names, self.trainable.params, frozen)
 
     def rollout(self, ctx: RunContext, records: list[dict[str, Any]], step: int, *, decode: bool = True) -> tuple[StepPrompts, Rollout]:
         """Step ``step``'s prompts for this rank and their SDE samples (no grad, in ``eval`` mode)."""
@@ -106,8 +108,8 @@ class OnPolicy:
 
     def finish(self, ctx: RunContext, optim: Optimization, step: int) -> Path:
         final = ctx.rundir.root / "final"
-        if ctx.main:
-            save_final(ctx.model, self.trainable, optim.ema, final, step)
+        if ctx.main or optim.sharded:  # sharded weights are gathered by every process
+            save_final(ctx.model, self.trainable, optim.ema, final, step, write=ctx.main)
         return final
 
 
@@ -179,23 +181,29 @@ def save_rollout_grid(batch: Rollout, scores: torch.Tensor, group_size: int, pat
     save_grid(pixels, captions, path, cols=cols)
 
 
-def save_final(model: Any, trainable: Trainable, ema: Any, final: Path, step: int) -> None:
+def save_final(model: Any, trainable: Trainable, ema: Any, final: Path, step: int, write: bool = True) -> None:
     """Write ``final/`` (read by :mod:`opdkit.runs`): ``lora.safetensors`` or
     ``transformer.safetensors`` (EMA weights when present; the raw ones as ``*_online``) and
-    ``final.json``."""
-    final.mkdir(parents=True, exist_ok=True)
+    ``final.json``. Under ``train.fsdp`` every process calls it to gather the full weights and
+    only the one with ``write`` writes."""
+    if write:
+        final.mkdir(parents=True, exist_ok=True)
 
-    def write(suffix: str) -> None:
+    def save(suffix: str) -> None:
         if trainable.lora:
-            model.save_lora(ADAPTER, final / f"lora{suffix}.safetensors")  # written atomically
-        else:
-            save_safetensors_atomic(trainable.state_dict(), final / f"transformer{suffix}.safetensors")
+            if write:
+                model.save_lora(ADAPTER, final / f"lora{suffix}.safetensors")  # written atomically
+            return
+        tensors = gathered(trainable.state_dict())
+        if write:
+            save_safetensors_atomic(tensors, final / f"transformer{suffix}.safetensors")
 
     if ema is not None:
-        write("_online")
+        save("_online")
     with ema.applied(trainable.params) if ema is not None else contextlib.nullcontext():
-        write("")
-    atomic_write_json(
-        final / "final.json",
-        {"kind": "lora" if trainable.lora else "full", "step": step, "ema": ema is not None, "adapter": ADAPTER},
-    )
+        save("")
+    if write:
+        atomic_write_json(
+            final / "final.json",
+            {"kind": "lora" if trainable.lora else "full", "step": step, "ema": ema is not None, "adapter": ADAPTER},
+        )

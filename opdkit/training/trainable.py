@@ -150,10 +150,11 @@ class EMA:
         missing = [n for n in self.names if n not in state]
         if missing:
             raise OpdkitError(f"EMA state lacks {len(missing)} parameters (first: {missing[0]})")
-        # onto the device of the weights (a checkpoint loads on the CPU; training may run on a GPU)
-        self.shadow = [
-            state[n].detach().float().to(old.device, copy=True) for n, old in zip(self.names, self.shadow, strict=True)
-        ]
+        from opdkit.training.fsdp import placed_like
+
+        # onto the device of the weights (a checkpoint loads on the CPU; training may run on a GPU),
+        # sharded as they are under train.fsdp
+        self.shadow = [placed_like(state[n].detach().float(), old) for n, old in zip(self.names, self.shadow, strict=True)]
 
     @contextlib.contextmanager
     @torch.no_grad()
