@@ -594,6 +594,13 @@ def dump_recipe(recipe: AnyRecipe) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def read_yaml_file(path: Path) -> tuple[dict[str, Any], dict[tuple[str | int, ...], int]]:
+    """A YAML mapping read with ``yaml.safe_load`` (size-checked, duplicate keys refused) and the
+    1-based line of every key path, for one-line errors ``FILE:LINE: key.path: ...`` (study files
+    use it too)."""
+    return _parse_yaml(_read_text(path), path)
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
