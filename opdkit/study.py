@@ -168,6 +168,8 @@ class LoadedStudy:
     out: Path
     rows: list[Row]
     overrides: list[str] = field(default_factory=list)
+    # weight fingerprints and built benchmarks, computed once per invocation (see _fingerprint)
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def results_dir(self) -> Path:
@@ -202,7 +204,7 @@ def load_study(
     from opdkit.recipe import read_yaml_file, resolve_recipe_path
 
     path = resolve_recipe_path(path)
-    data, lines = read_yaml_file(path)
+    data, lines = read_yaml_file(path, "a study")
 
     def where(loc: tuple[str | int, ...]) -> str:
         for n in range(len(loc), -1, -1):
@@ -213,7 +215,7 @@ def load_study(
     try:
         spec = Study.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError("\n".join(_format_error(err, where) for err in exc.errors())) from None
+        raise RecipeError("\n".join(_problems(exc, where))) from None
     problems = _check_benchmarks(spec, where)
     if problems:
         raise RecipeError("\n".join(problems))
@@ -279,6 +281,26 @@ def _check_benchmarks(spec: Study, where: Callable[[tuple[str | int, ...]], str]
     return problems
 
 
+def _problems(exc: ValidationError, where: Callable[[tuple[str | int, ...]], str]) -> list[str]:
+    """One line per key: a value that fits no member of a union (``bench: 5``) fails once per
+    member, and those failures become one line naming every type it could have been."""
+    by_key: dict[str, list[str]] = {}
+    for err in exc.errors():
+        line = _format_error(err, where)
+        by_key.setdefault(line.split(": ", 2)[1] if line.count(": ") >= 2 else line, []).append(line)
+    problems = []
+    for lines in by_key.values():
+        kinds = [m.group(1) for line in lines if (m := re.search(r"Input should be a valid (\w+)", line))]
+        if len(lines) > 1 and len(kinds) == len(lines):
+            lines = [
+                re.sub(
+                    r"Input should be a valid \w+", "Input should be a valid " + " or ".join(kinds), lines[0]
+                )
+            ]
+        problems.extend(lines)
+    return problems
+
+
 def _format_error(err: Any, where: Callable[[tuple[str | int, ...]], str]) -> str:
     """One pydantic error as ``FILE:LINE: key.path: what was expected``."""
     loc = tuple(
@@ -328,8 +350,9 @@ class TrainState:
     step: int = 0
 
 
-def train_state(row: Row) -> TrainState:
-    """How far the row's run folder got; refuses a folder holding a run of another recipe.
+def train_state(study: LoadedStudy, row: Row) -> TrainState:
+    """How far the row's run folder got. Refuses a folder holding a run of another recipe, or of
+    other base weights (a committed base that changed since): its numbers would not be the row's.
 
     Finished means ``final/`` is written and the run reached ``train.max_steps`` or its
     ``train.max_minutes`` (a run cut by its time budget is finished: resuming it would add a step).
@@ -341,15 +364,20 @@ def train_state(row: Row) -> TrainState:
     rundir = RunDir(row.run_dir)
     if not rundir.run_files():
         return TrainState("missing")
-    info = rundir.read_info()
-    if info and isinstance(info.get("recipe"), dict):
+    info = rundir.read_info() or {}
+    if isinstance(info.get("recipe"), dict):
         fixed = fixed_changes(info["recipe"], row.loaded.recipe.model_dump(mode="json"))
         if fixed:
             shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(fixed.items())[:3])
             raise OpdkitError(
-                f"{row.run_dir}: holds a run of another recipe than row {row.name!r} ({shown}); "
-                "delete that folder to retrain the row, or pass another --out"
+                f"{row.run_dir}: holds a run of another recipe than row {row.name!r} ({shown}); {_REDO}"
             )
+    base = info.get("base_weights")
+    if base is not None and base != _base_weights(study, row):
+        raise OpdkitError(
+            f"{row.run_dir}: was trained on other base weights ({base}) than row {row.name!r}'s recipe loads now "
+            f"({_base_weights(study, row)}); {_REDO}"
+        )
     train = row.loaded.recipe.train
     latest = rundir.latest()
     if is_run_dir(row.run_dir):
@@ -357,6 +385,9 @@ def train_state(row: Row) -> TrainState:
         if step >= train.max_steps or _out_of_time(latest, train.max_minutes):
             return TrainState("finished", step)
     return TrainState("partial", latest[0] if latest is not None else 0)
+
+
+_REDO = "delete that folder to train the row again, or pass another --out"
 
 
 def _out_of_time(latest: tuple[int, Path] | None, max_minutes: float | None) -> bool:
@@ -369,31 +400,70 @@ def _out_of_time(latest: tuple[int, Path] | None, max_minutes: float | None) -> 
     return float(state.get("elapsed_s", 0.0)) >= 60.0 * max_minutes
 
 
-def results_current(study: LoadedStudy, row: str, bench: str) -> bool:
-    """``OUT/results/ROW/BENCH.json`` exists and was made with the study's eval settings."""
+def _fingerprint(study: LoadedStudy, key: str, build: Callable[[], Any]) -> str:
+    if key not in study.cache:
+        model = build()
+        study.cache[key] = model.base_fingerprint() if hasattr(model, "base_fingerprint") else "unknown"
+    return str(study.cache[key])
+
+
+def _base_weights(study: LoadedStudy, row: Row) -> str:
+    """The fingerprint of the base a recipe row trains on (what ``run.json`` records)."""
+    from opdkit.registry import models
+
+    assert row.loaded is not None
+    spec = row.loaded.recipe.model
+    key = "base:" + json.dumps([spec.type, spec.builder_params()], sort_keys=True, default=str)
+    return _fingerprint(study, key, lambda: models.build(spec.type, spec.builder_params()))
+
+
+def _eval_weights(study: LoadedStudy, row: Row) -> str:
+    """The fingerprint of the weights the eval runner loads for a row (what its settings record)."""
+    from opdkit.eval.runner import resolve_model
+
+    return _fingerprint(study, f"eval:{row.model}", lambda: resolve_model(row.model)[0])
+
+
+def results_state(study: LoadedStudy, row: Row, bench: str) -> str:
+    """``current`` (``OUT/results/ROW/BENCH.json`` made with the study's settings from the row's
+    weights), ``missing``, ``partial`` (resumable: same settings, summary absent or of another
+    limit) or ``stale`` (other settings or other weights: to be deleted and made again)."""
+    from opdkit.eval.runner import eval_settings
+    from opdkit.registry import benchmarks
+
     ev = study.spec.eval
-    root = study.results_dir / row
+    root = study.results_dir / row.name
+    settings = _read_json(root / f"{bench}.settings.json")
+    if settings is None:
+        return "missing"
+    key = f"bench:{bench}"
+    if key not in study.cache:
+        study.cache[key] = benchmarks.build(bench, dict(ev.params))
+    expected = eval_settings(study.cache[key], _eval_weights(study, row), samples=ev.samples_per_prompt,
+                             seed=ev.seed, steps=ev.steps)  # fmt: skip
+    if settings != expected:
+        return "stale"
+    summary = _read_json(root / f"{bench}.json")
+    return "current" if summary is not None and summary.get("limit") == ev.limit else "partial"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        summary = json.loads((root / f"{bench}.json").read_text(encoding="utf-8"))
-        settings = json.loads((root / f"{bench}.settings.json").read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    if not isinstance(summary, dict) or not isinstance(settings, dict):
-        return False
-    steps_ok = ev.steps is None or settings.get("steps") == ev.steps
-    return (summary.get("limit") == ev.limit and settings.get("seed") == ev.seed
-            and settings.get("samples_per_prompt") == ev.samples_per_prompt and steps_ok)  # fmt: skip
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def plan_lines(study: LoadedStudy) -> list[str]:
-    """What :func:`run_study` would do, one line per row, without running anything."""
+    """What :func:`run_study` would do, one line per row, without training or evaluating."""
     lines = []
     for row in study.rows:
         retrain = False
         if row.loaded is None:
             train = f"model {row.model}: nothing to train"
         else:
-            state = train_state(row)
+            state = train_state(study, row)
             retrain = state.status != "finished"
             train = {
                 "missing": f"train {row.spec.recipe} into {row.run_dir}",
@@ -402,8 +472,13 @@ def plan_lines(study: LoadedStudy) -> list[str]:
             }[state.status]
             if retrain and (study.results_dir / row.name).exists():
                 train += f"; remove the old results {study.results_dir / row.name}"
-        todo = [b for b in study.spec.benchmarks if retrain or not results_current(study, row.name, b)]
-        done = [b for b in study.spec.benchmarks if b not in todo]
+        states = {b: "retrain" if retrain else results_state(study, row, b) for b in study.spec.benchmarks}
+        todo = [
+            f"{b}" + (" (again: other settings or weights)" if s == "stale" else "")
+            for b, s in states.items()
+            if s != "current"
+        ]
+        done = [b for b, s in states.items() if s == "current"]
         evals = f"evaluate {', '.join(todo)}" if todo else "no eval"
         lines.append(
             f"{row.name}: {train}; {evals}" + (f" (results present: {', '.join(done)})" if done else "")
@@ -419,18 +494,19 @@ def plan_lines(study: LoadedStudy) -> list[str]:
 
 
 def run_study(study: LoadedStudy, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train what is missing, evaluate what has no results, compare; returns the table as data
-    (also written as ``OUT/table.json`` and ``OUT/table.md``)."""
+    """Train what is missing, evaluate what has no current results, compare; returns the table as
+    data (also written as ``OUT/table.json`` and ``OUT/table.md``)."""
     t0 = time.perf_counter()
     timings: list[dict[str, Any]] = []
     for n, row in enumerate(study.rows, start=1):
+        label = f"[{n}/{len(study.rows)}] {row.name}"
         t_row = time.perf_counter()
-        trained = _train_row(study, row, echo, f"[{n}/{len(study.rows)}] {row.name}")
+        trained = _train_row(study, row, echo, label)
         t_eval = time.perf_counter()
-        evaluated = _evaluate_row(study, row)
+        evaluated = _evaluate_row(study, row, echo, label)
         seconds = time.perf_counter() - t_row
         what = f"evaluated {', '.join(evaluated)}" if evaluated else "results present"
-        echo(f"[{n}/{len(study.rows)}] {row.name}: {trained['what']}; {what} ({_clock(seconds)})")
+        echo(f"{label}: {trained['what']}; {what} ({_clock(seconds)})")
         timings.append({"row": row.name, "train": trained, "evaluated": evaluated,
                         "train_seconds": round(t_eval - t_row, 2), "eval_seconds": round(time.perf_counter() - t_eval, 2)})  # fmt: skip
     table = build_table(study)
@@ -449,32 +525,37 @@ def _train_row(study: LoadedStudy, row: Row, echo: Callable[[str], None], label:
 
     if row.loaded is None:
         return {"status": "model", "what": f"model {row.model}"}
-    state = train_state(row)
+    state = train_state(study, row)
     if state.status == "finished":
         return {"status": "finished", "step": state.step, "what": f"trained (step {state.step})"}
     stale = study.results_dir / row.name
     if stale.exists():  # results of other weights of this row: they would not pair with the new ones
         echo(f"{label}: removing {stale} (results of earlier weights)")
         shutil.rmtree(stale)
-    echo(
-        f"{label}: {'resuming from step ' + str(state.step) if state.status == 'partial' else 'training'} into {row.run_dir}"
-    )
+    doing = f"resuming from step {state.step}" if state.status == "partial" else "training"
+    echo(f"{label}: {doing} into {row.run_dir}")
     assert row.run_dir is not None
     train(row.loaded, row.run_dir, resume=state.status == "partial", evaluate=False)
-    after = train_state(row)
+    study.cache.pop(f"eval:{row.model}", None)  # new final weights
+    after = train_state(study, row)
     verb = "resumed" if state.status == "partial" else "trained"
     return {"status": verb, "step": after.step, "what": f"{verb} to step {after.step}"}
 
 
-def _evaluate_row(study: LoadedStudy, row: Row) -> list[str]:
-    """Evaluate the row on every benchmark whose results are not current; returns those benchmarks."""
-    from opdkit.eval.runner import run_eval
+def _evaluate_row(study: LoadedStudy, row: Row, echo: Callable[[str], None], label: str) -> list[str]:
+    """Evaluate the row on every benchmark whose results are not current (stale ones are deleted
+    first; partial ones resume); returns those benchmarks."""
+    from opdkit.eval.runner import remove_results, run_eval
 
     ev = study.spec.eval
     done = []
     for bench in study.spec.benchmarks:
-        if results_current(study, row.name, bench):
+        state = results_state(study, row, bench)
+        if state == "current":
             continue
+        if state == "stale":
+            echo(f"{label}: {bench} results were made with other settings or weights; evaluating again")
+            remove_results(study.results_dir / row.name, bench)
         run_eval(bench=bench, model=row.model, out_dir=study.results_dir, samples=ev.samples_per_prompt, limit=ev.limit,
                  seed=ev.seed, steps=ev.steps, batch_size=ev.batch_size, name=row.name, bench_params=dict(ev.params))  # fmt: skip
         done.append(bench)

@@ -243,6 +243,38 @@ def test_a_partial_run_is_resumed_and_its_old_results_go(
     ]  # fmt: skip
 
 
+def test_results_of_other_weights_are_made_again(
+    first_run: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model row now naming other weights (a committed base that changed, say) is evaluated
+    again; the rows trained on the base the recipes name are left alone."""
+    from opdkit.models.shapes import ShapesModelConfig, build_shapes_pipeline, shapes_vocabulary
+    from opdkit.study import load_study, plan_lines, run_study
+
+    config = ShapesModelConfig(
+        patch_size=4, num_layers=1, num_heads=2, head_dim=8, text_hidden_size=16, text_projection_dim=16
+    )
+    other = build_shapes_pipeline(tmp_path / "other", shapes_vocabulary(), config, seed=1)
+    data = yaml.safe_load(first_run["study"].read_text())
+    data["rows"][0]["model"] = str(other)
+    changed = tmp_path / "study.yaml"
+    changed.write_text(yaml.safe_dump(data, sort_keys=False))
+    study = load_study(changed, out=first_run["out"])
+    assert (
+        plan_lines(study)[0].startswith("base: model ")
+        and "evaluate shapes-geneval (again: other settings or weights)" in plan_lines(study)[0]
+    )
+    assert all("no eval" in line for line in plan_lines(study)[1:-1])
+    calls: list[tuple[str, str]] = []
+    _forbid(monkeypatch, calls)
+    lines: list[str] = []
+    run_study(study, echo=lines.append)
+    assert calls == [("base", bench) for bench in data["benchmarks"]]
+    assert any("results were made with other settings or weights" in line for line in lines)
+    summary = json.loads((first_run["out"] / "results" / "base" / "shapes-ocr.json").read_text())
+    assert summary["model_source"] == str(other)
+
+
 def test_a_changed_recipe_is_refused_not_mixed(first_run: dict[str, Any]) -> None:
     from opdkit.study import load_study, run_study
 
@@ -304,6 +336,11 @@ def test_the_shipped_study_validates() -> None:
             r"rows.6 \(opd_no_mar\): teachers.nope: the recipe has no teacher 'nope'",
         ),
         (lambda d: d["rows"][0].update(name="a/b"), r"rows.0.name: 'a/b': a row name is one folder name"),
+        (
+            lambda d: d["comparisons"][1].update(bench=5),
+            r"comparisons.1.bench: Input should be a valid string or list \(got 5\)",
+        ),
+        (lambda d: d["rows"].append(dict(d["rows"][0])), r"study.yaml:\d+: rows.7.name: 'base' is repeated"),
         (lambda d: d.update(benchmarks=["nope-bench"]), r"study.yaml:\d+: benchmarks.0: "),
     ],
 )
