@@ -261,11 +261,34 @@ def compare(
     print_differences(compare_models(results_dir, model_a, model_b, bench or None), model_a, model_b)
 
 
+@app.command()
+@user_errors
+def study(
+    study_file: Annotated[str, typer.Argument(help="Study file (YAML) or a shipped one such as shapes/study.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Runs, results and the table go here (default: studies/<file name>).")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="Override a key of every trained row's recipe: --set train.max_steps=2 (repeatable)."),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be trained, evaluated and skipped; run nothing.")] = False,
+) -> None:
+    """Train a study's missing rows, evaluate every row, print and write the table with paired SEs."""
+    from opdkit.study import load_study, plan_lines, run_study
+
+    loaded = load_study(study_file, set_ or [], out)
+    console = _console()
+    if dry_run:
+        for line in plan_lines(loaded):
+            console.print(line, markup=False)
+        return
+    run_study(loaded, echo=lambda line: console.print(line, markup=False))
+
+
 @app.command("list")
 @user_errors
 def list_(
     kind: Annotated[
-        str | None, typer.Argument(help="One of: reward, teacher, router, regularizer, benchmark, model, recipe.")
+        str | None, typer.Argument(help="One of: reward, teacher, router, regularizer, benchmark, model, recipe (recipes and study files).")
     ] = None,
 ) -> None:
     """List registered plug-ins (and shipped recipes) with where they come from."""
@@ -320,6 +343,12 @@ def validate(
     failed = False
     for recipe in recipes:
         try:
+            if _is_study(recipe):  # a study file: its rows' recipes are checked too
+                from opdkit.study import load_study
+
+                checked = load_study(recipe, set_ or [])
+                console.print(f"[green]ok[/] {_plain(checked.path)} (study, {len(checked.rows)} rows)")
+                continue
             loaded = load_recipe(recipe, set_ or [])
         except OpdkitError as exc:
             failed = True
@@ -329,6 +358,16 @@ def validate(
         console.print(f"[green]ok[/] {_plain(loaded.path)} ({loaded.recipe.method})")
     if failed:
         raise typer.Exit(1)
+
+
+def _is_study(name: str) -> bool:
+    from opdkit.recipe import resolve_recipe_path
+    from opdkit.study import is_study_file
+
+    try:
+        return is_study_file(resolve_recipe_path(name))
+    except OpdkitError:
+        return False
 
 
 @app.callback()

@@ -606,6 +606,13 @@ def dump_recipe(recipe: AnyRecipe) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def read_yaml_file(path: Path, what: str = "a recipe") -> tuple[dict[str, Any], dict[tuple[str | int, ...], int]]:
+    """A YAML mapping read with ``yaml.safe_load`` (size-checked, duplicate keys refused) and the
+    1-based line of every key path, for one-line errors ``FILE:LINE: key.path: ...`` (study files
+    use it too; ``what`` names the kind of file in the error for a document that is no mapping)."""
+    return _parse_yaml(_read_text(path), path, what)
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -613,7 +620,7 @@ def _read_text(path: Path) -> str:
         raise RecipeError(f"{path}: cannot read recipe: {exc}") from None
 
 
-def _parse_yaml(text: str, path: Path) -> tuple[dict[str, Any], dict[tuple[str | int, ...], int]]:
+def _parse_yaml(text: str, path: Path, what: str = "a recipe") -> tuple[dict[str, Any], dict[tuple[str | int, ...], int]]:
     """Parse with ``yaml.safe_load`` and record the 1-based line of every key path."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -627,7 +634,7 @@ def _parse_yaml(text: str, path: Path) -> tuple[dict[str, Any], dict[tuple[str |
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise RecipeError(f"{path}{line}: invalid YAML: {problem}") from None
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}:1: a recipe must be a YAML mapping of sections, got {type(data).__name__}")
+        raise RecipeError(f"{path}:1: {what} must be a YAML mapping of sections, got {type(data).__name__}")
     lines: dict[tuple[str | int, ...], int] = {}
 
     def walk(n: yaml.Node, loc: tuple[str | int, ...]) -> None:

@@ -211,6 +211,11 @@ def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
+def fixed_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The :func:`recipe_changes` that a resumed run refuses: every key but :data:`EXTENDING_KEYS`."""
+    return {k: v for k, v in recipe_changes(old, new).items() if not _extends(k)}
+
+
 def recipe_fingerprint(recipe: dict[str, Any]) -> str:
     """SHA-256 of a resolved recipe without the keys that only extend or observe a run."""
     import hashlib
@@ -276,7 +281,7 @@ class RunDir:
         if old_recipe is None:
             return {"event": "created", "base": base}
         changed = recipe_changes(old_recipe, recipe)
-        fixed = {k: v for k, v in changed.items() if not _extends(k)}
+        fixed = fixed_changes(old_recipe, recipe)
         if fixed:
             shown = "; ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in sorted(fixed.items()))
             raise OpdkitError(

@@ -153,21 +153,9 @@ def run_eval(
     check_world(benchmark, flow_model.world, model_name)
 
     records = benchmark.prompts[:limit] if limit is not None else benchmark.prompts
-    n_samples = samples or benchmark.samples_per_prompt
-    sampler = dict(benchmark.sampler)
-    settings = {
-        "bench": benchmark.name,
-        "seed": seed,
-        "samples_per_prompt": n_samples,
-        "steps": steps or sampler.get("steps", 40),
-        "cfg": cfg if cfg is not None else benchmark_cfg(flow_model, sampler),
-        "resolution": sampler.get("resolution", 512),
-        "shift": sampler.get("shift"),
-        "protocol": benchmark.protocol,
-        # results are kept per model *name*: retrained weights under the same name must not
-        # resume from, or be mixed with, the images of the old weights
-        "weights": flow_model.base_fingerprint(),
-    }
+    if cfg is None:  # a guidance-distilled model (FLUX.1-dev) samples with CFG 1 by default
+        cfg = benchmark_cfg(flow_model, dict(benchmark.sampler))
+    settings = eval_settings(benchmark, flow_model.base_fingerprint(), samples=samples, seed=seed, steps=steps, cfg=cfg)
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise OpdkitError(f"{out_dir}: --out is a file, not a folder")
     root = Path(out_dir) / model_name
@@ -175,6 +163,38 @@ def run_eval(
     with results_lock(root), naming_path(root):
         return _run_locked(root, benchmark, flow_model, model, model_name, records, settings, limit, seed,
                            batch_size)
+
+
+def eval_settings(benchmark: Benchmark, weights: str, *, samples: int | None = None, seed: int = 0,
+                  steps: int | None = None, cfg: float | None = None) -> dict[str, Any]:  # fmt: skip
+    """The generation settings of an eval (``<bench>.settings.json``); a resumed eval must match them.
+
+    ``weights`` is the model's :meth:`base_fingerprint`; None options take the benchmark's defaults.
+    """
+    sampler = dict(benchmark.sampler)
+    return {
+        "bench": benchmark.name,
+        "seed": seed,
+        "samples_per_prompt": samples or benchmark.samples_per_prompt,
+        "steps": steps or sampler.get("steps", 40),
+        "cfg": cfg if cfg is not None else sampler.get("cfg", 4.5),
+        "resolution": sampler.get("resolution", 512),
+        "shift": sampler.get("shift"),
+        "protocol": benchmark.protocol,
+        # results are kept per model *name*: retrained weights under the same name must not
+        # resume from, or be mixed with, the images of the old weights
+        "weights": weights,
+    }
+
+
+def remove_results(root: Path, bench: str) -> None:
+    """Delete one benchmark's results of one model folder (summary, rows, settings, grid, images)."""
+    import shutil
+
+    for name in (f"{bench}.json", f"{bench}.jsonl", f"{bench}.settings.json", f"{bench}.grid.png"):
+        (root / name).unlink(missing_ok=True)
+    if (root / bench).is_dir():
+        shutil.rmtree(root / bench)
 
 
 def _run_locked(root: Path, benchmark: Benchmark, flow_model: FlowModel, model: str, model_name: str,

@@ -1,0 +1,671 @@
+"""``opdkit study``: a results table in one command, from a study file.
+
+A study file (YAML, e.g. ``recipes/shapes/study.yaml``) names the table's rows, its benchmark
+columns, how every row is evaluated and which differences to report::
+
+    benchmarks: [shapes-geneval, shapes-ocr]
+    eval: {samples_per_prompt: 4}
+    rows:
+      - {name: base, model: shapes-base}                  # a model as it is: evaluated only
+      - {name: teacher, recipe: shapes/grpo_ocr}          # trained by the study, then evaluated
+      - name: student
+        recipe: shapes/opd
+        set: {regularizers: []}                           # --set overrides of this row
+        teachers: {ocr: teacher}                          # the recipe's teacher `ocr` is row `teacher`
+    comparisons:
+      - {a: teacher, b: base, bench: shapes-ocr}
+
+Under ``--out OUT`` a recipe row trains into ``OUT/runs/NAME`` through the function behind
+``opdkit train`` (a finished run is skipped, a partial one resumed; a folder holding another
+recipe is refused), every row is evaluated with the eval runner into
+``OUT/results/NAME/BENCH.json`` (skipped where that file exists with the study's settings), and
+every comparison is the paired difference of ``opdkit compare``. The table is printed and written
+as ``OUT/table.md`` and ``OUT/table.json``; ``opdkit leaderboard OUT/results`` shows the same rows.
+
+Rows are trained in file order, and a row's ``teachers`` may only name rows above it, so every
+dependency is trained before the row that needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from opdkit.errors import OpdkitError, RecipeError
+from opdkit.recipe import KeyedValueError, LoadedRecipe
+
+ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+# --------------------------------------------------------------------------------------------
+# Schema
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class StudyEval(_Strict):
+    """How every row is evaluated (the same for all rows, so that every pair of rows is paired)."""
+
+    samples_per_prompt: int = Field(default=4, ge=1)
+    seed: int = Field(default=0, ge=0)
+    limit: int | None = Field(default=None, ge=1)  # only the first K prompts: a quick look
+    steps: int | None = Field(default=None, ge=1)  # sampler steps; None: the benchmark's
+    batch_size: int = Field(default=32, ge=1)
+    params: dict[str, Any] = Field(default_factory=dict)  # parameters of every benchmark
+
+
+class StudyRow(_Strict):
+    """One row: a model evaluated as it is (``model``), or a recipe the study trains (``recipe``)."""
+
+    name: str
+    description: str = ""
+    model: str | None = None  # a registered model, a committed run (shapes-teachers/ocr) or a folder
+    recipe: str | None = None  # a recipe file or shipped recipe name
+    set: dict[str, Any] = Field(default_factory=dict)  # --set overrides of this row's recipe
+    teachers: dict[str, str] = Field(default_factory=dict)  # OPD teacher name -> the row it is
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StudyRow:
+        if not ROW_NAME.match(self.name):
+            raise KeyedValueError(
+                ("name",), f"{self.name!r}: a row name is one folder name (letters, digits, _ . + -)"
+            )
+        if (self.model is None) == (self.recipe is None):
+            raise ValueError("give exactly one of model (evaluate it as it is) and recipe (train it)")
+        if self.model is not None and (self.set or self.teachers):
+            raise KeyedValueError(
+                ("set" if self.set else "teachers",),
+                "only a recipe row is trained; a model row takes no overrides",
+            )
+        return self
+
+
+class StudyComparison(_Strict):
+    """``a - b`` on each benchmark of ``bench``, with its standard error paired over prompts."""
+
+    a: str
+    b: str
+    bench: str | list[str]
+    label: str = ""
+
+    @property
+    def benches(self) -> list[str]:
+        return [self.bench] if isinstance(self.bench, str) else list(self.bench)
+
+
+class Study(_Strict):
+    """A study file: rows, benchmark columns, the eval protocol, and the differences to report."""
+
+    description: str = ""
+    benchmarks: list[str] = Field(min_length=1)
+    eval: StudyEval = Field(default_factory=StudyEval)
+    set: dict[str, Any] = Field(default_factory=dict)  # overrides of every recipe row
+    rows: list[StudyRow] = Field(min_length=1)
+    comparisons: list[StudyComparison] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _references(self) -> Study:
+        seen: dict[str, StudyRow] = {}
+        for i, row in enumerate(self.rows):
+            if row.name in seen:
+                raise KeyedValueError(("rows", i, "name"), f"{row.name!r} is repeated: row names are unique")
+            for teacher, other in row.teachers.items():
+                if other not in seen:
+                    where = (
+                        "is a row further down: rows are trained in order"
+                        if other in {r.name for r in self.rows}
+                        else "is no row"
+                    )
+                    raise KeyedValueError(("rows", i, "teachers", teacher), f"{other!r} {where}")
+            seen[row.name] = row
+        for i, comparison in enumerate(self.comparisons):
+            for key in ("a", "b"):
+                if getattr(comparison, key) not in seen:
+                    raise KeyedValueError(
+                        ("comparisons", i, key),
+                        f"{getattr(comparison, key)!r} is no row (rows: {', '.join(seen)})",
+                    )
+            for bench in comparison.benches:
+                if bench not in self.benchmarks:
+                    raise KeyedValueError(
+                        ("comparisons", i, "bench"),
+                        f"{bench!r} is not in benchmarks ({', '.join(self.benchmarks)})",
+                    )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class Row:
+    """A row of a loaded study: where its model comes from, and its recipe when the study trains it."""
+
+    name: str
+    spec: StudyRow
+    model: str  # what the eval runner loads: the model name, or the run folder
+    loaded: LoadedRecipe | None = None
+    run_dir: Path | None = None
+
+
+@dataclass
+class LoadedStudy:
+    """A validated study file with every recipe row's recipe loaded (overrides applied)."""
+
+    path: Path
+    spec: Study
+    out: Path
+    rows: list[Row]
+    overrides: list[str] = field(default_factory=list)
+    # weight fingerprints and built benchmarks, computed once per invocation (see _fingerprint)
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def results_dir(self) -> Path:
+        return self.out / "results"
+
+
+def is_study_file(path: str | Path) -> bool:
+    """True for a YAML mapping with ``rows`` and no ``method`` (a study, not a recipe)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and "rows" in data and "method" not in data
+
+
+def default_out(path: Path) -> Path:
+    """Where ``opdkit study FILE`` writes without ``--out``: ``studies/<file stem>``."""
+    return Path("studies") / path.stem
+
+
+def load_study(
+    path: str | Path, overrides: list[str] | None = None, out: str | Path | None = None
+) -> LoadedStudy:
+    """Read and validate a study file and the recipe of every recipe row.
+
+    ``overrides`` (``KEY.PATH=VALUE``, as ``--set``) apply to every recipe row after the study's
+    and the row's own ``set``. Raises :class:`RecipeError`, one line per problem, naming the
+    study file's line and key (and the row's recipe line where the recipe is at fault).
+    """
+    from opdkit.recipe import read_yaml_file, resolve_recipe_path
+
+    path = resolve_recipe_path(path)
+    data, lines = read_yaml_file(path, "a study")
+
+    def where(loc: tuple[str | int, ...]) -> str:
+        for n in range(len(loc), -1, -1):
+            if loc[:n] in lines:
+                return f"{path}:{lines[loc[:n]]}"
+        return str(path)
+
+    try:
+        spec = Study.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError("\n".join(_problems(exc, where))) from None
+    problems = _check_benchmarks(spec, where)
+    if problems:
+        raise RecipeError("\n".join(problems))
+    out_dir = Path(out) if out is not None else default_out(path)
+    rows: list[Row] = []
+    for i, row in enumerate(spec.rows):
+        if row.model is not None:
+            rows.append(Row(row.name, row, row.model))
+            continue
+        place = f"{where(('rows', i))}: rows.{i} ({row.name})"
+        run_dir = out_dir / "runs" / row.name
+        row_overrides = [*_as_overrides(spec.set), *_as_overrides(row.set), *(overrides or [])]
+        loaded = _load_row_recipe(row, path.parent, row_overrides, {r.name: r.model for r in rows}, place)
+        rows.append(Row(row.name, row, str(run_dir), loaded, run_dir))
+    return LoadedStudy(path, spec, out_dir, rows, list(overrides or []))
+
+
+def _load_row_recipe(
+    row: StudyRow, base: Path, overrides: list[str], located: dict[str, str], place: str
+) -> LoadedRecipe:
+    """The row's recipe with its overrides, each of its ``teachers`` pointed at that row's model."""
+    from opdkit.recipe import load_recipe
+
+    assert row.recipe is not None
+    recipe = (
+        str(base / row.recipe)
+        if (base / row.recipe).is_file() and not Path(row.recipe).is_file()
+        else row.recipe
+    )
+    try:
+        loaded = load_recipe(recipe, overrides, check_plugins=not row.teachers)
+        if row.teachers:
+            names = [t.name for t in getattr(loaded.recipe, "teachers", [])]
+            for teacher in row.teachers:
+                if teacher not in names:
+                    raise RecipeError(
+                        f"teachers.{teacher}: the recipe has no teacher {teacher!r} (its teachers: {', '.join(names) or 'none'})"
+                    )
+            pointed = [
+                f"teachers.{names.index(t)}.path={json.dumps(located[other])}"
+                for t, other in row.teachers.items()
+            ]
+            loaded = load_recipe(recipe, [*overrides, *pointed])
+    except RecipeError as exc:
+        raise RecipeError("\n".join(f"{place}: {line}" for line in str(exc).splitlines())) from None
+    return loaded
+
+
+def _as_overrides(values: dict[str, Any]) -> list[str]:
+    """``{key.path: value}`` as ``--set`` strings; JSON is YAML, so each value reads back as given."""
+    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
+
+
+def _check_benchmarks(spec: Study, where: Callable[[tuple[str | int, ...]], str]) -> list[str]:
+    from opdkit.registry import benchmarks
+
+    problems = []
+    for i, name in enumerate(spec.benchmarks):
+        try:
+            benchmarks.get(name)
+        except OpdkitError as exc:
+            problems.append(f"{where(('benchmarks', i))}: benchmarks.{i}: {exc}")
+    return problems
+
+
+def _problems(exc: ValidationError, where: Callable[[tuple[str | int, ...]], str]) -> list[str]:
+    """One line per key: a value that fits no member of a union (``bench: 5``) fails once per
+    member, and those failures become one line naming every type it could have been."""
+    by_key: dict[str, list[str]] = {}
+    for err in exc.errors():
+        line = _format_error(err, where)
+        by_key.setdefault(line.split(": ", 2)[1] if line.count(": ") >= 2 else line, []).append(line)
+    problems = []
+    for lines in by_key.values():
+        kinds = [m.group(1) for line in lines if (m := re.search(r"Input should be a valid (\w+)", line))]
+        if len(lines) > 1 and len(kinds) == len(lines):
+            lines = [
+                re.sub(
+                    r"Input should be a valid \w+", "Input should be a valid " + " or ".join(kinds), lines[0]
+                )
+            ]
+        problems.extend(lines)
+    return problems
+
+
+def _format_error(err: Any, where: Callable[[tuple[str | int, ...]], str]) -> str:
+    """One pydantic error as ``FILE:LINE: key.path: what was expected``."""
+    loc = tuple(
+        p
+        for p in err["loc"]
+        if not (isinstance(p, str) and (p.startswith("function-") or p in ("str", "list[str]")))
+    )
+    error = (err.get("ctx") or {}).get("error")
+    if isinstance(error, KeyedValueError):
+        loc = (*loc, *error.loc)
+    key = ".".join(str(p) for p in loc) or "(study)"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        allowed = f" (allowed: {', '.join(parent.model_fields)})" if parent is not None else ""
+        msg = f"unknown key{allowed}"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    elif "input" in err and err["type"] not in ("value_error", "assertion_error"):
+        msg = f"{msg} (got {err['input']!r})"
+    return f"{where(loc)}: {key}: {msg}"
+
+
+def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The schema model at a key path of a study (list indices skipped)."""
+    models: dict[str, type[BaseModel]] = {"eval": StudyEval, "rows": StudyRow, "comparisons": StudyComparison}
+    model: type[BaseModel] = Study
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        found = models.get(str(part)) if model is Study else None
+        if found is None:
+            return None
+        model = found
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# What is there already
+
+
+@dataclass
+class TrainState:
+    """A recipe row's run folder: ``missing``, ``partial`` (resumable at ``step``) or ``finished``."""
+
+    status: str
+    step: int = 0
+
+
+def train_state(study: LoadedStudy, row: Row) -> TrainState:
+    """How far the row's run folder got. Refuses a folder holding a run of another recipe, or of
+    other base weights (a committed base that changed since): its numbers would not be the row's.
+
+    Finished means ``final/`` is written and the run reached ``train.max_steps`` or its
+    ``train.max_minutes`` (a run cut by its time budget is finished: resuming it would add a step).
+    """
+    from opdkit.rundir import RunDir, fixed_changes
+    from opdkit.runs import final_info, is_run_dir
+
+    assert row.loaded is not None and row.run_dir is not None
+    rundir = RunDir(row.run_dir)
+    if not rundir.run_files():
+        return TrainState("missing")
+    info = rundir.read_info() or {}
+    if isinstance(info.get("recipe"), dict):
+        fixed = fixed_changes(info["recipe"], row.loaded.recipe.model_dump(mode="json"))
+        if fixed:
+            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(fixed.items())[:3])
+            raise OpdkitError(
+                f"{row.run_dir}: holds a run of another recipe than row {row.name!r} ({shown}); {_REDO}"
+            )
+    base = info.get("base_weights")
+    if base is not None and base != _base_weights(study, row):
+        raise OpdkitError(
+            f"{row.run_dir}: was trained on other base weights ({base}) than row {row.name!r}'s recipe loads now "
+            f"({_base_weights(study, row)}); {_REDO}"
+        )
+    train = row.loaded.recipe.train
+    latest = rundir.latest()
+    if is_run_dir(row.run_dir):
+        step = int(final_info(row.run_dir).get("step", 0))
+        if step >= train.max_steps or _out_of_time(latest, train.max_minutes):
+            return TrainState("finished", step)
+    return TrainState("partial", latest[0] if latest is not None else 0)
+
+
+_REDO = "delete that folder to train the row again, or pass another --out"
+
+
+def _out_of_time(latest: tuple[int, Path] | None, max_minutes: float | None) -> bool:
+    if latest is None or max_minutes is None:
+        return False
+    try:
+        state = json.loads((latest[1] / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return float(state.get("elapsed_s", 0.0)) >= 60.0 * max_minutes
+
+
+def _fingerprint(study: LoadedStudy, key: str, build: Callable[[], Any]) -> str:
+    if key not in study.cache:
+        model = build()
+        study.cache[key] = model.base_fingerprint() if hasattr(model, "base_fingerprint") else "unknown"
+    return str(study.cache[key])
+
+
+def _base_weights(study: LoadedStudy, row: Row) -> str:
+    """The fingerprint of the base a recipe row trains on (what ``run.json`` records)."""
+    from opdkit.registry import models
+
+    assert row.loaded is not None
+    spec = row.loaded.recipe.model
+    key = "base:" + json.dumps([spec.type, spec.builder_params()], sort_keys=True, default=str)
+    return _fingerprint(study, key, lambda: models.build(spec.type, spec.builder_params()))
+
+
+def _eval_weights(study: LoadedStudy, row: Row) -> str:
+    """The fingerprint of the weights the eval runner loads for a row (what its settings record)."""
+    from opdkit.eval.runner import resolve_model
+
+    return _fingerprint(study, f"eval:{row.model}", lambda: resolve_model(row.model)[0])
+
+
+def results_state(study: LoadedStudy, row: Row, bench: str) -> str:
+    """``current`` (``OUT/results/ROW/BENCH.json`` made with the study's settings from the row's
+    weights), ``missing``, ``partial`` (resumable: same settings, summary absent or of another
+    limit) or ``stale`` (other settings or other weights: to be deleted and made again)."""
+    from opdkit.eval.runner import eval_settings
+    from opdkit.registry import benchmarks
+
+    ev = study.spec.eval
+    root = study.results_dir / row.name
+    settings = _read_json(root / f"{bench}.settings.json")
+    if settings is None:
+        return "missing"
+    key = f"bench:{bench}"
+    if key not in study.cache:
+        study.cache[key] = benchmarks.build(bench, dict(ev.params))
+    expected = eval_settings(study.cache[key], _eval_weights(study, row), samples=ev.samples_per_prompt,
+                             seed=ev.seed, steps=ev.steps)  # fmt: skip
+    if settings != expected:
+        return "stale"
+    summary = _read_json(root / f"{bench}.json")
+    return "current" if summary is not None and summary.get("limit") == ev.limit else "partial"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def plan_lines(study: LoadedStudy) -> list[str]:
+    """What :func:`run_study` would do, one line per row, without training or evaluating."""
+    lines = []
+    for row in study.rows:
+        retrain = False
+        if row.loaded is None:
+            train = f"model {row.model}: nothing to train"
+        else:
+            state = train_state(study, row)
+            retrain = state.status != "finished"
+            train = {
+                "missing": f"train {row.spec.recipe} into {row.run_dir}",
+                "partial": f"resume {row.run_dir} from step {state.step}",
+                "finished": f"trained ({row.run_dir}, step {state.step}): skip training",
+            }[state.status]
+            if retrain and (study.results_dir / row.name).exists():
+                train += f"; remove the old results {study.results_dir / row.name}"
+        states = {b: "retrain" if retrain else results_state(study, row, b) for b in study.spec.benchmarks}
+        todo = [
+            f"{b}" + (" (again: other settings or weights)" if s == "stale" else "")
+            for b, s in states.items()
+            if s != "current"
+        ]
+        done = [b for b, s in states.items() if s == "current"]
+        evals = f"evaluate {', '.join(todo)}" if todo else "no eval"
+        lines.append(
+            f"{row.name}: {train}; {evals}" + (f" (results present: {', '.join(done)})" if done else "")
+        )
+    lines.append(
+        f"then {len(study.spec.comparisons)} comparisons into {study.out / 'table.md'} and table.json"
+    )
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+
+
+def run_study(study: LoadedStudy, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train what is missing, evaluate what has no current results, compare; returns the table as
+    data (also written as ``OUT/table.json`` and ``OUT/table.md``)."""
+    t0 = time.perf_counter()
+    timings: list[dict[str, Any]] = []
+    for n, row in enumerate(study.rows, start=1):
+        label = f"[{n}/{len(study.rows)}] {row.name}"
+        t_row = time.perf_counter()
+        trained = _train_row(study, row, echo, label)
+        t_eval = time.perf_counter()
+        evaluated = _evaluate_row(study, row, echo, label)
+        seconds = time.perf_counter() - t_row
+        what = f"evaluated {', '.join(evaluated)}" if evaluated else "results present"
+        echo(f"{label}: {trained['what']}; {what} ({_clock(seconds)})")
+        timings.append({"row": row.name, "train": trained, "evaluated": evaluated,
+                        "train_seconds": round(t_eval - t_row, 2), "eval_seconds": round(time.perf_counter() - t_eval, 2)})  # fmt: skip
+    table = build_table(study)
+    table["timings"] = timings
+    table["wall_seconds"] = round(time.perf_counter() - t0, 2)
+    write_table(study.out, table)
+    echo(to_markdown(table))
+    echo(f"study done in {_clock(table['wall_seconds'])}; wrote {study.out / 'table.md'} and {study.out / 'table.json'}; "
+         f"`opdkit leaderboard {study.results_dir}` shows the same rows")  # fmt: skip
+    return table
+
+
+def _train_row(study: LoadedStudy, row: Row, echo: Callable[[str], None], label: str) -> dict[str, Any]:
+    """Train or resume a recipe row unless its run is finished (old results of the row go)."""
+    from opdkit.methods import train
+
+    if row.loaded is None:
+        return {"status": "model", "what": f"model {row.model}"}
+    state = train_state(study, row)
+    if state.status == "finished":
+        return {"status": "finished", "step": state.step, "what": f"trained (step {state.step})"}
+    stale = study.results_dir / row.name
+    if stale.exists():  # results of other weights of this row: they would not pair with the new ones
+        echo(f"{label}: removing {stale} (results of earlier weights)")
+        shutil.rmtree(stale)
+    doing = f"resuming from step {state.step}" if state.status == "partial" else "training"
+    echo(f"{label}: {doing} into {row.run_dir}")
+    assert row.run_dir is not None
+    train(row.loaded, row.run_dir, resume=state.status == "partial", evaluate=False)
+    study.cache.pop(f"eval:{row.model}", None)  # new final weights
+    after = train_state(study, row)
+    verb = "resumed" if state.status == "partial" else "trained"
+    return {"status": verb, "step": after.step, "what": f"{verb} to step {after.step}"}
+
+
+def _evaluate_row(study: LoadedStudy, row: Row, echo: Callable[[str], None], label: str) -> list[str]:
+    """Evaluate the row on every benchmark whose results are not current (stale ones are deleted
+    first; partial ones resume); returns those benchmarks."""
+    from opdkit.eval.runner import remove_results, run_eval
+
+    ev = study.spec.eval
+    done = []
+    for bench in study.spec.benchmarks:
+        state = results_state(study, row, bench)
+        if state == "current":
+            continue
+        if state == "stale":
+            echo(f"{label}: {bench} results were made with other settings or weights; evaluating again")
+            remove_results(study.results_dir / row.name, bench)
+        run_eval(bench=bench, model=row.model, out_dir=study.results_dir, samples=ev.samples_per_prompt, limit=ev.limit,
+                 seed=ev.seed, steps=ev.steps, batch_size=ev.batch_size, name=row.name, bench_params=dict(ev.params))  # fmt: skip
+        done.append(bench)
+    return done
+
+
+def build_table(study: LoadedStudy) -> dict[str, Any]:
+    """Every row's headline value and standard error per benchmark, and every comparison's paired
+    difference (:func:`opdkit.eval.compare.compare`, as ``opdkit compare`` prints it)."""
+    from opdkit.eval.compare import compare
+    from opdkit.eval.leaderboard import load_results
+
+    results = load_results(study.results_dir)
+    rows = []
+    for row in study.rows:
+        cells = {}
+        for bench in study.spec.benchmarks:
+            summary = results.get(row.name, {}).get(bench)
+            if summary is None:
+                raise OpdkitError(
+                    f"{study.results_dir / row.name / (bench + '.json')}: missing after the eval"
+                )
+            cells[bench] = {"value": summary["metrics"].get("overall"), "stderr": summary.get("stderr"),
+                            "n_prompts": summary.get("n_prompts"), "n_images": summary.get("n_images")}  # fmt: skip
+        rows.append({"name": row.name, "source": _source(row), "run_dir": str(row.run_dir) if row.run_dir else None,
+                     "recipe_overrides": row.loaded.overrides if row.loaded is not None else [],
+                     "train_seconds": _run_seconds(row), "results": cells})  # fmt: skip
+    comparisons = []
+    for c in study.spec.comparisons:
+        for d in compare(study.results_dir, c.a, c.b, c.benches):
+            z = d.diff / d.stderr if d.stderr > 0 else None
+            comparisons.append({"a": c.a, "b": c.b, "bench": d.bench, "label": c.label, "a_value": d.a, "b_value": d.b,
+                                "diff": d.diff, "stderr": d.stderr, "z": z, "ci95": list(d.interval), "n_prompts": d.n_prompts})  # fmt: skip
+    ev = study.spec.eval
+    return {"study": str(study.path), "description": study.spec.description, "out": str(study.out),
+            "set": _as_overrides(study.spec.set), "overrides": study.overrides, "benchmarks": list(study.spec.benchmarks), "eval": ev.model_dump(mode="json"),
+            "rows": rows, "comparisons": comparisons}  # fmt: skip
+
+
+def _source(row: Row) -> str:
+    """What a row is, short: the model, or the recipe with the row's own overrides and teachers
+    (the study-wide and command-line overrides are listed once, in the JSON's ``overrides``)."""
+    if row.loaded is None:
+        return row.model
+    parts = [str(row.spec.recipe), *_as_overrides(row.spec.set)]
+    if row.spec.teachers:
+        parts.append("teachers " + ", ".join(f"{t}={other}" for t, other in row.spec.teachers.items()))
+    return " ".join(parts)
+
+
+def _run_seconds(row: Row) -> float | None:
+    """Training seconds the run recorded (over every resume), from its last metrics line."""
+    from opdkit.rundir import read_jsonl
+
+    if row.run_dir is None:
+        return None
+    records = read_jsonl(row.run_dir / "metrics.jsonl")
+    return float(records[-1]["seconds"]) if records and "seconds" in records[-1] else None
+
+
+def write_table(out: Path, table: dict[str, Any]) -> None:
+    """``OUT/table.json`` and ``OUT/table.md``, each written atomically."""
+    from opdkit.rundir import atomic_write_json, atomic_write_text
+
+    atomic_write_json(out / "table.json", table)
+    atomic_write_text(out / "table.md", to_markdown(table) + "\n")
+
+
+def _num(x: float | None, fmt: str = ".3f") -> str:
+    return "-" if x is None or not math.isfinite(x) else format(x, fmt)
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def to_markdown(table: dict[str, Any]) -> str:
+    """The table (rows x benchmarks: value +- SE) and the comparisons (difference +- paired SE)."""
+    benches = table["benchmarks"]
+    ev = table["eval"]
+    lines = [f"# {table['description'] or table['study']}", ""]
+    lines += [
+        "| row | " + " | ".join(benches) + " | train wall | source |",
+        "|---" * (len(benches) + 3) + "|",
+    ]
+    for row in table["rows"]:
+        cells = [f"{_num(row['results'][b]['value'])} ± {_num(row['results'][b]['stderr'])}" for b in benches]
+        lines.append(
+            f"| {row['name']} | "
+            + " | ".join(cells)
+            + f" | {_clock(row['train_seconds'])} | `{row['source']}` |"
+        )
+    subset = f", first {ev['limit']} prompts" if ev.get("limit") else ""
+    lines += [
+        "",
+        f"{ev['samples_per_prompt']} samples per test prompt{subset}, seed {ev['seed']}; ± is the standard error over images.",
+    ]
+    if table["comparisons"]:
+        lines += [
+            "",
+            "| A - B | benchmark | A | B | A - B | SE (paired) | in SEs | prompts |",
+            "|---" * 8 + "|",
+        ]
+        for c in table["comparisons"]:
+            label = f"{c['a']} - {c['b']}" + (f" ({c['label']})" if c["label"] else "")
+            z = "-" if c["z"] is None else f"{c['z']:+.1f}"
+            lines.append(f"| {label} | {c['bench']} | {_num(c['a_value'])} | {_num(c['b_value'])} | {_num(c['diff'], '+.3f')} "
+                         f"| {_num(c['stderr'])} | {z} | {c['n_prompts']} |")  # fmt: skip
+    if table.get("wall_seconds") is not None:
+        lines += ["", f"Wall time of this invocation: {_clock(table['wall_seconds'])}."]
+    return "\n".join(lines)

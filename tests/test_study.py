@@ -1,0 +1,364 @@
+"""``opdkit study``: the shipped shapes study, shrunk to a tiny model, trains what is missing,
+evaluates every row, skips what is done, and reports the differences ``opdkit compare`` prints."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from opdkit.cli import app
+from opdkit.errors import OpdkitError, RecipeError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = REPO_ROOT / "recipes" / "shapes" / "study.yaml"
+RUNNER = CliRunner()
+WIDE = {"COLUMNS": "250"}
+
+# Every trained row of the shipped study, cut to one step of a few images of the tiny model.
+SHRINK = {
+    "train.max_steps": 1, "train.batch_size": 2, "train.group_size": 2, "train.micro_batch": None,
+    "train.max_minutes": None, "train.sample_every": 0, "train.checkpoint_every": 1,
+    "sampler.steps": 2, "sampler.train_window": [0, 1],
+}  # fmt: skip
+TINY_EVAL = {"samples_per_prompt": 2, "seed": 0, "limit": 2, "steps": 2, "batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from opdkit.models.shapes import ShapesModelConfig, build_shapes_pipeline, shapes_vocabulary
+
+    config = ShapesModelConfig(
+        patch_size=4, num_layers=1, num_heads=2, head_dim=8, text_hidden_size=16, text_projection_dim=16
+    )
+    return build_shapes_pipeline(
+        tmp_path_factory.mktemp("tiny-base") / "base", shapes_vocabulary(), config, seed=0
+    )
+
+
+def tiny_study(folder: Path, base: Path) -> Path:
+    """The shipped study file with its model rows on the tiny base and every recipe row shrunk."""
+    data = yaml.safe_load(SHIPPED.read_text(encoding="utf-8"))
+    for row in data["rows"]:
+        if "model" in row:
+            row["model"] = str(base)
+    data["set"] = {**SHRINK, "model.path": str(base)}
+    data["eval"] = TINY_EVAL
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One full `opdkit study` from nothing, through the command line."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("study")
+    study = tiny_study(tmp, tiny_base)
+    out = tmp / "out"
+    try:
+        result = RUNNER.invoke(app, ["study", str(study), "--out", str(out)], env=WIDE)
+    finally:
+        torch.set_num_threads(before)
+    assert result.exit_code == 0, result.output
+    return {
+        "study": study,
+        "out": out,
+        "output": result.output,
+        "table": json.loads((out / "table.json").read_text()),
+    }
+
+
+def names(data: dict[str, Any]) -> list[str]:
+    return [row["name"] for row in data["rows"]]
+
+
+def test_study_trains_the_missing_rows_and_writes_the_table(first_run: dict[str, Any]) -> None:
+    out, table = first_run["out"], first_run["table"]
+    shipped = yaml.safe_load(SHIPPED.read_text(encoding="utf-8"))
+    trained = [r["name"] for r in shipped["rows"] if "recipe" in r]
+    assert names(table) == [r["name"] for r in shipped["rows"]]
+    for name in trained:  # each recipe row became a finished run of one step
+        assert json.loads((out / "runs" / name / "final" / "final.json").read_text())["step"] == 1
+    # the OPD rows distilled the teachers this study trained, not the committed ones
+    opd = yaml.safe_load((out / "runs" / "opd" / "recipe.yaml").read_text())
+    assert [t["path"] for t in opd["teachers"]] == [
+        str(out / "runs" / n) for n in ("grpo_geneval", "grpo_ocr", "grpo_quality")
+    ]
+    assert (
+        opd["regularizers"]
+        and not yaml.safe_load((out / "runs" / "opd_no_mar" / "recipe.yaml").read_text())["regularizers"]
+    )
+    # every row on every benchmark, every comparison of the file (a list of benchmarks is one per benchmark)
+    for row in table["rows"]:
+        assert set(row["results"]) == set(shipped["benchmarks"])
+        assert all(0.0 <= cell["value"] <= 1.0 and cell["n_images"] == 4 for cell in row["results"].values())
+    expected = [
+        (c["a"], c["b"], bench)
+        for c in shipped["comparisons"]
+        for bench in ([c["bench"]] if isinstance(c["bench"], str) else c["bench"])
+    ]
+    assert [(c["a"], c["b"], c["bench"]) for c in table["comparisons"]] == expected
+    assert table["wall_seconds"] > 0 and len(table["timings"]) == len(table["rows"])
+    # the Markdown table, printed and written; one progress line per row with its wall time
+    markdown = (out / "table.md").read_text()
+    assert all(f"| {name} |" in markdown for name in names(table)) and "SE (paired)" in markdown
+    for name in names(table):
+        assert re.search(rf"\] {re.escape(name)}: .*\(\d+\.\d s\)", first_run["output"]), first_run["output"]
+    assert "study done in" in first_run["output"]
+
+
+def test_the_leaderboard_shows_the_same_rows(first_run: dict[str, Any]) -> None:
+    from opdkit.eval.leaderboard import load_results
+
+    assert sorted(load_results(first_run["out"] / "results")) == sorted(names(first_run["table"]))
+    result = RUNNER.invoke(app, ["leaderboard", str(first_run["out"] / "results")], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert all(name in result.stdout for name in names(first_run["table"]))
+
+
+def test_comparisons_are_what_opdkit_compare_prints(first_run: dict[str, Any]) -> None:
+    from opdkit.eval.compare import compare
+
+    results = first_run["out"] / "results"
+    assert any(c["stderr"] > 0 for c in first_run["table"]["comparisons"])  # not all trivially equal
+    for c in first_run["table"]["comparisons"]:
+        (d,) = compare(results, c["a"], c["b"], [c["bench"]])
+        assert (c["a_value"], c["b_value"], c["diff"], c["stderr"], c["n_prompts"]) == (
+            d.a,
+            d.b,
+            d.diff,
+            d.stderr,
+            d.n_prompts,
+        )
+        printed = RUNNER.invoke(
+            app, ["compare", c["a"], c["b"], "--results", str(results), "--bench", c["bench"]], env=WIDE
+        )
+        assert printed.exit_code == 0, printed.output
+        line = next(x for x in printed.stdout.splitlines() if c["bench"] in x and "│" in x)
+        cells = [x.strip() for x in line.split("│") if x.strip()]
+        assert cells[1:5] == [
+            f"{c['a_value']:.3f}",
+            f"{c['b_value']:.3f}",
+            f"{c['diff']:+.3f}",
+            f"{c['stderr']:.3f}",
+        ]
+
+
+def _forbid(monkeypatch: pytest.MonkeyPatch, calls: list[tuple[str, str]] | None = None) -> None:
+    """Training fails the test; evals are recorded in ``calls`` (or fail the test when None)."""
+    import opdkit.eval.runner
+    import opdkit.methods
+
+    real = opdkit.eval.runner.run_eval
+
+    def no_training(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the study trained a finished row")
+
+    def eval_(**kwargs: Any) -> Any:
+        if calls is None:
+            raise AssertionError(f"the study evaluated {kwargs['name']} on {kwargs['bench']} again")
+        calls.append((kwargs["name"], kwargs["bench"]))
+        return real(**kwargs)
+
+    monkeypatch.setattr(opdkit.methods, "train", no_training)
+    monkeypatch.setattr(opdkit.eval.runner, "run_eval", eval_)
+
+
+def _stamps(out: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(out)): p.stat().st_mtime_ns
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and "table" not in p.name
+    }
+
+
+def test_a_second_invocation_trains_and_evaluates_nothing(
+    first_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opdkit.study import load_study, run_study
+
+    out = first_run["out"]
+    before = _stamps(out)
+    _forbid(monkeypatch)
+    lines: list[str] = []
+    table = run_study(load_study(first_run["study"], out=out), echo=lines.append)
+    assert _stamps(out) == before  # no run folder or results file was touched
+    assert all("results present" in line for line in lines if line.startswith("["))
+    assert table["comparisons"] == first_run["table"]["comparisons"]
+
+
+def test_a_deleted_results_file_is_evaluated_again_for_that_row_only(
+    first_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opdkit.study import load_study, plan_lines, run_study
+
+    out = first_run["out"]
+    (out / "results" / "grpo_ocr" / "shapes-quality.json").unlink()
+    study = load_study(first_run["study"], out=out)
+    plan = plan_lines(study)
+    assert [line for line in plan if "evaluate" in line] == [
+        "grpo_ocr: trained (%s, step 1): skip training; evaluate shapes-quality (results present: shapes-geneval, shapes-ocr)"
+        % (out / "runs" / "grpo_ocr")
+    ]
+    calls: list[tuple[str, str]] = []
+    _forbid(monkeypatch, calls)
+    run_study(study, echo=lambda line: None)
+    assert calls == [("grpo_ocr", "shapes-quality")]
+
+
+def test_a_partial_run_is_resumed_and_its_old_results_go(
+    first_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run folder without final weights (killed after its last checkpoint) is resumed, not restarted."""
+    import shutil
+
+    import opdkit.methods
+    from opdkit.study import load_study, run_study
+
+    out = first_run["out"]
+    shutil.rmtree(out / "runs" / "grpo_quality" / "final")
+    resumed: list[bool] = []
+    real = opdkit.methods.train
+
+    def train(loaded: Any, out_dir: Any, **kwargs: Any) -> Any:
+        resumed.append(kwargs["resume"])
+        return real(loaded, out_dir, **kwargs)
+
+    monkeypatch.setattr(opdkit.methods, "train", train)
+    run_study(load_study(first_run["study"], out=out), echo=lambda line: None)
+    assert resumed == [True]
+    assert (out / "runs" / "grpo_quality" / "final" / "final.json").is_file()
+    assert sorted(p.name for p in (out / "results" / "grpo_quality").glob("*.json") if "settings" not in p.name) == [
+        "shapes-geneval.json", "shapes-ocr.json", "shapes-quality.json",
+    ]  # fmt: skip
+
+
+def test_results_of_other_weights_are_made_again(
+    first_run: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model row now naming other weights (a committed base that changed, say) is evaluated
+    again; the rows trained on the base the recipes name are left alone."""
+    from opdkit.models.shapes import ShapesModelConfig, build_shapes_pipeline, shapes_vocabulary
+    from opdkit.study import load_study, plan_lines, run_study
+
+    config = ShapesModelConfig(
+        patch_size=4, num_layers=1, num_heads=2, head_dim=8, text_hidden_size=16, text_projection_dim=16
+    )
+    other = build_shapes_pipeline(tmp_path / "other", shapes_vocabulary(), config, seed=1)
+    data = yaml.safe_load(first_run["study"].read_text())
+    data["rows"][0]["model"] = str(other)
+    changed = tmp_path / "study.yaml"
+    changed.write_text(yaml.safe_dump(data, sort_keys=False))
+    study = load_study(changed, out=first_run["out"])
+    assert (
+        plan_lines(study)[0].startswith("base: model ")
+        and "evaluate shapes-geneval (again: other settings or weights)" in plan_lines(study)[0]
+    )
+    assert all("no eval" in line for line in plan_lines(study)[1:-1])
+    calls: list[tuple[str, str]] = []
+    _forbid(monkeypatch, calls)
+    lines: list[str] = []
+    run_study(study, echo=lines.append)
+    assert calls == [("base", bench) for bench in data["benchmarks"]]
+    assert any("results were made with other settings or weights" in line for line in lines)
+    summary = json.loads((first_run["out"] / "results" / "base" / "shapes-ocr.json").read_text())
+    assert summary["model_source"] == str(other)
+
+
+def test_a_changed_recipe_is_refused_not_mixed(first_run: dict[str, Any]) -> None:
+    from opdkit.study import load_study, run_study
+
+    study = load_study(first_run["study"], ["train.lr=0.5"], out=first_run["out"])
+    with pytest.raises(
+        OpdkitError,
+        match=r"runs/grpo_geneval: holds a run of another recipe than row 'grpo_geneval' \(train.lr: 0.001 -> 0.5\)",
+    ):
+        run_study(study, echo=lambda line: None)
+
+
+def test_dry_run_plans_without_running(tiny_base: Path, tmp_path: Path) -> None:
+    study = tiny_study(tmp_path, tiny_base)
+    result = RUNNER.invoke(app, ["study", str(study), "--out", str(tmp_path / "out"), "--dry-run"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "grpo_geneval: train shapes/grpo_geneval into" in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_shipped_study_validates() -> None:
+    result = RUNNER.invoke(app, ["validate", "shapes/study"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "(study, 7 rows)" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (
+            lambda d: d["rows"][1].update(recipe_typo="x"),
+            r"study.yaml:\d+: rows.1.recipe_typo: unknown key \(allowed: name, description, model, recipe, set, teachers\)",
+        ),
+        (
+            lambda d: d["rows"][1].update(model="shapes-base"),
+            r"study.yaml:\d+: rows.1: give exactly one of model",
+        ),
+        (
+            lambda d: d["rows"][5]["teachers"].update(ocr="nobody"),
+            r"study.yaml:\d+: rows.5.teachers.ocr: 'nobody' is no row",
+        ),
+        (
+            lambda d: d["rows"][5]["teachers"].update(ocr="opd_no_mar"),
+            r"rows.5.teachers.ocr: 'opd_no_mar' is a row further down",
+        ),
+        (
+            lambda d: d["comparisons"][0].update(bench="shapes-nope"),
+            r"study.yaml:\d+: comparisons.0.bench: 'shapes-nope' is not in benchmarks",
+        ),
+        (
+            lambda d: d["eval"].update(samples_per_prompt=0),
+            r"study.yaml:\d+: eval.samples_per_prompt: Input should be greater than or equal to 1",
+        ),
+        (
+            lambda d: d["rows"][2].update(set={"train.lr": "fast"}),
+            r"study.yaml:\d+: rows.2 \(grpo_ocr\): .*grpo_ocr.yaml: --set train.lr=\"fast\": train.lr: ",
+        ),
+        (
+            lambda d: d["rows"][6]["teachers"].update(nope="base"),
+            r"rows.6 \(opd_no_mar\): teachers.nope: the recipe has no teacher 'nope'",
+        ),
+        (lambda d: d["rows"][0].update(name="a/b"), r"rows.0.name: 'a/b': a row name is one folder name"),
+        (
+            lambda d: d["comparisons"][1].update(bench=5),
+            r"comparisons.1.bench: Input should be a valid string or list \(got 5\)",
+        ),
+        (lambda d: d["rows"].append(dict(d["rows"][0])), r"study.yaml:\d+: rows.7.name: 'base' is repeated"),
+        (lambda d: d.update(benchmarks=["nope-bench"]), r"study.yaml:\d+: benchmarks.0: "),
+    ],
+)
+def test_a_bad_study_file_is_one_line_naming_its_key(tmp_path: Path, edit: Any, expected: str) -> None:
+    data = yaml.safe_load(SHIPPED.read_text(encoding="utf-8"))
+    if "nope-bench" in expected or "benchmarks.0" in expected:
+        data["comparisons"] = []
+    edit(data)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    from opdkit.study import load_study
+
+    with pytest.raises(RecipeError) as info:
+        load_study(path)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1, message
+    assert re.search(expected, message), message
+    result = RUNNER.invoke(app, ["study", str(path), "--dry-run"], env=WIDE)
+    assert result.exit_code == 1 and len([x for x in result.output.splitlines() if x.strip()]) == 1, (
+        result.output
+    )
