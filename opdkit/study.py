@@ -1,4 +1,4 @@
-"""``opdkit study``: a results table in one command, from a study file.
+"""``opdkit study``: a results table in one command, from a study file (over 500 lines: its schema, plan, runs and table are one feature read top to bottom).
 
 A study file (YAML, e.g. ``recipes/shapes/study.yaml``) names the table's rows, its benchmark
 columns, how every row is evaluated and which differences to report::
