@@ -168,7 +168,7 @@ class LoadedStudy:
     out: Path
     rows: list[Row]
     overrides: list[str] = field(default_factory=list)
-    # weight fingerprints and built benchmarks, computed once per invocation (see _fingerprint)
+    # weight fingerprints and built benchmarks, computed once per invocation (see _model_facts)
     cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -400,11 +400,23 @@ def _out_of_time(latest: tuple[int, Path] | None, max_minutes: float | None) -> 
     return float(state.get("elapsed_s", 0.0)) >= 60.0 * max_minutes
 
 
-def _fingerprint(study: LoadedStudy, key: str, build: Callable[[], Any]) -> str:
+@dataclass(frozen=True)
+class _ModelFacts:
+    """What results and runs record of a model, kept instead of the loaded model itself."""
+
+    fingerprint: str
+    embedded_guidance: bool
+
+    def base_fingerprint(self) -> str:
+        return self.fingerprint
+
+
+def _model_facts(study: LoadedStudy, key: str, build: Callable[[], Any]) -> _ModelFacts:
     if key not in study.cache:
         model = build()
-        study.cache[key] = model.base_fingerprint() if hasattr(model, "base_fingerprint") else "unknown"
-    return str(study.cache[key])
+        fingerprint = model.base_fingerprint() if hasattr(model, "base_fingerprint") else "unknown"
+        study.cache[key] = _ModelFacts(fingerprint, bool(getattr(model, "embedded_guidance", False)))
+    return study.cache[key]
 
 
 def _base_weights(study: LoadedStudy, row: Row) -> str:
@@ -414,14 +426,14 @@ def _base_weights(study: LoadedStudy, row: Row) -> str:
     assert row.loaded is not None
     spec = row.loaded.recipe.model
     key = "base:" + json.dumps([spec.type, spec.builder_params()], sort_keys=True, default=str)
-    return _fingerprint(study, key, lambda: models.build(spec.type, spec.builder_params()))
+    return _model_facts(study, key, lambda: models.build(spec.type, spec.builder_params())).fingerprint
 
 
-def _eval_weights(study: LoadedStudy, row: Row) -> str:
-    """The fingerprint of the weights the eval runner loads for a row (what its settings record)."""
+def _eval_model(study: LoadedStudy, row: Row) -> _ModelFacts:
+    """The weights the eval runner loads for a row, as far as its settings record them."""
     from opdkit.eval.runner import resolve_model
 
-    return _fingerprint(study, f"eval:{row.model}", lambda: resolve_model(row.model)[0])
+    return _model_facts(study, f"eval:{row.model}", lambda: resolve_model(row.model)[0])
 
 
 def results_state(study: LoadedStudy, row: Row, bench: str) -> str:
@@ -439,7 +451,7 @@ def results_state(study: LoadedStudy, row: Row, bench: str) -> str:
     key = f"bench:{bench}"
     if key not in study.cache:
         study.cache[key] = benchmarks.build(bench, dict(ev.params))
-    expected = eval_settings(study.cache[key], _eval_weights(study, row), samples=ev.samples_per_prompt,
+    expected = eval_settings(study.cache[key], _eval_model(study, row), samples=ev.samples_per_prompt,
                              seed=ev.seed, steps=ev.steps)  # fmt: skip
     if settings != expected:
         return "stale"

@@ -100,6 +100,12 @@ def test_flux_guidance_reaches_the_transformer(pipelines: dict[str, Path]) -> No
 
     assert model.embedded_guidance and benchmark_cfg(model, {"cfg": 4.5}) == 1.0
     assert benchmark_cfg(build("qwen-image", pipelines), {"cfg": 4.5}) == 4.5
+    # ... and the settings an eval records (which a study checks its results against) say so too
+    from opdkit.eval.runner import eval_settings
+    from opdkit.registry import benchmarks
+
+    settings = eval_settings(benchmarks.build("shapes-quality"), model)
+    assert settings["cfg"] == 1.0 and settings["weights"] == model.base_fingerprint()
 
 
 def test_qwen_guidance_keeps_the_conditional_norm_per_patch(pipelines: dict[str, Path]) -> None:

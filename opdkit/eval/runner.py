@@ -153,9 +153,7 @@ def run_eval(
     check_world(benchmark, flow_model.world, model_name)
 
     records = benchmark.prompts[:limit] if limit is not None else benchmark.prompts
-    if cfg is None:  # a guidance-distilled model (FLUX.1-dev) samples with CFG 1 by default
-        cfg = benchmark_cfg(flow_model, dict(benchmark.sampler))
-    settings = eval_settings(benchmark, flow_model.base_fingerprint(), samples=samples, seed=seed, steps=steps, cfg=cfg)
+    settings = eval_settings(benchmark, flow_model, samples=samples, seed=seed, steps=steps, cfg=cfg)
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise OpdkitError(f"{out_dir}: --out is a file, not a folder")
     root = Path(out_dir) / model_name
@@ -165,11 +163,13 @@ def run_eval(
                            batch_size)
 
 
-def eval_settings(benchmark: Benchmark, weights: str, *, samples: int | None = None, seed: int = 0,
+def eval_settings(benchmark: Benchmark, model: Any, *, samples: int | None = None, seed: int = 0,
                   steps: int | None = None, cfg: float | None = None) -> dict[str, Any]:  # fmt: skip
     """The generation settings of an eval (``<bench>.settings.json``); a resumed eval must match them.
 
-    ``weights`` is the model's :meth:`base_fingerprint`; None options take the benchmark's defaults.
+    ``model`` is what is evaluated, or anything with its ``base_fingerprint()`` and
+    ``embedded_guidance`` (what :mod:`opdkit.study` keeps instead of a loaded model); None options
+    take the benchmark's defaults, CFG through :func:`benchmark_cfg`.
     """
     sampler = dict(benchmark.sampler)
     return {
@@ -177,13 +177,13 @@ def eval_settings(benchmark: Benchmark, weights: str, *, samples: int | None = N
         "seed": seed,
         "samples_per_prompt": samples or benchmark.samples_per_prompt,
         "steps": steps or sampler.get("steps", 40),
-        "cfg": cfg if cfg is not None else sampler.get("cfg", 4.5),
+        "cfg": cfg if cfg is not None else benchmark_cfg(model, sampler),
         "resolution": sampler.get("resolution", 512),
         "shift": sampler.get("shift"),
         "protocol": benchmark.protocol,
         # results are kept per model *name*: retrained weights under the same name must not
         # resume from, or be mixed with, the images of the old weights
-        "weights": weights,
+        "weights": model.base_fingerprint(),
     }
 
 
