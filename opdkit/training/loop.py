@@ -1,4 +1,6 @@
-"""The one training loop. Every method (pretrain, GRPO, OPD) runs on it; none has a loop of its own.
+"""The one training loop (over 500 lines: everything a method must not repeat lives here, in functions under 80 lines).
+
+Every method (pretrain, GRPO, OPD) runs on it; none has a loop of its own.
 
 What the loop owns, written once:
 
