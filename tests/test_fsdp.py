@@ -33,7 +33,10 @@ FULL = [
 # GRPO loss is ~1e-8..1e-5: centred advantages). Weights differ by <= 2.3e-6 after the first
 # AdamW step (lr 1e-3): an element whose gradient is ~1e-8, near AdamW's eps, moves by
 # lr * g / (|g| + eps), so a rounding of its gradient moves the step; moments by <= 5e-10.
-METRIC_TOL = {"loss": 1e-7, "policy_loss": 1e-7, "reward": 1e-8, "kl": 1e-9, "grad_norm": 1e-8}
+# The loss is a mean of terms ratio x advantage of size ~1 that cancel to ~1e-5 (centred
+# advantages): summed in another order it moves by a few float32 ulps of the terms, not of the
+# result. Measured on the 8-shape world's prompts: |d loss| = 1.0e-7 at step 3.
+METRIC_TOL = {"loss": 5e-7, "policy_loss": 5e-7, "reward": 1e-8, "kl": 1e-9, "grad_norm": 1e-8}
 WEIGHT_TOL = 1e-5  # 1% of one step of lr 1e-3
 MOMENT_TOL = 1e-8
 

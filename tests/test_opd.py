@@ -4,7 +4,6 @@ cold start by delta merging, the run directory, and the SD3 path with two LoRA t
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import textwrap
 from pathlib import Path
@@ -134,8 +133,10 @@ def test_mar_gradient_pulls_toward_the_anchor(tmp_path: Path, teachers: tuple[Pa
     body += f"init: {{adapter: {teachers[0]}}}\nregularizers:\n  - {{type: mar, weight: 10.0, params: {{anchor: base}}}}\n"
     metrics = run_opd(tmp_path, body, teachers, ["train.loss_mode=direct", "train.max_steps=6", "train.lr=5e-3"])
     anchor = [m["kl_anchor/mar:base"] for m in metrics]
-    assert anchor[0] > 0 and anchor[-1] < 0.5 * anchor[0]
-    assert all(later < earlier for earlier, later in itertools.pairwise(anchor))
+    # Each step measures the KL on its own fresh rollouts, so it need not fall at every step
+    # (8-shape prompts: 1.2e-6, 5.0e-7, 3.4e-7, 2.0e-7, 2.7e-7, 1.7e-7); it must fall for good.
+    assert anchor[0] > 0 and anchor[-1] < 0.25 * anchor[0]
+    assert all(later < 0.5 * anchor[0] for later in anchor[1:])
 
 
 def test_opd_run_with_merge_init_writes_a_loadable_student(tmp_path: Path, teachers: tuple[Path, Path]) -> None:

@@ -220,9 +220,11 @@ def build_shapes_pipeline(
 
 def shapes_vocabulary() -> list[str]:
     """Every word the shapes prompt generator can write outside quotes (sorted, lower-case)."""
-    from opdkit.shapes.prompts import ALL_TAGS, enumerate_prompts
+    from opdkit.shapes.prompts import ALL_TAGS, TRAIN_TEMPLATES, enumerate_prompts
 
     words: set[str] = set()
+    for template in TRAIN_TEMPLATES:
+        words.update(w.lower() for w in re.findall(r"\w+", template))
     for tag in ALL_TAGS:
         for record in enumerate_prompts(tag):
             outside = re.sub(r'"[^"]*"', " ", record["prompt"])

@@ -12,8 +12,16 @@ plus the OCR tag: ``{"tag": "ocr", "prompt": "a sign that says \\"K7\\"", "text"
 
 Templates follow GenEval's (``a photo of a/an ...``, number words two-four, reference object
 first in position metadata, two different classes and two different colours in
-``color_attr``). Splits are disjoint by prompt string: the test split holds out whole
-compositions (e.g. "three triangles"), so scores on it measure compositional generalisation.
+``color_attr``). The test split uses GenEval's ``a photo of`` phrasing only; the train split
+also words its compositions in the other :data:`TRAIN_TEMPLATES` phrasings, so a tag has many
+more train prompts than compositions.
+
+Splits are disjoint by composition (the record without its prompt, e.g. "three triangles"),
+except ``single_object``, whose eight compositions are all tested (one per shape, as GenEval has
+one per class) and trained only in the ten phrasings the test never uses. Every part of a test
+prompt (shape, colour, count, relation) appears in the train prompts of its tag: objects seen,
+compositions new, as in GenEval, so scores on the test split measure compositional
+generalisation.
 """
 
 from __future__ import annotations
@@ -37,10 +45,19 @@ ALL_TAGS: tuple[str, ...] = (*GENEVAL_TAGS, "ocr")
 
 SPLIT_SEED: int = 20261125
 """Seed of the shipped splits; :func:`make_splits` with its defaults regenerates them."""
-N_TEST_PER_TAG: int = 48
+N_TEST_PER_TAG: int = 50
 TEST_FRACTION: float = 0.5
 MAX_TRAIN_PER_TAG: int = 2000
 SPLITS: tuple[str, ...] = ("train", "test")
+
+TEST_TEMPLATE: str = "a photo of {}"
+"""GenEval's phrasing: every test prompt, and what the record builders write by default."""
+TRAIN_TEMPLATES: tuple[str, ...] = (
+    TEST_TEMPLATE, "an image of {}", "a picture of {}", "a drawing of {}", "a render of {}",
+    "an illustration of {}", "a sketch of {}", "a scene with {}", "a painting of {}", "a view of {}", "{}",
+)
+"""Phrasings of the train split (GenEval's first): a teacher trained on one sentence frame learns
+the frame; several make it learn the words that vary."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -49,49 +66,81 @@ SPLITS: tuple[str, ...] = ("train", "test")
 
 
 def _a(word: str) -> str:
-    """English indefinite article for ``word`` ("an orange"), as GenEval's prompts use."""
-    return "an" if word[:1] in "aeiou" else "a"
+    """English indefinite article for ``word`` ("an orange", "an hourglass"), as GenEval's prompts use."""
+    return "an" if word[:1] in "aeiou" or word.startswith("hour") else "a"
 
 
-def single_object(shape: str) -> Record:
-    """``a photo of a circle``."""
+def single_object(shape: str, template: str = TEST_TEMPLATE) -> Record:
+    """``a photo of a circle`` (``template`` words the object phrase, e.g. ``"a sketch of {}"``)."""
     return {"tag": "single_object", "include": [{"class": shape, "count": 1}],
-            "prompt": f"a photo of {_a(shape)} {shape}"}
+            "prompt": template.format(f"{_a(shape)} {shape}")}
 
 
-def two_object(first: str, second: str) -> Record:
+def two_object(first: str, second: str, template: str = TEST_TEMPLATE) -> Record:
     """``a photo of a circle and a square`` (two different shapes)."""
     return {"tag": "two_object", "include": [{"class": first, "count": 1}, {"class": second, "count": 1}],
-            "prompt": f"a photo of {_a(first)} {first} and {_a(second)} {second}"}
+            "prompt": template.format(f"{_a(first)} {first} and {_a(second)} {second}")}
 
 
-def counting(shape: str, count: int) -> Record:
+def counting(shape: str, count: int, template: str = TEST_TEMPLATE) -> Record:
     """``a photo of three circles``; exclude names ``count + 1`` as GenEval does."""
     return {"tag": "counting", "include": [{"class": shape, "count": count}],
             "exclude": [{"class": shape, "count": count + 1}],
-            "prompt": f"a photo of {NUMBER_WORDS[count]} {PLURALS[shape]}"}
+            "prompt": template.format(f"{NUMBER_WORDS[count]} {PLURALS[shape]}")}
 
 
-def colors(color: str, shape: str) -> Record:
+def colors(color: str, shape: str, template: str = TEST_TEMPLATE) -> Record:
     """``a photo of a red circle``."""
     return {"tag": "colors", "include": [{"class": shape, "count": 1, "color": color}],
-            "prompt": f"a photo of {_a(color)} {color} {shape}"}
+            "prompt": template.format(f"{_a(color)} {color} {shape}")}
 
 
-def position(shape: str, relation: str, reference: str) -> Record:
+def position(shape: str, relation: str, reference: str, template: str = TEST_TEMPLATE) -> Record:
     """``a photo of a circle left of a square``: the reference object is include[0] (GenEval)."""
     return {"tag": "position",
             "include": [{"class": reference, "count": 1},
                         {"class": shape, "count": 1, "position": [relation, 0]}],
-            "prompt": f"a photo of {_a(shape)} {shape} {relation} {_a(reference)} {reference}"}
+            "prompt": template.format(f"{_a(shape)} {shape} {relation} {_a(reference)} {reference}")}
 
 
-def color_attr(color_a: str, shape_a: str, color_b: str, shape_b: str) -> Record:
+def color_attr(color_a: str, shape_a: str, color_b: str, shape_b: str, template: str = TEST_TEMPLATE) -> Record:
     """``a photo of a red circle and a blue square`` (different shapes, different colours)."""
     return {"tag": "color_attr",
             "include": [{"class": shape_a, "count": 1, "color": color_a},
                         {"class": shape_b, "count": 1, "color": color_b}],
-            "prompt": f"a photo of {_a(color_a)} {color_a} {shape_a} and {_a(color_b)} {color_b} {shape_b}"}
+            "prompt": template.format(f"{_a(color_a)} {color_a} {shape_a} and {_a(color_b)} {color_b} {shape_b}")}
+
+
+def rephrase(record: Record, template: str) -> Record:
+    """The same composition worded by ``template`` (a :data:`TRAIN_TEMPLATES` entry); OCR records
+    keep their one phrasing."""
+    if record["tag"] == "ocr":
+        return dict(record)
+    prefix, suffix = TEST_TEMPLATE.split("{}")
+    phrase = record["prompt"][len(prefix) : len(record["prompt"]) - len(suffix)]
+    return {**record, "prompt": template.format(phrase)}
+
+
+def composition(record: Record) -> str:
+    """What a prompt asks for, without its wording: the key splits are disjoint by."""
+    return json.dumps({k: v for k, v in record.items() if k != "prompt"}, sort_keys=True)
+
+
+def parts(record: Record) -> set[tuple[str, object]]:
+    """The parts of a record: ``("shape", s)``, ``("color", c)``, ``("count", n)``,
+    ``("relation", r)`` (``("glyph", g)`` for OCR)."""
+    if record["tag"] == "ocr":
+        return {("glyph", g) for g in record["text"]}
+    out: set[tuple[str, object]] = set()
+    for clause in record["include"]:
+        out.add(("shape", clause["class"]))
+        if clause["count"] > 1:
+            out.add(("count", clause["count"]))
+        if "color" in clause:
+            out.add(("color", clause["color"]))
+        if "position" in clause:
+            out.add(("relation", clause["position"][0]))
+    return out
 
 
 def ocr(text: str) -> Record:
@@ -226,13 +275,16 @@ def _draw_distinct(tag: str, n: int, rng: np.random.Generator) -> list[Record]:
 def make_splits(n_test_per_tag: int = N_TEST_PER_TAG, seed: int = SPLIT_SEED,
                 test_fraction: float = TEST_FRACTION, max_train_per_tag: int = MAX_TRAIN_PER_TAG,
                 tags: Sequence[str] = ALL_TAGS) -> tuple[list[Record], list[Record]]:
-    """Disjoint (by prompt string) train and test splits.
+    """Train and test splits, disjoint by composition (GenEval tags) or by text (OCR).
 
-    Per tag, the distinct prompts are shuffled (seeded) and the test split takes
-    ``min(n_test_per_tag, max(1, floor(test_fraction * total)))`` of them, so small tags keep
-    half their prompts for training (``single_object``: 2 test, 2 train). The train split takes
-    the rest, at most ``max_train_per_tag``. OCR draws in equal shares per text length (there
-    are only 12 one-glyph texts but 20,736 four-glyph ones).
+    Per GenEval tag, the compositions are shuffled (seeded) and the test split takes
+    ``min(n_test_per_tag, floor(test_fraction * total))`` of them in the ``a photo of`` phrasing;
+    the train split takes the other compositions in every :data:`TRAIN_TEMPLATES` phrasing (at
+    most ``max_train_per_tag`` prompts, a random subset). The shuffle is redrawn until every
+    test prompt's :func:`parts` appear in the tag's train prompts. ``single_object`` is the
+    exception: all its compositions are tested, and trained in the phrasings the test never
+    uses. OCR draws in equal shares per text length (there are only 12 one-glyph texts but
+    20,736 four-glyph ones).
 
     Returns:
         ``(train, test)`` lists of records, grouped by tag in ``tags`` order.
@@ -243,17 +295,56 @@ def make_splits(n_test_per_tag: int = N_TEST_PER_TAG, seed: int = SPLIT_SEED,
     test: list[Record] = []
     for tag in _check_tags(tags):
         rng = _tag_rng(seed, tag)
-        # Strata come smallest first (OCR: by length), and each takes an equal share of what
-        # is still wanted, so a stratum too small for its share passes the rest on.
-        strata = _strata(tag, enumerate_prompts(tag))
-        test_left, train_left = n_test_per_tag, max_train_per_tag
-        for done, group in enumerate(strata):
-            order = rng.permutation(len(group))
-            k = min(-(-test_left // (len(strata) - done)), max(1, int(test_fraction * len(group))))
-            m = min(-(-train_left // (len(strata) - done)), len(group) - k)
-            test.extend(group[int(i)] for i in order[:k])
-            train.extend(group[int(i)] for i in order[k : k + m])
-            test_left, train_left = test_left - k, train_left - m
+        if tag == "ocr":
+            tag_train, tag_test = _ocr_split(rng, n_test_per_tag, test_fraction, max_train_per_tag)
+        elif tag == "single_object":
+            tag_test = enumerate_prompts(tag)
+            tag_train = [rephrase(r, t) for r in tag_test for t in TRAIN_TEMPLATES if t != TEST_TEMPLATE]
+            tag_train = [tag_train[int(i)] for i in rng.permutation(len(tag_train))[:max_train_per_tag]]
+        else:
+            tag_train, tag_test = _composition_split(tag, rng, n_test_per_tag, test_fraction, max_train_per_tag)
+        train.extend(tag_train)
+        test.extend(tag_test)
+    return train, test
+
+
+_MAX_REDRAWS = 1000
+
+
+def _composition_split(tag: str, rng: np.random.Generator, n_test: int, test_fraction: float,
+                       max_train: int) -> tuple[list[Record], list[Record]]:
+    """One GenEval tag's ``(train, test)``: held-out compositions, train parts covering the test's."""
+    pool = enumerate_prompts(tag)
+    k = min(n_test, max(1, int(test_fraction * len(pool))))
+    for _ in range(_MAX_REDRAWS):
+        order = rng.permutation(len(pool))
+        test = [pool[int(i)] for i in order[:k]]
+        rest = [pool[int(i)] for i in order[k:]]
+        worded = [(r, t) for r in rest for t in TRAIN_TEMPLATES]
+        pick = rng.permutation(len(worded))[:max_train]
+        train = [rephrase(*worded[int(i)]) for i in pick]
+        seen = set().union(*(parts(r) for r in train))
+        if all(parts(r) <= seen for r in test):
+            return train, test
+    raise RuntimeError(f"no split of {tag!r} puts every test part in train after {_MAX_REDRAWS} draws")
+
+
+def _ocr_split(rng: np.random.Generator, n_test: int, test_fraction: float,
+               max_train: int) -> tuple[list[Record], list[Record]]:
+    """OCR's ``(train, test)``: disjoint texts, equal shares per length where possible."""
+    # Strata come smallest first (by length), and each takes an equal share of what is still
+    # wanted, so a stratum too small for its share passes the rest on.
+    strata = _strata("ocr", enumerate_prompts("ocr"))
+    train: list[Record] = []
+    test: list[Record] = []
+    test_left, train_left = n_test, max_train
+    for done, group in enumerate(strata):
+        order = rng.permutation(len(group))
+        k = min(-(-test_left // (len(strata) - done)), max(1, int(test_fraction * len(group))))
+        m = min(-(-train_left // (len(strata) - done)), len(group) - k)
+        test.extend(group[int(i)] for i in order[:k])
+        train.extend(group[int(i)] for i in order[k : k + m])
+        test_left, train_left = test_left - k, train_left - m
     return train, test
 
 
@@ -308,9 +399,12 @@ __all__ = [
     "ALL_TAGS",
     "GENEVAL_TAGS",
     "SPLIT_SEED",
+    "TEST_TEMPLATE",
+    "TRAIN_TEMPLATES",
     "Record",
     "color_attr",
     "colors",
+    "composition",
     "count_prompts",
     "counting",
     "enumerate_prompts",
@@ -318,8 +412,10 @@ __all__ = [
     "load_split",
     "make_splits",
     "ocr",
+    "parts",
     "position",
     "read_jsonl",
+    "rephrase",
     "sample_record",
     "sample_records",
     "single_object",

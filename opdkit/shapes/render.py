@@ -81,7 +81,14 @@ def shape_mask(shape: str, width: int, height: int) -> np.ndarray:
     - triangle (apex up): ``|u - .5| <= (r + 1) / (2 * height)``; the top row is never empty
       and the bottom row is full, so the mask's bounding box is the whole box;
     - cross: ``|u - .5| <= 1/6`` or ``|v - .5| <= 1/6`` (arms a third of the side thick),
-      widened to at least one pixel.
+      widened to at least one pixel;
+    - diamond: ``|u - .5| + |v - .5| <= 1/2 + 1/(2 width)`` (the centre columns reach the
+      top and bottom rows);
+    - hourglass: ``|u - .5| <= |v - .5| + 1/(2 width)`` (two triangles apex to apex, a waist at
+      least the centre columns wide);
+    - arch: the square less a notch ``|u - .5| < 1/4`` and ``v > 7/16`` (two legs and a lintel);
+    - arrow (apex up): a triangle head over the top half, ``|u - .5| <= (r + 1) / height``
+      for rows ``r < height / 2``, and a shaft ``|u - .5| <= 1/6`` below it.
 
     Every shape touches all four sides of its box, so a clean object's bounding box is exactly
     the box it was drawn in: the detector's templates line up pixel for pixel.
@@ -102,10 +109,21 @@ def shape_mask(shape: str, width: int, height: int) -> np.ndarray:
     elif shape == "triangle":
         rows = np.arange(height)[:, None]
         mask = du <= (rows + 1) / (2.0 * height) + eps
-    else:  # cross
+    elif shape == "cross":
         arm_u = max(1.0 / 6.0, 0.5 / width)  # at least the centre column
         arm_v = max(1.0 / 6.0, 0.5 / height)
         mask = (du <= arm_u + eps) | (dv <= arm_v + eps)
+    elif shape == "diamond":
+        mask = du + dv <= 0.5 + 0.5 / width + eps
+    elif shape == "hourglass":
+        mask = du <= dv + 0.5 / width + eps
+    elif shape == "arch":
+        mask = ~((du < 0.25 - eps) & (v[:, None] > 7.0 / 16.0 + eps))
+    else:  # arrow
+        rows = np.arange(height)[:, None]
+        head = (rows < height / 2.0) & (du <= (rows + 1) / float(height) + eps)
+        shaft = (rows >= height / 2.0) & (du <= max(1.0 / 6.0, 0.5 / width) + eps)
+        mask = head | shaft
     mask = np.ascontiguousarray(mask)
     mask.setflags(write=False)
     return mask

@@ -5,11 +5,13 @@ detector, the glyph reader, the quality measure and the model's tokenizer agree 
 
 Choices (measured on the clean/noisy sweeps documented in ``docs/results/shapes.md``):
 
-- Shapes: circle, square, triangle (apex up), cross. Their fill ratios of the bounding box
-  (0.79, 1.0, ~0.5, ~0.55) and their outlines differ enough that template matching separates
-  them on blurry, speckled 32x32 blobs; the closest pair is circle/square (IoU ~0.8 at our
-  sizes), so the smallest object is 8 px across: below that a rasterised circle is nearly a
-  square.
+- Shapes: circle, square, triangle (apex up), cross, diamond, hourglass, arch and arrow (apex
+  up). Eight classes, as GenEval has one single-object prompt per class: with four, the
+  compositions of a tag were too few for a train split that teaches anything transferable.
+  Their outlines differ enough that template matching separates them on blurry, speckled
+  32x32 blobs (``tests/shapes/test_detect.py`` checks every pair on clean and noisy renders);
+  the closest pairs are circle/square and arch/square (IoU ~0.75-0.8 at our sizes), so the
+  smallest object is 8 px across: below that a rasterised circle is nearly a square.
 - Palette: six corners of the RGB cube, named with GenEval's colour names. Any two palette
   colours, and any palette colour and the background, are at least 255 apart (Euclidean, 0-255
   units): the largest possible separation for 7 colours, so nearest-colour classification
@@ -28,10 +30,11 @@ from __future__ import annotations
 
 import numpy as np
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "diamond", "hourglass", "arch", "arrow")
 """Object class names, used verbatim as GenEval ``class`` values and in prompts."""
 
-PLURALS: dict[str, str] = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+PLURALS: dict[str, str] = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses",
+                           "diamond": "diamonds", "hourglass": "hourglasses", "arch": "arches", "arrow": "arrows"}
 """Plural forms for counting prompts ("a photo of three crosses")."""
 
 COLORS: dict[str, tuple[int, int, int]] = {

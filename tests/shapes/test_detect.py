@@ -52,6 +52,25 @@ def test_clean_detections_are_exact() -> None:
                 assert d.mask is not None and d.mask.shape == (32, 32)
 
 
+@pytest.mark.parametrize("side", [8, 16])
+def test_every_shape_is_told_from_every_other(side: int) -> None:
+    """Each shape alone, at both object sides, clean and noisy: named as itself, never as a rival."""
+    from opdkit.shapes.render import PlacedObject
+
+    rng = np.random.default_rng(side)
+    for shape in SHAPES:
+        image = paint([PlacedObject(shape, "green", (8, 8, 8 + side, 8 + side))])
+        dets = detect(image)
+        assert [d.box for d in dets[shape]] == [(8.0, 8.0, 8.0 + side, 8.0 + side)] and dets[shape][0].score > 0.95
+        assert not any(dets[other] for other in SHAPES if other != shape), (shape, dets)
+        hits = 0
+        for _ in range(20):
+            noisy = gaussian_noise(image[None], 0.1, rng)[0]
+            named = {name for name, ds in detect(noisy).items() for d in ds if d.score > 0.9}
+            hits += named == {shape}
+        assert hits >= 19, (shape, side, hits)
+
+
 def test_wrong_prompts_are_rejected() -> None:
     def accuracy(true: dict, asked: dict) -> float:
         images = render_batch([true] * 20, seed=3)
@@ -59,6 +78,10 @@ def test_wrong_prompts_are_rejected() -> None:
 
     assert accuracy(P.single_object("circle"), P.single_object("square")) == 0.0
     assert accuracy(P.single_object("triangle"), P.single_object("cross")) == 0.0
+    assert accuracy(P.single_object("arch"), P.single_object("square")) == 0.0
+    assert accuracy(P.single_object("diamond"), P.single_object("cross")) == 0.0
+    assert accuracy(P.single_object("hourglass"), P.single_object("triangle")) == 0.0
+    assert accuracy(P.single_object("arrow"), P.single_object("diamond")) == 0.0
     assert accuracy(P.counting("circle", 3), P.counting("circle", 2)) == 0.0  # exclude: 3 >= 3
     assert accuracy(P.counting("circle", 3), P.counting("circle", 4)) == 0.0
     assert accuracy(P.colors("red", "circle"), P.colors("purple", "circle")) == 0.0

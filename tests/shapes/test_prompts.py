@@ -119,18 +119,54 @@ def test_sample_record_ocr_lengths_are_balanced() -> None:
     assert set(lengths) == set(range(1, MAX_TEXT_LEN + 1)) and min(lengths.values()) > 60
 
 
-def test_splits_are_disjoint_and_sized() -> None:
+def test_splits_are_disjoint_by_composition_and_sized() -> None:
     train, test = P.make_splits()
-    train_prompts = {r["prompt"] for r in train}
-    test_prompts = {r["prompt"] for r in test}
-    assert not train_prompts & test_prompts
-    assert len(train_prompts) == len(train) and len(test_prompts) == len(test)
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert len({r["prompt"] for r in train}) == len(train) and len({r["prompt"] for r in test}) == len(test)
     test_counts = Counter(r["tag"] for r in test)
     train_counts = Counter(r["tag"] for r in train)
+    phrasings = len(P.TRAIN_TEMPLATES)
     for tag in P.ALL_TAGS:
         total = P.count_prompts(tag)
-        assert test_counts[tag] == min(P.N_TEST_PER_TAG, max(1, total // 2))
-        assert train_counts[tag] == min(P.MAX_TRAIN_PER_TAG, total - test_counts[tag])
+        tag_test = [r for r in test if r["tag"] == tag]
+        tag_train = [r for r in train if r["tag"] == tag]
+        if tag == "single_object":  # every shape tested once; trained in the other phrasings
+            assert test_counts[tag] == total == len(SHAPES)
+            assert train_counts[tag] == total * (phrasings - 1)
+        elif tag == "ocr":
+            assert test_counts[tag] == P.N_TEST_PER_TAG
+            assert train_counts[tag] == P.MAX_TRAIN_PER_TAG
+        else:
+            k = min(P.N_TEST_PER_TAG, total // 2)
+            assert test_counts[tag] == k
+            assert train_counts[tag] == min(P.MAX_TRAIN_PER_TAG, (total - k) * phrasings)
+            # Held-out compositions: no test composition is trained in any phrasing.
+            assert not {P.composition(r) for r in tag_train} & {P.composition(r) for r in tag_test}, tag
+        assert all(r["prompt"].startswith("a photo of ") for r in tag_test if tag != "ocr")
+        # Objects seen, compositions new: every part of a test prompt is trained in its tag.
+        seen = set().union(*(P.parts(r) for r in tag_train))
+        assert all(P.parts(r) <= seen for r in tag_test), tag
+        assert train_counts[tag] >= 10 * test_counts[tag], tag
+
+
+def test_every_test_tag_has_the_paper_scale_where_its_space_allows() -> None:
+    """At least 50 test prompts per tag wherever the tag has 100+ compositions; single_object all 8."""
+    test = P.load_split("test")
+    counts = Counter(r["tag"] for r in test)
+    for tag in P.GENEVAL_TAGS:
+        if P.count_prompts(tag) >= 2 * P.N_TEST_PER_TAG:
+            assert counts[tag] >= 50, tag
+    assert counts["single_object"] == len(SHAPES) >= 8
+
+
+def test_rephrase_keeps_the_composition() -> None:
+    record = P.position("arch", "above", "hourglass")
+    assert record["prompt"] == "a photo of an arch above an hourglass"
+    sketch = P.rephrase(record, "a sketch of {}")
+    assert sketch["prompt"] == "a sketch of an arch above an hourglass"
+    assert P.composition(sketch) == P.composition(record) and sketch["include"] == record["include"]
+    assert P.rephrase(record, "{}")["prompt"] == "an arch above an hourglass"
+    assert P.parts(record) == {("shape", "arch"), ("shape", "hourglass"), ("relation", "above")}
 
 
 def test_shipped_splits_equal_regeneration(tmp_path: Path) -> None:
