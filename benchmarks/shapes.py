@@ -22,7 +22,9 @@ from opdkit.scoring.shapes import score_shapes_geneval, score_shapes_ocr, score_
 # Sampler settings of every shapes benchmark: the base model was pretrained at 32 px.
 SHAPES_SAMPLER: dict[str, Any] = {"steps": 20, "cfg": 3.0, "resolution": 32, "shift": None}
 # 2: objects on the placement grid may touch the border; the majority filter replicates edge pixels.
-PROTOCOL_VERSION = "2"
+# 3: the eight-shape world: new prompt splits (disjoint by composition), quality purity scale 20 and
+#    detector IoU sharpness 40, so no score of version 2 is comparable to one of version 3.
+PROTOCOL_VERSION = "3"
 
 
 # seeds the sample of the large train tags (color_attr, ocr) in the validation set
