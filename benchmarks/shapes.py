@@ -8,6 +8,12 @@ are the ``shapes_*`` rewards' (:mod:`opdkit.scoring.shapes`).
 prompts per tag as the test split has (all of the small tags, a seeded sample of the large ones),
 so a recipe's settings can be chosen without looking at the test split. Its protocol names the
 split, so a leaderboard never ranks it beside test numbers as the same column.
+
+``split: heldout`` scores prompts that neither shipped split holds: compositions (OCR texts) no
+model has trained on, so a setting chosen on them is chosen for generalisation, not for a better
+fit to the train prompts. Only ``color_attr`` and ``ocr`` have such compositions to spare (the
+other tags' spaces are all in train or test), so it serves ``shapes-ocr``; the other benchmarks
+refuse it and say which tags lack spares.
 """
 
 from __future__ import annotations
@@ -29,11 +35,15 @@ PROTOCOL_VERSION = "3"
 
 # seeds the sample of the large train tags (color_attr, ocr) in the validation set
 VALIDATION_SEED = 0
+# seeds the sample of the held-out prompts (its own stream: the train-drawn set stays as it was)
+HELDOUT_SEED = 1
+BENCH_SPLITS: tuple[str, ...] = ("test", "train", "heldout")
 
 
 def _split_records(split: str, tags: tuple[str, ...] | None) -> list[dict[str, Any]]:
-    """Records of the benchmark: the test split, or (``"train"``) the validation set drawn from the
-    train split with the test split's count per tag; in both, only ``tags`` (None: all)."""
+    """Records of the benchmark: the test split, (``"train"``) the validation set drawn from the
+    train split, or (``"heldout"``) prompts of neither split, the last two with the test split's
+    count per tag (per text length for OCR); in all, only ``tags`` (None: all)."""
     from collections import Counter
 
     import numpy as np
@@ -41,11 +51,14 @@ def _split_records(split: str, tags: tuple[str, ...] | None) -> list[dict[str, A
     from opdkit.errors import OpdkitError
     from opdkit.shapes.prompts import load_split
 
-    if split not in ("test", "train"):
-        raise OpdkitError(f"shapes benchmarks: param split must be 'test' or 'train' (a validation set), got {split!r}")
+    if split not in BENCH_SPLITS:
+        raise OpdkitError(f"shapes benchmarks: param split must be one of {list(BENCH_SPLITS)} "
+                          f"('train' and 'heldout' are validation sets), got {split!r}")
     test = [r for r in load_split("test") if tags is None or r["tag"] in tags]
     if split == "test":
         return test
+    if split == "heldout":
+        return _heldout_records(test)
     wanted = Counter(r["tag"] for r in test)  # in the test split's tag order
     by_tag: dict[str, list[dict[str, Any]]] = {}
     for r in load_split("train"):
@@ -59,6 +72,49 @@ def _split_records(split: str, tags: tuple[str, ...] | None) -> list[dict[str, A
     return out
 
 
+def _heldout_records(test: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Prompts whose composition (OCR: text) is in neither shipped split, in the test phrasing:
+    per tag as many as ``test`` has, a seeded sample kept in the space's order.
+
+    OCR keeps the test's count per text length where it can; the 1- and 2-glyph texts are all in
+    train or test, so their share passes to the next length that has spares (3 and 4 glyphs)."""
+    from collections import Counter
+
+    import numpy as np
+
+    from opdkit.errors import OpdkitError
+    from opdkit.shapes.prompts import composition, enumerate_prompts, load_split
+
+    def length(r: dict[str, Any]) -> int:
+        return len(r["text"]) if r["tag"] == "ocr" else 0
+
+    used = {composition(r) for split in ("train", "test") for r in load_split(split)}
+    tags = list(dict.fromkeys(r["tag"] for r in test))
+    out: list[dict[str, Any]] = []
+    short: list[str] = []
+    for i, tag in enumerate(tags):
+        wanted = Counter(length(r) for r in test if r["tag"] == tag)
+        spare: dict[int, list[dict[str, Any]]] = {}
+        for r in enumerate_prompts(tag):
+            if composition(r) not in used:
+                spare.setdefault(length(r), []).append(r)
+        if sum(len(pool) for pool in spare.values()) < sum(wanted.values()):
+            short.append(tag)
+            continue
+        carry = 0
+        for n in sorted(set(wanted) | set(spare)):
+            pool = spare.get(n, [])
+            take = min(wanted.get(n, 0) + carry, len(pool))
+            carry += wanted.get(n, 0) - take
+            order = np.random.default_rng([HELDOUT_SEED, i, n]).permutation(len(pool))
+            out.extend(pool[int(j)] for j in sorted(order[:take]))
+    if short:
+        raise OpdkitError(f"shapes benchmarks: split 'heldout' has too few prompts outside the train and "
+                          f"test splits for tags {short} (their compositions are all in train or test); "
+                          f"only color_attr and ocr have spares: use shapes-ocr, or split=train")
+    return out
+
+
 def _mean(rows: list[dict[str, Any]], key: str = "score") -> float:
     return float(sum(r[key] for r in rows) / len(rows)) if rows else float("nan")
 
@@ -67,7 +123,7 @@ def _mean(rows: list[dict[str, Any]], key: str = "score") -> float:
 def shapes_geneval_bench(samples_per_prompt: int = 4, split: str = "test") -> Benchmark:
     """GenEval protocol on the shapes test split (six tags), exact shapes detector, strict verdicts.
 
-    ``split="train"``: the validation set instead (module docstring)."""
+    ``split="train"`` or ``"heldout"``: a validation set instead (module docstring)."""
     from opdkit.scoring.geneval import GENEVAL_TAGS, summarize
 
     def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -91,7 +147,7 @@ def shapes_geneval_bench(samples_per_prompt: int = 4, split: str = "test") -> Be
 def shapes_ocr_bench(samples_per_prompt: int = 4, split: str = "test") -> Benchmark:
     """flow_grpo's OCR metric (1 - capped edit distance / length) on the shapes test split's signs.
 
-    ``split="train"``: the validation set instead (module docstring)."""
+    ``split="train"`` or ``"heldout"``: a validation set instead (module docstring)."""
     return Benchmark(
         name="shapes-ocr",
         world="shapes",
@@ -110,7 +166,7 @@ def shapes_ocr_bench(samples_per_prompt: int = 4, split: str = "test") -> Benchm
 def shapes_quality_bench(samples_per_prompt: int = 4, split: str = "test") -> Benchmark:
     """Task-agnostic image quality in [0, 1] over every prompt of the shapes test split.
 
-    ``split="train"``: the validation set instead (module docstring)."""
+    ``split="train"`` or ``"heldout"``: a validation set instead (module docstring)."""
     def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
         by_tag: dict[str, list[dict[str, Any]]] = {}
         for r in rows:

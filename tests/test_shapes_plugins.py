@@ -76,5 +76,25 @@ def test_validation_split_mirrors_test_counts_without_test_prompts(name: str) ->
     assert {r["prompt"] for r in val.prompts} <= train
     assert [r["prompt"] for r in benchmarks.build(name, {"split": "train"}).prompts] == [r["prompt"] for r in val.prompts]
     assert "shapes-train" in val.protocol and "shapes-test" in test.protocol
-    with pytest.raises(OpdkitError, match="split must be 'test' or 'train'"):
+    with pytest.raises(OpdkitError, match=r"split must be one of \['test', 'train', 'heldout'\]"):
         benchmarks.build(name, {"split": "val"})
+
+
+def test_heldout_split_holds_only_unseen_compositions() -> None:
+    """shapes-ocr's held-out set: the test's count of texts, none in train or test, every glyph of
+    them trained, drawn the same way twice; benchmarks over tags without spares refuse it."""
+    from opdkit.errors import OpdkitError
+    from opdkit.shapes.prompts import composition, parts
+
+    test, heldout = benchmarks.build("shapes-ocr"), benchmarks.build("shapes-ocr", {"split": "heldout"})
+    assert len(heldout.prompts) == len(test.prompts) == len({r["text"] for r in heldout.prompts})
+    used = {composition(r) for split in ("train", "test") for r in load_split(split)}
+    assert not {composition(r) for r in heldout.prompts} & used
+    trained = set().union(*(parts(r) for r in load_split("train") if r["tag"] == "ocr"))
+    assert all(parts(r) <= trained for r in heldout.prompts)
+    again = benchmarks.build("shapes-ocr", {"split": "heldout"})
+    assert [r["prompt"] for r in again.prompts] == [r["prompt"] for r in heldout.prompts]
+    assert "shapes-heldout" in heldout.protocol
+    for name in ("shapes-geneval", "shapes-quality"):
+        with pytest.raises(OpdkitError, match=r"too few prompts outside the train and test splits for tags \['single_object'"):
+            benchmarks.build(name, {"split": "heldout"})
