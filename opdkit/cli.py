@@ -158,6 +158,10 @@ def eval_(
     param: Annotated[
         list[str] | None, typer.Option("--param", "-p", help="Benchmark parameter KEY=VALUE (repeatable).")
     ] = None,
+    step: Annotated[
+        int | None,
+        typer.Option("--checkpoint", help="A GRPO/OPD run's checkpoint of this step instead of its final weights (filed as <run>-step<N>)."),
+    ] = None,
 ) -> None:
     """Generate images for a benchmark's prompts, score them, and write results/<model>/<bench>.json."""
     from opdkit.eval.runner import check_eval_options, run_eval
@@ -177,6 +181,7 @@ def eval_(
         batch_size=batch_size,
         name=name,
         bench_params=params,
+        step=step,
     )
     from rich.table import Table
 

@@ -77,6 +77,71 @@ def final_lora_path(path: str | Path) -> Path:
     return file
 
 
+def checkpoint_steps(path: str | Path) -> list[int]:
+    """Steps of the complete checkpoints a run directory keeps (``checkpoints/step_<N>/``), sorted."""
+    steps = []
+    for directory in (Path(path) / "checkpoints").glob("step_*"):
+        number = directory.name.removeprefix("step_")
+        if number.isdigit() and (directory / "trainer_state.json").is_file():
+            steps.append(int(number))
+    return sorted(steps)
+
+
+def load_run_checkpoint(path: str | Path, step: int, *, merge: bool = True, device: str | None = None) -> FlowModel:
+    """The model of a run's checkpoint at ``step`` (to pick a step among those a run kept): its
+    base (from ``recipe.yaml``) plus the trained weights of that checkpoint, the EMA weights when
+    the run kept an EMA (as ``final/`` holds them), else the raw ones.
+
+    Args:
+        path: the run directory.
+        step: a step with a checkpoint (``train.checkpoint_every``; ``train.keep_checkpoints``
+            of them are kept).
+        merge: fold the LoRA adapter into the base weights.
+        device: move the model there (default: where the model builder put it).
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from opdkit.registry import models
+    from opdkit.training.trainable import ADAPTER, setup_trainable
+
+    root = Path(path)
+    recipe = read_run_recipe(root)
+    directory = root / "checkpoints" / f"step_{step:06d}"
+    if step not in checkpoint_steps(root):
+        kept = ", ".join(str(s) for s in checkpoint_steps(root)) or "none"
+        raise OpdkitError(f"{root}: no checkpoint at step {step} (kept: {kept})")
+    # the weights file is named after the trained module (opdkit.checkpoint); the EMA file holds
+    # the same parameter names
+    file = directory / "ema.safetensors"
+    if not file.is_file():
+        file = directory / "transformer.safetensors"
+    if not file.is_file():
+        raise OpdkitError(f"{directory}: neither ema.safetensors nor transformer.safetensors")
+    model = models.build(recipe.model.type, recipe.model.builder_params())
+    if device is not None:
+        model.to(device=device)
+    lora = getattr(recipe.train, "lora", None)
+    if lora is not None:  # the adapter the trainer added, under the same parameter names
+        trainable = setup_trainable(model, lora)
+        params = dict(zip(trainable.names, trainable.params, strict=True))
+    else:  # full fine-tuning trained every parameter (no frozen reference copy needed here)
+        params = dict(model.transformer.named_parameters())
+    saved = load_file(str(file))
+    if set(saved) != set(params):
+        odd = sorted(set(saved) ^ set(params))
+        raise OpdkitError(
+            f"{file}: its {len(saved)} tensors do not match the run's {len(params)} trained parameters (first: {odd[0]})"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(saved[name])
+    model.transformer.requires_grad_(False)
+    if lora is not None and merge:
+        model.merge_lora(ADAPTER)
+    return model
+
+
 def load_run_model(path: str | Path, *, merge: bool = True, device: str | None = None) -> FlowModel:
     """The model a run trained: its base (from ``recipe.yaml``) plus its final weights.
 

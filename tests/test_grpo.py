@@ -161,6 +161,32 @@ def test_run_directory_metrics_and_eval_model(tmp_path: Path, one_thread: None) 
         x_base = sample_ode(base, ["a red cube"], steps=3, cfg=3.0, resolution=32, seed=[1])
     assert not torch.allclose(x_run, x_base)
 
+    # `opdkit eval --checkpoint N`: the checkpoint of the last step is the final model (EMA weights in
+    # both), filed apart from it; a step without a checkpoint names the kept ones
+    from opdkit.runs import checkpoint_steps
+
+    assert checkpoint_steps(run) == [2, 3]
+    model_3, name_3 = resolve_model(str(run), step=3)
+    assert name_3 == "run-step3" and model_3.lora_names() == []
+    x_step = sample_ode(model_3, ["a red cube"], steps=3, cfg=3.0, resolution=32, seed=[1])
+    torch.testing.assert_close(x_step, x_run, atol=0.0, rtol=0.0)
+    model_2, _ = resolve_model(str(run), step=2)
+    assert not torch.equal(sample_ode(model_2, ["a red cube"], steps=3, cfg=3.0, resolution=32, seed=[1]), x_run)
+    with pytest.raises(OpdkitError, match=r"no checkpoint at step 1 \(kept: 2, 3\)"):
+        resolve_model(str(run), step=1)
+    with pytest.raises(OpdkitError, match="not a GRPO/OPD run directory"):
+        resolve_model(str(tmp_path), step=3)
+    from typer.testing import CliRunner
+
+    from opdkit.cli import app
+
+    results = tmp_path / "results"
+    args = ["eval", "-b", "shapes-quality", "-m", str(run), "--checkpoint", "2", "--limit", "1", "--samples", "1", "-o", str(results)]
+    outcome = CliRunner().invoke(app, args)
+    assert outcome.exit_code == 0, outcome.output
+    summary = json.loads((results / "run-step2" / "shapes-quality.json").read_text())
+    assert summary["model"] == "run-step2" and summary["model_source"] == f"{run} --checkpoint 2"
+
     with pytest.raises(OpdkitError, match="--resume"):
         train(recipe, run)
 

@@ -45,15 +45,23 @@ def image_seed(base_seed: int, prompt_index: int, sample_index: int) -> int:
     return (base_seed * 1_000_003 + prompt_index * 1_009 + sample_index) % (2**63 - 1)
 
 
-def resolve_model(spec: str) -> tuple[FlowModel, str]:
+def resolve_model(spec: str, step: int | None = None) -> tuple[FlowModel, str]:
     """A model from a registered name (``shapes-base``), a pipeline or run directory, or a committed run.
 
+    ``step`` picks a GRPO/OPD run's checkpoint of that step instead of its final weights (results
+    are then filed under ``<run>-step<N>``, apart from the final model's).
     Returns the model and the name results are filed under.
     """
     from opdkit.checkpoint import COMMITTED_DIR, resolve_weights_path
 
     # a user path, else a run committed with the package such as shapes-teachers/ocr
     path = Path(spec).expanduser() if spec in models.names() else resolve_weights_path(spec)
+    if step is not None:
+        if not (path.is_dir() and (path / "recipe.yaml").is_file() and (path / "checkpoints").is_dir()):
+            raise OpdkitError(f"--checkpoint {step}: --model {spec} is not a GRPO/OPD run directory with checkpoints/")
+        from opdkit.runs import load_run_checkpoint
+
+        return load_run_checkpoint(path, step), f"{path.resolve().name}-step{step}"
     if path.is_dir():
         if (path / "model" / "model_index.json").is_file():  # a pretrain run directory
             path = path / "model"
@@ -126,14 +134,17 @@ def run_eval(
     batch_size: int = 32,
     name: str | None = None,
     bench_params: dict[str, Any] | None = None,
+    step: int | None = None,
 ) -> dict[str, Any]:
-    """Run one benchmark on one model; returns the summary written to ``<bench>.json``.
+    """Run one benchmark on one model (``step``: a run's checkpoint, see :func:`resolve_model`);
+    returns the summary written to ``<bench>.json``.
 
     Raises :class:`OpdkitError` for an option out of range, a results name that would leave
     ``out_dir``, or a results folder another eval is writing, before anything is written.
     """
     check_eval_options(samples=samples, limit=limit, steps=steps, cfg=cfg, batch_size=batch_size, name=name)
-    flow_model, default_name = resolve_model(model)
+    check_count("--checkpoint", step, minimum=0)
+    flow_model, default_name = resolve_model(model, step)
     if name is None:
         try:
             check_folder_name("--name", default_name)
@@ -159,7 +170,8 @@ def run_eval(
     root = Path(out_dir) / model_name
     root.mkdir(parents=True, exist_ok=True)
     with results_lock(root), naming_path(root):
-        return _run_locked(root, benchmark, flow_model, model, model_name, records, settings, limit, seed,
+        source = model if step is None else f"{model} --checkpoint {step}"
+        return _run_locked(root, benchmark, flow_model, source, model_name, records, settings, limit, seed,
                            batch_size)
 
 
