@@ -167,7 +167,8 @@ def eval_(
     from opdkit.eval.runner import check_eval_options, run_eval
 
     # ranges first: a bad value is one line before any model is loaded or any file written
-    check_eval_options(samples=samples, limit=limit, steps=steps, cfg=cfg, batch_size=batch_size, name=name)
+    check_eval_options(samples=samples, limit=limit, steps=steps, cfg=cfg, batch_size=batch_size, name=name,
+                       checkpoint=step)  # fmt: skip
     params = _parse_params(param or [])
     summary = run_eval(
         bench=bench,

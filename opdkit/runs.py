@@ -79,8 +79,10 @@ def final_lora_path(path: str | Path) -> Path:
 
 def checkpoint_steps(path: str | Path) -> list[int]:
     """Steps of the complete checkpoints a run directory keeps (``checkpoints/step_<N>/``), sorted."""
+    from opdkit.rundir import RunDir
+
     steps = []
-    for directory in (Path(path) / "checkpoints").glob("step_*"):
+    for directory in RunDir(path).checkpoints.glob("step_*"):
         number = directory.name.removeprefix("step_")
         if number.isdigit() and (directory / "trainer_state.json").is_file():
             steps.append(int(number))
@@ -99,18 +101,19 @@ def load_run_checkpoint(path: str | Path, step: int, *, merge: bool = True, devi
         merge: fold the LoRA adapter into the base weights.
         device: move the model there (default: where the model builder put it).
     """
-    import torch
     from safetensors.torch import load_file
 
+    from opdkit.checkpoint import load_module_state
     from opdkit.registry import models
+    from opdkit.rundir import RunDir
     from opdkit.training.trainable import ADAPTER, setup_trainable
 
     root = Path(path)
     recipe = read_run_recipe(root)
-    directory = root / "checkpoints" / f"step_{step:06d}"
-    if step not in checkpoint_steps(root):
-        kept = ", ".join(str(s) for s in checkpoint_steps(root)) or "none"
-        raise OpdkitError(f"{root}: no checkpoint at step {step} (kept: {kept})")
+    kept = checkpoint_steps(root)
+    if step not in kept:
+        raise OpdkitError(f"{root}: no checkpoint at step {step} (kept: {', '.join(map(str, kept)) or 'none'})")
+    directory = RunDir(root).checkpoint_dir(step)
     # the weights file is named after the trained module (opdkit.checkpoint); the EMA file holds
     # the same parameter names
     file = directory / "ema.safetensors"
@@ -122,20 +125,16 @@ def load_run_checkpoint(path: str | Path, step: int, *, merge: bool = True, devi
     if device is not None:
         model.to(device=device)
     lora = getattr(recipe.train, "lora", None)
-    if lora is not None:  # the adapter the trainer added, under the same parameter names
-        trainable = setup_trainable(model, lora)
-        params = dict(zip(trainable.names, trainable.params, strict=True))
-    else:  # full fine-tuning trained every parameter (no frozen reference copy needed here)
-        params = dict(model.transformer.named_parameters())
+    # LoRA: the adapter the trainer added, under the same parameter names; full fine-tuning
+    # trained every parameter (no frozen reference copy needed here)
+    names = setup_trainable(model, lora).names if lora is not None else [n for n, _ in model.transformer.named_parameters()]
     saved = load_file(str(file))
-    if set(saved) != set(params):
-        odd = sorted(set(saved) ^ set(params))
+    if set(saved) != set(names):
+        odd = sorted(set(saved) ^ set(names))
         raise OpdkitError(
-            f"{file}: its {len(saved)} tensors do not match the run's {len(params)} trained parameters (first: {odd[0]})"
+            f"{file}: its {len(saved)} tensors do not match the run's {len(names)} trained parameters (first: {odd[0]})"
         )
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(saved[name])
+    load_module_state(model.transformer, saved)
     model.transformer.requires_grad_(False)
     if lora is not None and merge:
         model.merge_lora(ADAPTER)

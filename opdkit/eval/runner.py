@@ -142,8 +142,8 @@ def run_eval(
     Raises :class:`OpdkitError` for an option out of range, a results name that would leave
     ``out_dir``, or a results folder another eval is writing, before anything is written.
     """
-    check_eval_options(samples=samples, limit=limit, steps=steps, cfg=cfg, batch_size=batch_size, name=name)
-    check_count("--checkpoint", step, minimum=0)
+    check_eval_options(samples=samples, limit=limit, steps=steps, cfg=cfg, batch_size=batch_size, name=name,
+                       checkpoint=step)  # fmt: skip
     flow_model, default_name = resolve_model(model, step)
     if name is None:
         try:
@@ -311,15 +311,17 @@ def benchmark_cfg(model: Any, sampler: dict[str, Any]) -> float:
 
 
 def check_eval_options(*, samples: int | None = None, limit: int | None = None, steps: int | None = None,
-                       cfg: float | None = None, batch_size: int = 1, name: str | None = None) -> None:  # fmt: skip
+                       cfg: float | None = None, batch_size: int = 1, name: str | None = None,
+                       checkpoint: int | None = None) -> None:  # fmt: skip
     """Refuse a value out of range with one line naming its option (None: the benchmark's default).
 
     Counts are >= 1 (``--samples 0`` is not "the default", ``--limit -1`` not "all but the
-    last"), the guidance scale is finite and >= 0 (a NaN would make every rerun refuse its own
-    settings), and ``--name`` is one folder name inside ``--out``.
+    last"), a checkpoint step >= 0, the guidance scale is finite and >= 0 (a NaN would make every
+    rerun refuse its own settings), and ``--name`` is one folder name inside ``--out``.
     """
     for option, value in (("--samples", samples), ("--limit", limit), ("--steps", steps), ("--batch-size", batch_size)):
         check_count(option, value)
+    check_count("--checkpoint", checkpoint, minimum=0)
     check_float("--cfg", cfg, minimum=0.0)
     if name is not None:
         check_folder_name("--name", name)
