@@ -14,6 +14,11 @@ model has trained on, so a setting chosen on them is chosen for generalisation, 
 fit to the train prompts. Only ``color_attr`` and ``ocr`` have such compositions to spare (the
 other tags' spaces are all in train or test), so it serves ``shapes-ocr``; the other benchmarks
 refuse it and say which tags lack spares.
+
+``split: fold`` scores the validation fold (:func:`opdkit.shapes.prompts.validation_fold`): a
+quarter of each tag's train compositions, which a run trained with ``prompts.split:
+train-minus-fold`` has never seen. It serves every shapes benchmark; it is how a GenEval setting
+is chosen for generalisation (the base was pretrained on the fold, the run was not).
 """
 
 from __future__ import annotations
@@ -37,13 +42,14 @@ PROTOCOL_VERSION = "3"
 VALIDATION_SEED = 0
 # seeds the sample of the held-out prompts (its own stream: the train-drawn set stays as it was)
 HELDOUT_SEED = 1
-BENCH_SPLITS: tuple[str, ...] = ("test", "train", "heldout")
+BENCH_SPLITS: tuple[str, ...] = ("test", "train", "heldout", "fold")
 
 
 def _split_records(split: str, tags: tuple[str, ...] | None) -> list[dict[str, Any]]:
     """Records of the benchmark: the test split, (``"train"``) the validation set drawn from the
     train split, or (``"heldout"``) prompts of neither split, the last two with the test split's
-    count per tag (per text length for OCR); in all, only ``tags`` (None: all)."""
+    count per tag (per text length for OCR), or (``"fold"``) the validation fold; in all, only
+    ``tags`` (None: all)."""
     from collections import Counter
 
     import numpy as np
@@ -53,7 +59,11 @@ def _split_records(split: str, tags: tuple[str, ...] | None) -> list[dict[str, A
 
     if split not in BENCH_SPLITS:
         raise OpdkitError(f"shapes benchmarks: param split must be one of {list(BENCH_SPLITS)} "
-                          f"('train' and 'heldout' are validation sets), got {split!r}")
+                          f"('train', 'heldout' and 'fold' are validation sets), got {split!r}")
+    if split == "fold":
+        from opdkit.shapes.prompts import GENEVAL_TAGS, validation_fold
+
+        return validation_fold([t for t in (*GENEVAL_TAGS, "ocr") if tags is None or t in tags])
     test = [r for r in load_split("test") if tags is None or r["tag"] in tags]
     if split == "test":
         return test

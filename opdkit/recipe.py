@@ -119,7 +119,8 @@ class PromptsSpec(_Strict):
     """Where prompts come from: a built-in set (``shapes``) or a JSONL/TXT file path."""
 
     dataset: str | list[str] = "shapes"  # shapes, a named prompt set, a file path, or a list of them
-    split: Literal["train", "test"] = "train"
+    # shapes only; train-minus-fold: train without the validation fold that `-p split=fold` scores
+    split: Literal["train", "test", "train-minus-fold"] = "train"
     tags: list[str] | None = None  # keep only records whose task tag is listed
     tag: str | None = None  # task tag given to records that carry none (plain .txt prompt files)
     limit: int | None = Field(default=None, ge=1)

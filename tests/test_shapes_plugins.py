@@ -76,8 +76,39 @@ def test_validation_split_mirrors_test_counts_without_test_prompts(name: str) ->
     assert {r["prompt"] for r in val.prompts} <= train
     assert [r["prompt"] for r in benchmarks.build(name, {"split": "train"}).prompts] == [r["prompt"] for r in val.prompts]
     assert "shapes-train" in val.protocol and "shapes-test" in test.protocol
-    with pytest.raises(OpdkitError, match=r"split must be one of \['test', 'train', 'heldout'\]"):
+    with pytest.raises(OpdkitError, match=r"split must be one of \['test', 'train', 'heldout', 'fold'\]"):
         benchmarks.build(name, {"split": "val"})
+
+
+def test_validation_fold_is_cut_from_train_and_left_out_of_train_minus_fold() -> None:
+    """The fold: a quarter of each tag's train compositions, none in train-minus-fold, no prompt
+    of the test split, every part still trained (single_object: in the other tags); the recipe's
+    ``prompts.split: train-minus-fold`` loads train without it and shapes benchmarks score it."""
+    from collections import Counter
+
+    from opdkit.data.sources import load_prompts
+    from opdkit.recipe import PromptsSpec
+    from opdkit.shapes.prompts import TRAIN_MINUS_FOLD, composition, parts, validation_fold
+
+    fold, train = validation_fold(), load_split("train")
+    rest = load_prompts(PromptsSpec(dataset="shapes", split=TRAIN_MINUS_FOLD))
+    held = {composition(r) for r in fold}
+    assert len(held) == len(fold)
+    assert held <= {composition(r) for r in train}
+    assert not held & {composition(r) for r in rest}
+    assert len(rest) == sum(composition(r) not in held for r in train) < len(train)
+    assert not {r["prompt"] for r in fold} & {r["prompt"] for r in load_split("test")}
+    for tag, n in Counter(r["tag"] for r in fold).items():
+        n_train = len({composition(r) for r in train if r["tag"] == tag})
+        assert n == min(50, max(1, round(0.25 * n_train))), tag
+        pool = [r for r in rest if tag == "single_object" or r["tag"] == tag]
+        trained = set().union(*(parts(r) for r in pool))
+        assert all(parts(r) <= trained for r in fold if r["tag"] == tag), tag
+    assert set(Counter(r["tag"] for r in fold)) == {r["tag"] for r in train}
+    assert [r["prompt"] for r in validation_fold()] == [r["prompt"] for r in fold]
+    bench = benchmarks.build("shapes-geneval", {"split": "fold"})
+    assert [r["prompt"] for r in bench.prompts] == [r["prompt"] for r in fold if r["tag"] != "ocr"]
+    assert "shapes-fold" in bench.protocol
 
 
 def test_heldout_split_holds_only_unseen_compositions() -> None:

@@ -206,7 +206,8 @@ class PromptSelection(Protocol):
 
     Attributes:
         dataset: a source name or path, or a list of them (records concatenated in that order).
-        split: the shapes split, ``"train"`` or ``"test"`` (other sources have one).
+        split: the shapes split, ``"train"``, ``"test"`` or ``"train-minus-fold"`` (other
+            sources have one).
         tags: keep only records whose task tag is listed (``None``: all).
         tag: the task tag of records that carry none (plain ``.txt`` prompt files).
         limit: keep the first ``limit`` records (``None``: all).

@@ -381,8 +381,80 @@ def _split_lines(split: str) -> tuple[str, ...]:
 
 
 def load_split(split: str) -> list[Record]:
-    """The shipped ``"train"`` or ``"test"`` split: fresh record dicts on every call."""
+    """The shipped ``"train"`` or ``"test"`` split, or ``"train-minus-fold"`` (the train split
+    without the compositions of :func:`validation_fold`): fresh record dicts on every call."""
+    if split == TRAIN_MINUS_FOLD:
+        held = _fold_compositions()
+        return [r for r in load_split("train") if composition(r) not in held]
     return [json.loads(line) for line in _split_lines(split)]
+
+
+# ------------------------------------------------------------------------------------------
+# The validation fold: train compositions held out from RL
+# ------------------------------------------------------------------------------------------
+
+TRAIN_MINUS_FOLD: str = "train-minus-fold"
+"""The train split without the validation fold: what a run trains on when its settings are to be
+scored on the fold (``prompts.split: train-minus-fold``)."""
+FOLD_SEED: int = 20261206
+FOLD_FRACTION: float = 0.25
+FOLD_SINGLE_OBJECT_TEMPLATE: str = TRAIN_TEMPLATES[1]
+
+
+def validation_fold(tags: Sequence[str] = ALL_TAGS) -> list[Record]:
+    """A validation fold cut from the train split: per tag, a quarter of its train compositions
+    (at most :data:`N_TEST_PER_TAG`), one record each in the test phrasing (``single_object``:
+    ``an image of``, so that no fold prompt is a test prompt), grouped by tag.
+
+    Why: the shipped splits use every composition of most GenEval tags, so no composition is
+    left that no model has seen. The fold is the next best thing for choosing post-training
+    settings: a run trained on ``train-minus-fold`` never sees the fold's compositions, so its
+    score on them (``opdkit eval -p split=fold``) measures how its gain carries over to new
+    compositions, as the test split does, rather than how well it fits its train prompts. The
+    base model was pretrained on the whole train split, fold included; the test split stays
+    unread.
+
+    The draw is seeded (:data:`FOLD_SEED`) and redrawn until every fold record's :func:`parts`
+    remain in its tag's train-minus-fold prompts. ``single_object`` is the exception: its
+    composition is its one part (the shape), so its two held-out shapes remain in the other
+    tags' prompts only.
+    """
+    out: list[Record] = []
+    by_tag: dict[str, list[Record]] = {}
+    for r in load_split("train"):
+        by_tag.setdefault(r["tag"], []).append(r)
+    for tag in _check_tags(tags):
+        out.extend(_fold_of_tag(tag, by_tag.get(tag, [])))
+    return out
+
+
+def _fold_of_tag(tag: str, train: list[Record]) -> list[Record]:
+    """One tag's fold (see :func:`validation_fold`), in the order of the tag's train records."""
+    phrased: dict[str, Record] = {}
+    for r in train if tag == "ocr" else enumerate_prompts(tag):  # OCR has one phrasing
+        # single_object's test prompts are its compositions in the test phrasing: the fold words
+        # its shapes in a train phrasing so that it never repeats a test prompt
+        phrased.setdefault(composition(r), rephrase(r, FOLD_SINGLE_OBJECT_TEMPLATE) if tag == "single_object" else r)
+    keys = list(dict.fromkeys(composition(r) for r in train))
+    if not keys:
+        return []
+    k = min(N_TEST_PER_TAG, max(1, round(FOLD_FRACTION * len(keys))))
+    rng = _tag_rng(FOLD_SEED, tag)
+    for _ in range(_MAX_REDRAWS):
+        held = {keys[int(i)] for i in rng.permutation(len(keys))[:k]}
+        rest = [r for r in train if composition(r) not in held]
+        seen = set().union(*(parts(r) for r in rest))
+        fold = [r for r in train if composition(r) in held]
+        if tag == "single_object" or all(parts(r) <= seen for r in fold):
+            break
+    else:
+        raise RuntimeError(f"no fold of {tag!r} leaves every part in train after {_MAX_REDRAWS} draws")
+    return [dict(phrased[key]) for key in keys if key in held]
+
+
+@cache
+def _fold_compositions() -> frozenset[str]:
+    return frozenset(composition(r) for r in validation_fold())
 
 
 def write_shipped_splits(directory: str | Path | None = None) -> dict[str, Path]:
@@ -400,6 +472,7 @@ __all__ = [
     "GENEVAL_TAGS",
     "SPLIT_SEED",
     "TEST_TEMPLATE",
+    "TRAIN_MINUS_FOLD",
     "TRAIN_TEMPLATES",
     "Record",
     "color_attr",
@@ -421,6 +494,7 @@ __all__ = [
     "single_object",
     "split_path",
     "two_object",
+    "validation_fold",
     "write_jsonl",
     "write_shipped_splits",
 ]
