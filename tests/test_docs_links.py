@@ -23,9 +23,21 @@ def heading_slug(title: str) -> str:
     return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
 
 
+def unique_slugs(titles: list[str]) -> list[str]:
+    """GitHub's anchors for a page's headings in order: a repeated slug gets ``-1``, ``-2``, ..."""
+    seen: dict[str, int] = {}
+    out = []
+    for title in titles:
+        slug = heading_slug(title)
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.append(f"{slug}-{n}" if n else slug)
+    return out
+
+
 def anchors(page: Path) -> set[str]:
     text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.DOTALL)  # no code blocks
-    return {heading_slug(title) for title in HEADING.findall(text)}
+    return set(unique_slugs(HEADING.findall(text)))
 
 
 def test_heading_slug_follows_github() -> None:
@@ -33,6 +45,9 @@ def test_heading_slug_follows_github() -> None:
         "past-400-steps-2026-12-06-ocr-gains-quality-does-not"
     )
     assert heading_slug("`kl_only` with the fixed sampled KL advantage") == "kl_only-with-the-fixed-sampled-kl-advantage"
+    assert unique_slugs(["What is left", "Runs", "What is left", "What is left"]) == [
+        "what-is-left", "runs", "what-is-left-1", "what-is-left-2"
+    ]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
