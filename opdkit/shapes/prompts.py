@@ -1,4 +1,6 @@
-"""Prompt records of the shapes world, in GenEval's metadata schema, plus the shipped splits.
+"""Prompt records of the shapes world, in GenEval's metadata schema, plus the shipped splits and
+the validation fold (over 500 lines: records, splits and fold all derive from one enumeration,
+:func:`enumerate_prompts`, and one composition key).
 
 A record is a plain dict, exactly like a line of GenEval's ``evaluation_metadata.jsonl``::
 
