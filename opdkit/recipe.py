@@ -126,6 +126,13 @@ class PromptsSpec(_Strict):
     limit: int | None = Field(default=None, ge=1)
     balance_tags: bool = False  # draw each step's prompts evenly over the task tags
 
+    @model_validator(mode="after")
+    def _fold_needs_shapes(self) -> PromptsSpec:
+        sources = [self.dataset] if isinstance(self.dataset, str) else self.dataset
+        if self.split == "train-minus-fold" and "shapes" not in sources:
+            raise KeyedValueError(("split",), f"'train-minus-fold' needs the shapes dataset, got dataset {self.dataset!r}")
+        return self
+
 
 class PretrainSamplerSpec(_Strict):
     """What pretraining reads of the sampler: the image side it renders at."""

@@ -211,6 +211,12 @@ CASES = [
         edits=(("  resolution: 32", "  resolution: 32\n  train_window: [2, 9]"),),
     ),
     Case(
+        "fold-without-shapes",
+        r"{file}:{line}: prompts\.split: 'train-minus-fold' needs the shapes dataset, got dataset 'drawbench'",
+        anchor="split:",
+        edits=(("dataset: shapes", "dataset: drawbench\n  split: train-minus-fold"),),
+    ),
+    Case(
         "prompts-file-missing",
         r"{file}:{line}: prompts\.dataset: prompt file '.*missing_prompts\.jsonl' does not exist",
         anchor="dataset:",

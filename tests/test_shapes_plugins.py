@@ -109,6 +109,12 @@ def test_validation_fold_is_cut_from_train_and_left_out_of_train_minus_fold() ->
     bench = benchmarks.build("shapes-geneval", {"split": "fold"})
     assert [r["prompt"] for r in bench.prompts] == [r["prompt"] for r in fold if r["tag"] != "ocr"]
     assert "shapes-fold" in bench.protocol
+    from types import SimpleNamespace
+
+    from opdkit.errors import OpdkitError
+
+    with pytest.raises(OpdkitError, match="'train-minus-fold' needs the shapes dataset"):
+        load_prompts(SimpleNamespace(dataset="drawbench", split=TRAIN_MINUS_FOLD, tags=None, tag=None, limit=None))
 
 
 def test_heldout_split_holds_only_unseen_compositions() -> None:

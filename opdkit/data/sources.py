@@ -253,6 +253,9 @@ def check_prompt_source(spec: PromptSelection) -> None:
 def load_prompts(spec: PromptSelection) -> list[dict[str, Any]]:
     """The prompt records ``spec`` selects, in source order, filtered by tag and limited."""
     check_prompt_source(spec)
+    if spec.split == "train-minus-fold" and "shapes" not in _sources(spec):
+        # the fold is cut from the shapes train split; elsewhere the split would be ignored silently
+        raise OpdkitError(f"prompts.split: 'train-minus-fold' needs the shapes dataset, got dataset {spec.dataset!r}")
     records: list[dict[str, Any]] = []
     for source in _sources(spec):
         if source == "shapes":
