@@ -61,9 +61,9 @@ def _split_records(split: str, tags: tuple[str, ...] | None) -> list[dict[str, A
         raise OpdkitError(f"shapes benchmarks: param split must be one of {list(BENCH_SPLITS)} "
                           f"('train', 'heldout' and 'fold' are validation sets), got {split!r}")
     if split == "fold":
-        from opdkit.shapes.prompts import GENEVAL_TAGS, validation_fold
+        from opdkit.shapes.prompts import ALL_TAGS, validation_fold
 
-        return validation_fold([t for t in (*GENEVAL_TAGS, "ocr") if tags is None or t in tags])
+        return validation_fold([t for t in ALL_TAGS if tags is None or t in tags])
     test = [r for r in load_split("test") if tags is None or r["tag"] in tags]
     if split == "test":
         return test

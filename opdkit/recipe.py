@@ -127,10 +127,12 @@ class PromptsSpec(_Strict):
     balance_tags: bool = False  # draw each step's prompts evenly over the task tags
 
     @model_validator(mode="after")
-    def _fold_needs_shapes(self) -> PromptsSpec:
-        sources = [self.dataset] if isinstance(self.dataset, str) else self.dataset
-        if self.split == "train-minus-fold" and "shapes" not in sources:
-            raise KeyedValueError(("split",), f"'train-minus-fold' needs the shapes dataset, got dataset {self.dataset!r}")
+    def _split_fits_sources(self) -> PromptsSpec:
+        from opdkit.data.sources import prompt_split_problem
+
+        problem = prompt_split_problem(self)
+        if problem is not None:
+            raise KeyedValueError(("split",), problem)
         return self
 
 

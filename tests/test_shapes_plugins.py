@@ -85,8 +85,10 @@ def test_validation_fold_is_cut_from_train_and_left_out_of_train_minus_fold() ->
     of the test split, every part still trained (single_object: in the other tags); the recipe's
     ``prompts.split: train-minus-fold`` loads train without it and shapes benchmarks score it."""
     from collections import Counter
+    from types import SimpleNamespace
 
     from opdkit.data.sources import load_prompts
+    from opdkit.errors import OpdkitError
     from opdkit.recipe import PromptsSpec
     from opdkit.shapes.prompts import TRAIN_MINUS_FOLD, composition, parts, validation_fold
 
@@ -109,10 +111,6 @@ def test_validation_fold_is_cut_from_train_and_left_out_of_train_minus_fold() ->
     bench = benchmarks.build("shapes-geneval", {"split": "fold"})
     assert [r["prompt"] for r in bench.prompts] == [r["prompt"] for r in fold if r["tag"] != "ocr"]
     assert "shapes-fold" in bench.protocol
-    from types import SimpleNamespace
-
-    from opdkit.errors import OpdkitError
-
     with pytest.raises(OpdkitError, match="'train-minus-fold' needs the shapes dataset"):
         load_prompts(SimpleNamespace(dataset="drawbench", split=TRAIN_MINUS_FOLD, tags=None, tag=None, limit=None))
 

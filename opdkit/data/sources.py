@@ -250,12 +250,21 @@ def check_prompt_source(spec: PromptSelection) -> None:
             raise OpdkitError(f"prompt file {str(path)!r} does not exist")
 
 
+def prompt_split_problem(spec: PromptSelection) -> str | None:
+    """Why ``spec.split`` cannot apply to its sources, or None. The recipe schema and
+    :func:`load_prompts` both ask, each naming the key its own way."""
+    if spec.split == "train-minus-fold" and "shapes" not in _sources(spec):
+        # the fold is cut from the shapes train split; elsewhere the split would be ignored silently
+        return f"'train-minus-fold' needs the shapes dataset, got dataset {spec.dataset!r}"
+    return None
+
+
 def load_prompts(spec: PromptSelection) -> list[dict[str, Any]]:
     """The prompt records ``spec`` selects, in source order, filtered by tag and limited."""
     check_prompt_source(spec)
-    if spec.split == "train-minus-fold" and "shapes" not in _sources(spec):
-        # the fold is cut from the shapes train split; elsewhere the split would be ignored silently
-        raise OpdkitError(f"prompts.split: 'train-minus-fold' needs the shapes dataset, got dataset {spec.dataset!r}")
+    problem = prompt_split_problem(spec)
+    if problem is not None:
+        raise OpdkitError(f"prompts.split: {problem}")
     records: list[dict[str, Any]] = []
     for source in _sources(spec):
         if source == "shapes":
