@@ -534,3 +534,14 @@ def test_resume_before_the_first_checkpoint_starts_over(tmp_path: Path, one_thre
     shutil.rmtree(tmp_path / "run" / "final")
     train(recipe, tmp_path / "run", ["train.max_steps=1", "train.checkpoint_every=5"], resume=True)
     assert [m["step"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1]
+
+
+def test_a_spent_time_budget_ends_the_run_at_a_checkpoint_and_says_so(tmp_path: Path, one_thread: None) -> None:
+    """``train.max_minutes`` ends the run after the step that spends it, checkpointed and final,
+    with a warning: a run ended by the clock ends at a step that depends on the machine."""
+    recipe = write_recipe(tmp_path, RECIPE)
+    with pytest.warns(UserWarning, match=r"train.max_minutes \(1e-09\) spent at step 1 of 3"):
+        final = train(recipe, tmp_path / "run", ["train.max_minutes=1e-9", "train.sample_every=0"])
+    assert [m["step"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1]
+    assert json.loads((final / "final.json").read_text())["step"] == 1
+    assert (tmp_path / "run" / "checkpoints" / "step_000001").is_dir()

@@ -375,6 +375,10 @@ def _train_steps(
             if step % train.checkpoint_every == 0 or step == train.max_steps or stop:
                 save_checkpoint(ctx, setup, optim, step=step, elapsed=elapsed)
             if stop:
+                if step < train.max_steps:
+                    # said aloud: a run ended by the clock ends at a step that depends on the machine's speed
+                    warnings.warn(f"{loaded.path}: train.max_minutes ({train.max_minutes:g}) spent at step {step} of "
+                                  f"{train.max_steps}; the run ends there", stacklevel=1)  # fmt: skip
                 break
     return step
 
