@@ -277,17 +277,35 @@ def study(
         typer.Option("--set", "-s", help="Override a key of every trained row's recipe: --set train.max_steps=2 (repeatable)."),
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be trained, evaluated and skipped; run nothing.")] = False,
+    jobs: Annotated[
+        int,
+        typer.Option("--jobs", "-j", min=1, help="Rows run at once, each in its own process with its share of the CPU threads "
+                     "(or a GPU of its own); a row waits for the rows it distils. Same results as one at a time."),
+    ] = 1,
+    row: Annotated[str | None, typer.Option("--row", hidden=True, help="Only this row, no table: a --jobs child.")] = None,
 ) -> None:
     """Train a study's missing rows, evaluate every row, print and write the table with paired SEs."""
     from opdkit.study import load_study, plan_lines, run_study
 
     loaded = load_study(study_file, set_ or [], out)
     console = _console()
+
+    def echo(line: str) -> None:
+        console.print(line, markup=False)
+
     if dry_run:
         for line in plan_lines(loaded):
-            console.print(line, markup=False)
+            echo(line)
         return
-    run_study(loaded, echo=lambda line: console.print(line, markup=False))
+    if row is not None or jobs > 1:
+        from opdkit.study_jobs import run_one_row, run_study_in_processes
+
+        if row is not None:
+            run_one_row(loaded, row, echo)
+        else:
+            run_study_in_processes(loaded, jobs, echo)
+        return
+    run_study(loaded, echo=echo)
 
 
 @app.command("list")

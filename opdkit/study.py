@@ -23,7 +23,8 @@ every comparison is the paired difference of ``opdkit compare``. The table is pr
 as ``OUT/table.md`` and ``OUT/table.json``; ``opdkit leaderboard OUT/results`` shows the same rows.
 
 Rows are trained in file order, and a row's ``teachers`` may only name rows above it, so every
-dependency is trained before the row that needs it.
+dependency is trained before the row that needs it. ``--jobs N`` runs up to N rows at once, each
+in its own process (:mod:`opdkit.study_jobs`), with the same results.
 """
 
 from __future__ import annotations
@@ -507,28 +508,53 @@ def plan_lines(study: LoadedStudy) -> list[str]:
 
 def run_study(study: LoadedStudy, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Train what is missing, evaluate what has no current results, compare; returns the table as
-    data (also written as ``OUT/table.json`` and ``OUT/table.md``)."""
+    data (also written as ``OUT/table.json`` and ``OUT/table.md``). Rows run one at a time, in this
+    process; :func:`opdkit.study_jobs.run_study_in_processes` runs several at once."""
     t0 = time.perf_counter()
-    timings: list[dict[str, Any]] = []
-    for n, row in enumerate(study.rows, start=1):
-        label = f"[{n}/{len(study.rows)}] {row.name}"
-        t_row = time.perf_counter()
-        trained = _train_row(study, row, echo, label)
-        t_eval = time.perf_counter()
-        evaluated = _evaluate_row(study, row, echo, label)
-        seconds = time.perf_counter() - t_row
-        what = f"evaluated {', '.join(evaluated)}" if evaluated else "results present"
-        echo(f"{label}: {trained['what']}; {what} ({_clock(seconds)})")
-        timings.append({"row": row.name, "train": trained, "evaluated": evaluated,
-                        "train_seconds": round(t_eval - t_row, 2), "eval_seconds": round(time.perf_counter() - t_eval, 2)})  # fmt: skip
+    timings = [run_row(study, row, echo) for row in study.rows]
+    return finish_study(study, timings, t0, echo)
+
+
+def finish_study(
+    study: LoadedStudy, timings: list[dict[str, Any]], t0: float, echo: Callable[[str], None], jobs: int = 1
+) -> dict[str, Any]:
+    """The table of rows that are all trained and evaluated, with their ``timings``, printed and
+    written; ``t0`` is when the invocation started (``time.perf_counter()``)."""
     table = build_table(study)
     table["timings"] = timings
+    table["jobs"] = jobs
     table["wall_seconds"] = round(time.perf_counter() - t0, 2)
     write_table(study.out, table)
     echo(to_markdown(table))
     echo(f"study done in {_clock(table['wall_seconds'])}; wrote {study.out / 'table.md'} and {study.out / 'table.json'}; "
          f"`opdkit leaderboard {study.results_dir}` shows the same rows")  # fmt: skip
     return table
+
+
+def row_label(study: LoadedStudy, row: Row) -> str:
+    """``[n/N] name``: how progress lines name a row."""
+    return f"[{study.rows.index(row) + 1}/{len(study.rows)}] {row.name}"
+
+
+def run_row(study: LoadedStudy, row: Row, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train the row if its run is missing or partial, evaluate it where its results are not
+    current; returns what was done and how long it took (an entry of ``table.json``'s timings)."""
+    label = row_label(study, row)
+    t_row = time.perf_counter()
+    trained = _train_row(study, row, echo, label)
+    t_eval = time.perf_counter()
+    evaluated = _evaluate_row(study, row, echo, label)
+    timing = {"row": row.name, "train": trained, "evaluated": evaluated,
+              "train_seconds": round(t_eval - t_row, 2), "eval_seconds": round(time.perf_counter() - t_eval, 2)}  # fmt: skip
+    echo(row_summary(label, timing))
+    return timing
+
+
+def row_summary(label: str, timing: dict[str, Any]) -> str:
+    """The progress line of a row done: what was trained and evaluated, and how long it took."""
+    evaluated = timing["evaluated"]
+    what = f"evaluated {', '.join(evaluated)}" if evaluated else "results present"
+    return f"{label}: {timing['train']['what']}; {what} ({_clock(timing['train_seconds'] + timing['eval_seconds'])})"
 
 
 def _train_row(study: LoadedStudy, row: Row, echo: Callable[[str], None], label: str) -> dict[str, Any]:
@@ -679,5 +705,6 @@ def to_markdown(table: dict[str, Any]) -> str:
             lines.append(f"| {label} | {c['bench']} | {_num(c['a_value'])} | {_num(c['b_value'])} | {_num(c['diff'], '+.3f')} "
                          f"| {_num(c['stderr'])} | {z} | {c['n_prompts']} |")  # fmt: skip
     if table.get("wall_seconds") is not None:
-        lines += ["", f"Wall time of this invocation: {_clock(table['wall_seconds'])}."]
+        at_once = f" ({table['jobs']} rows at a time)" if table.get("jobs", 1) > 1 else ""
+        lines += ["", f"Wall time of this invocation: {_clock(table['wall_seconds'])}{at_once}."]
     return "\n".join(lines)

@@ -370,3 +370,86 @@ def test_a_bad_study_file_is_one_line_naming_its_key(tmp_path: Path, edit: Any, 
     assert result.exit_code == 1 and len([x for x in result.output.splitlines() if x.strip()]) == 1, (
         result.output
     )
+
+
+def _row_outputs(out: Path) -> dict[str, Any]:
+    """What a study made, without clocks: every run's metrics and final tensors, every result."""
+    from safetensors.torch import load_file
+
+    from opdkit.rundir import read_jsonl
+
+    made: dict[str, Any] = {}
+    for run in sorted((out / "runs").iterdir()):
+        made[f"{run.name}/metrics"] = [
+            {k: v for k, v in r.items() if not k.endswith("seconds")} for r in read_jsonl(run / "metrics.jsonl")
+        ]
+        for weights in sorted((run / "final").glob("*.safetensors")):
+            made[f"{run.name}/{weights.name}"] = {k: v.tolist() for k, v in load_file(str(weights)).items()}
+    for result in sorted((out / "results").rglob("*.json")):
+        if not result.name.endswith(".settings.json"):
+            summary = json.loads(result.read_text())
+            made[str(result.relative_to(out))] = {k: summary.get(k) for k in ("metrics", "stderr", "n_images")}
+    return made
+
+
+def test_jobs_run_rows_in_processes_with_the_results_of_one_at_a_time(tiny_base: Path, tmp_path: Path) -> None:
+    import torch
+
+    study = tiny_study(tmp_path, tiny_base)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = RUNNER.invoke(app, ["study", str(study), "--out", str(tmp_path / "one")], env=WIDE)
+    finally:
+        torch.set_num_threads(before)
+    assert one.exit_code == 0, one.output
+    two = RUNNER.invoke(app, ["study", str(study), "--out", str(tmp_path / "two"), "--jobs", "2"],
+                        env={**WIDE, "OMP_NUM_THREADS": "2"})  # fmt: skip
+    assert two.exit_code == 0, two.output
+    made_one, made_two = _row_outputs(tmp_path / "one"), _row_outputs(tmp_path / "two")
+    assert len(made_one) > 20 and made_two == made_one  # bit for bit: weights, metrics, results
+    table_one, table_two = (json.loads((tmp_path / d / "table.json").read_text()) for d in ("one", "two"))
+    assert table_two["comparisons"] == table_one["comparisons"] and table_two["jobs"] == 2
+    assert [t["row"] for t in table_two["timings"]] == names(table_two)
+    # each row ran in a child of one thread, logged; a student started only after its teachers ended
+    lines = two.output.splitlines()
+    logs = tmp_path / "two" / "logs"
+    assert all((logs / f"{name}.log").is_file() and (logs / f"{name}.json").is_file() for name in names(table_two))
+    assert "--row grpo_ocr" in (logs / "grpo_ocr.log").read_text()
+    started = {n: i for i, line in enumerate(lines) for n in names(table_two) if re.search(rf"\] {n}: started \(1 thread\)", line)}
+    ended = {n: i for i, line in enumerate(lines) for n in names(table_two) if re.search(rf"\] {n}: trained|\] {n}: model", line)}
+    assert set(started) == set(ended) == set(names(table_two))
+    assert started["opd"] > max(ended[t] for t in ("grpo_geneval", "grpo_ocr", "grpo_quality"))
+    assert started["grpo_geneval"] < ended["base"]  # two at once
+    assert "(2 rows at a time)" in (tmp_path / "two" / "table.md").read_text()
+
+
+BOOM_PY = '''\
+def boom():
+    def reward(images, prompts, metadata):
+        raise RuntimeError("boom from the reward")
+    return reward
+'''
+
+
+def test_jobs_a_failed_row_stops_its_students_and_the_others_finish(tiny_base: Path, tmp_path: Path) -> None:
+    (tmp_path / "boom.py").write_text(BOOM_PY)
+    study = tiny_study(tmp_path, tiny_base)
+    data = yaml.safe_load(study.read_text())
+    data["rows"] = [r for r in data["rows"] if r["name"] != "grpo_mix"]
+    next(r for r in data["rows"] if r["name"] == "grpo_ocr")["set"] = {
+        "rewards": [{"type": f"{tmp_path / 'boom.py'}:boom", "weight": 1.0}]
+    }
+    data["comparisons"] = []
+    study.write_text(yaml.safe_dump(data, sort_keys=False))
+    out = tmp_path / "out"
+    result = RUNNER.invoke(app, ["study", str(study), "--out", str(out), "--jobs", "2"], env={**WIDE, "OMP_NUM_THREADS": "2"})
+    assert result.exit_code != 0
+    assert re.search(r"row grpo_ocr: failed \(exit \d+\): .*boom from the reward.*; log .*grpo_ocr\.log", result.output), result.output
+    for student in ("opd", "opd_no_mar"):
+        assert f"row {student}: not run: it distils grpo_ocr, which failed" in result.output
+        assert not (out / "runs" / student).exists()
+    for done in ("grpo_geneval", "grpo_quality"):  # the rows that did not need it went on
+        assert (out / "runs" / done / "final" / "final.json").is_file()
+        assert len(list((out / "results" / done).glob("shapes-*.json"))) == 6
+    assert not (out / "table.md").exists()
