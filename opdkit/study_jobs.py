@@ -26,7 +26,16 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from opdkit.errors import OpdkitError
-from opdkit.study import LoadedStudy, Row, finish_study, row_label, row_summary, run_row, train_state
+from opdkit.study import (
+    LoadedStudy,
+    Row,
+    finish_study,
+    results_state,
+    row_label,
+    row_summary,
+    run_row,
+    train_state,
+)
 
 
 def logs_dir(study: LoadedStudy) -> Path:
@@ -40,9 +49,12 @@ def run_study_in_processes(study: LoadedStudy, jobs: int, echo: Callable[[str], 
     return finish_study(study, timings, t0, echo, jobs=jobs)
 
 
-def run_rows_in_processes(study: LoadedStudy, jobs: int, echo: Callable[[str], None]) -> list[dict[str, Any]]:
+def run_rows_in_processes(
+    study: LoadedStudy, jobs: int, echo: Callable[[str], None], status_every_s: float = 300.0
+) -> list[dict[str, Any]]:
     """Every row of the study, up to ``jobs`` at once in child processes; returns each row's
-    timing entry (as :func:`opdkit.study.run_row` returns it), in the study's row order."""
+    timing entry (as :func:`opdkit.study.run_row` returns it), in the study's row order. While
+    rows run, a line every ``status_every_s`` seconds says how far each got."""
     for row in study.rows:  # a folder of another recipe or base is refused before anything starts
         if row.loaded is not None:
             train_state(study, row)
@@ -65,6 +77,9 @@ def run_rows_in_processes(study: LoadedStudy, jobs: int, echo: Callable[[str], N
                     pending.remove(row)
                     failed[row.name] = f"not run: it distils {', '.join(lost)}, which failed"
                     echo(f"{row_label(study, row)}: {failed[row.name]}")
+                elif needs <= done.keys() and not _has_work(study, row):  # no process for a row that is done
+                    pending.remove(row)
+                    done[row.name] = run_row(study, row, echo)
                 elif needs <= done.keys() and free_slots:
                     pending.remove(row)
                     slot = free_slots.pop(0)
@@ -76,7 +91,11 @@ def run_rows_in_processes(study: LoadedStudy, jobs: int, echo: Callable[[str], N
                          f"output in {logs / (row.name + '.log')}")  # fmt: skip
             if not running:
                 break
-            name, code = exits.get()
+            try:
+                name, code = exits.get(timeout=status_every_s)
+            except queue.Empty:  # a long row: say where the running ones are
+                echo("running: " + "; ".join(_progress(study, r) for r in study.rows if r.name in running))
+                continue
             proc, slot, log = running.pop(name)
             log.close()
             free_slots.append(slot)
@@ -159,6 +178,26 @@ def child_devices() -> list[str]:
         return []
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     return visible[:count] if len(visible) >= count else [str(i) for i in range(count)]
+
+
+def _has_work(study: LoadedStudy, row: Row) -> bool:
+    """Whether the row still trains or evaluates anything (what :func:`opdkit.study.run_row` would do)."""
+    if row.loaded is not None and train_state(study, row).status != "finished":
+        return True
+    return any(results_state(study, row, bench) != "current" for bench in study.spec.benchmarks)
+
+
+def _progress(study: LoadedStudy, row: Row) -> str:
+    """``grpo_ocr step 312/800``, from the run's last logged step; ``base evaluating`` otherwise."""
+    from opdkit.rundir import read_jsonl
+
+    if row.loaded is not None and row.run_dir is not None:
+        records = read_jsonl(row.run_dir / "metrics.jsonl")
+        total = row.loaded.recipe.train.max_steps
+        step = int(records[-1].get("step", 0)) if records else 0
+        if step < total or not (row.run_dir / "final").is_dir():
+            return f"{row.name} step {step}/{total}"
+    return f"{row.name} evaluating"
 
 
 def _read_timing(path: Path) -> dict[str, Any] | None:

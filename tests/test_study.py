@@ -422,6 +422,12 @@ def test_jobs_run_rows_in_processes_with_the_results_of_one_at_a_time(tiny_base:
     assert started["opd"] > max(ended[t] for t in ("grpo_geneval", "grpo_ocr", "grpo_quality"))
     assert started["grpo_geneval"] < ended["base"]  # two at once
     assert "(2 rows at a time)" in (tmp_path / "two" / "table.md").read_text()
+    # again: every row is done, so no process starts and no run or result is touched
+    before = _stamps(tmp_path / "two")
+    again = RUNNER.invoke(app, ["study", str(study), "--out", str(tmp_path / "two"), "--jobs", "2"], env=WIDE)
+    assert again.exit_code == 0, again.output
+    assert "started" not in again.output and again.output.count("results present") == len(names(table_two))
+    assert _stamps(tmp_path / "two") == before
 
 
 BOOM_PY = '''\
@@ -442,13 +448,19 @@ def test_jobs_a_failed_row_stops_its_students_and_the_others_finish(tiny_base: P
     }
     data["comparisons"] = []
     study.write_text(yaml.safe_dump(data, sort_keys=False))
+    from opdkit.study import load_study
+    from opdkit.study_jobs import run_rows_in_processes
+
     out = tmp_path / "out"
-    result = RUNNER.invoke(app, ["study", str(study), "--out", str(out), "--jobs", "2"], env={**WIDE, "OMP_NUM_THREADS": "2"})
-    assert result.exit_code != 0
-    assert re.search(r"row grpo_ocr: failed \(exit \d+\): .*boom from the reward.*; log .*grpo_ocr\.log", result.output), result.output
+    lines: list[str] = []
+    with pytest.raises(OpdkitError) as failed:  # status lines every 0.2 s instead of every 5 min
+        run_rows_in_processes(load_study(study, out=out), 2, lines.append, status_every_s=0.2)
+    error = str(failed.value)
+    assert re.search(r"row grpo_ocr: failed \(exit \d+\): .*boom from the reward.*; log .*grpo_ocr\.log", error), error
     for student in ("opd", "opd_no_mar"):
-        assert f"row {student}: not run: it distils grpo_ocr, which failed" in result.output
+        assert f"row {student}: not run: it distils grpo_ocr, which failed" in error
         assert not (out / "runs" / student).exists()
+    assert any(re.fullmatch(r"running: (\S+ (step \d+/1|evaluating)(; )?)+", line) for line in lines), lines
     for done in ("grpo_geneval", "grpo_quality"):  # the rows that did not need it went on
         assert (out / "runs" / done / "final" / "final.json").is_file()
         assert len(list((out / "results" / done).glob("shapes-*.json"))) == 6
