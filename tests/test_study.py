@@ -4,6 +4,7 @@ evaluates every row, skips what is done, and reports the differences ``opdkit co
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -465,3 +466,23 @@ def test_jobs_a_failed_row_stops_its_students_and_the_others_finish(tiny_base: P
         assert (out / "runs" / done / "final" / "final.json").is_file()
         assert len(list((out / "results" / done).glob("shapes-*.json"))) == 6
     assert not (out / "table.md").exists()
+
+
+def test_jobs_share_the_threads_and_spread_over_the_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from opdkit.study_jobs import child_devices, child_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    assert (child_threads(2), child_threads(3), child_threads(16)) == (4, 2, 1)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert child_threads(1) == cores and child_threads(10_000) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert child_devices() == ["0", "1", "2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    assert child_devices() == ["4", "5", "6"]  # the user's choice of GPUs, one per child
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert child_devices() == []  # one GPU: the children share it
