@@ -446,7 +446,7 @@ def results_state(study: LoadedStudy, row: Row, bench: str) -> str:
 
     ev = study.spec.eval
     root = study.results_dir / row.name
-    settings = _read_json(root / f"{bench}.settings.json")
+    settings = read_json_object(root / f"{bench}.settings.json")
     if settings is None:
         return "missing"
     key = f"bench:{bench}"
@@ -456,11 +456,12 @@ def results_state(study: LoadedStudy, row: Row, bench: str) -> str:
                              seed=ev.seed, steps=ev.steps)  # fmt: skip
     if settings != expected:
         return "stale"
-    summary = _read_json(root / f"{bench}.json")
+    summary = read_json_object(root / f"{bench}.json")
     return "current" if summary is not None and summary.get("limit") == ev.limit else "partial"
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON file's object, or None when it is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
@@ -672,6 +673,14 @@ def _clock(seconds: float | None) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
+def _split_words(params: dict[str, Any]) -> str:
+    """``test prompt``, or ``prompt of the train split (PARAMS)`` where benchmark params chose another."""
+    split = params.get("split", "test")
+    others = ", ".join(f"{k}={v}" for k, v in params.items() if k != "split")
+    what = "test prompt" if split == "test" else f"prompt of the {split} split"
+    return what + (f" (benchmark params {others})" if others else "")
+
+
 def to_markdown(table: dict[str, Any]) -> str:
     """The table (rows x benchmarks: value +- SE) and the comparisons (difference +- paired SE)."""
     benches = table["benchmarks"]
@@ -691,7 +700,8 @@ def to_markdown(table: dict[str, Any]) -> str:
     subset = f", first {ev['limit']} prompts" if ev.get("limit") else ""
     lines += [
         "",
-        f"{ev['samples_per_prompt']} samples per test prompt{subset}, seed {ev['seed']}; ± is the standard error over images.",
+        f"{ev['samples_per_prompt']} samples per {_split_words(ev.get('params') or {})}{subset}, seed {ev['seed']}; "
+        "± is the standard error over images.",
     ]
     if table["comparisons"]:
         lines += [

@@ -30,6 +30,7 @@ from opdkit.study import (
     LoadedStudy,
     Row,
     finish_study,
+    read_json_object,
     results_state,
     row_label,
     row_summary,
@@ -101,7 +102,7 @@ def run_rows_in_processes(
             free_slots.append(slot)
             free_slots.sort()
             row = next(r for r in study.rows if r.name == name)
-            timing = _read_timing(logs / f"{name}.json") if code == 0 else None
+            timing = read_json_object(logs / f"{name}.json") if code == 0 else None
             if timing is None:
                 failed[name] = f"failed (exit {code}): {_last_line(logs / (name + '.log'))}; log {logs / (name + '.log')}"
                 echo(f"{row_label(study, row)}: {failed[name]}")
@@ -198,16 +199,6 @@ def _progress(study: LoadedStudy, row: Row) -> str:
         if step < total or not (row.run_dir / "final").is_dir():
             return f"{row.name} step {step}/{total}"
     return f"{row.name} evaluating"
-
-
-def _read_timing(path: Path) -> dict[str, Any] | None:
-    import json
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _last_line(path: Path) -> str:

@@ -486,3 +486,13 @@ def test_jobs_share_the_threads_and_spread_over_the_gpus(monkeypatch: pytest.Mon
     assert child_devices() == ["4", "5", "6"]  # the user's choice of GPUs, one per child
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert child_devices() == []  # one GPU: the children share it
+
+
+def test_the_table_names_the_split_its_prompts_come_from() -> None:
+    from opdkit.study import to_markdown
+
+    table = {"description": "d", "study": "s", "benchmarks": ["b"], "rows": [], "comparisons": [],
+             "eval": {"samples_per_prompt": 4, "seed": 0, "limit": None, "params": {}}}  # fmt: skip
+    assert "4 samples per test prompt, seed 0" in to_markdown(table)
+    table["eval"]["params"] = {"split": "fold", "tags": ["ocr"]}
+    assert "4 samples per prompt of the fold split (benchmark params tags=['ocr']), seed 0" in to_markdown(table)
