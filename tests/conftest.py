@@ -1,8 +1,12 @@
-"""Shared fixtures: a valid minimal recipe on disk, and a way to forget modules a test imported."""
+"""Shared fixtures: a valid minimal recipe on disk, a way to forget modules a test imported, and a
+way to signal a process at a chosen moment of its work."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -79,3 +83,29 @@ def forget_modules() -> Iterator[Callable[[str], None]]:
     for name in list(sys.modules):
         if any(name == p or name.startswith(p + ".") for p in prefixes):
             del sys.modules[name]
+
+
+def _signal_when(
+    process: subprocess.Popen[str], ready: Callable[[], bool], never: str, sig: int = signal.SIGKILL
+) -> None:
+    """Send ``sig`` to ``process`` as soon as ``ready()`` (polled, not timed: the signal lands
+    inside the work however fast the machine is); fail if it exits first or ``never`` happens in
+    240 s. Waits for the process to end."""
+    try:
+        deadline = time.monotonic() + 240
+        while not ready():
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            assert time.monotonic() < deadline, f"the run {never}"
+            time.sleep(0.002)
+        process.send_signal(sig)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def signal_when() -> Callable[..., None]:
+    """``signal_when(process, ready, never, sig=SIGKILL)``: see :func:`_signal_when`."""
+    return _signal_when

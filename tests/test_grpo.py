@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -197,24 +196,7 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def sigkill_when(process: subprocess.Popen[str], ready: Callable[[], bool], never: str) -> None:
-    """SIGKILL ``process`` as soon as ``ready()`` (polled, not timed: the kill lands inside the
-    work however fast the machine is); fail if it exits first or ``never`` happens in 240 s."""
-    try:
-        deadline = time.monotonic() + 240
-        while not ready():
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            assert time.monotonic() < deadline, f"the run {never}"
-            time.sleep(0.002)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
-def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, one_thread: None) -> None:
+def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, one_thread: None, signal_when: Callable[..., None]) -> None:
     recipe = write_recipe(tmp_path, RECIPE)
     steps = ["--set", "train.max_steps=8", "--set", "train.sample_every=0"]
     command = [sys.executable, "-m", "opdkit.cli", "train", str(recipe), "--out", str(tmp_path / "killed"), *steps]
@@ -225,7 +207,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, one_thread: None)
     kill_after = random.randint(3, 6)  # after the step-2 checkpoint, before the last step
     metrics = tmp_path / "killed" / "metrics.jsonl"
     pointer = tmp_path / "killed" / "checkpoints" / "latest.json"
-    sigkill_when(killed, lambda: pointer.exists() and metrics.read_text().count("\n") >= kill_after, "logged no steps")
+    signal_when(killed, lambda: pointer.exists() and metrics.read_text().count("\n") >= kill_after, "logged no steps")
     train(recipe, tmp_path / "whole", ["train.max_steps=8", "train.sample_every=0"])
     assert killed.returncode == -signal.SIGKILL
     done = read_jsonl(tmp_path / "killed" / "metrics.jsonl")
@@ -250,14 +232,16 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, one_thread: None)
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_kill_during_the_post_run_eval_then_resume_gives_the_same_results(tmp_path: Path, one_thread: None) -> None:
+def test_kill_during_the_post_run_eval_then_resume_gives_the_same_results(
+    tmp_path: Path, one_thread: None, signal_when: Callable[..., None]
+) -> None:
     """SIGKILL while the post-training eval writes its rows; --resume finishes the same results."""
     recipe = write_recipe(tmp_path, RECIPE + "eval: {benchmarks: [shapes-quality], samples_per_prompt: 1, limit: 40}\n")
     steps = ["--set", "train.max_steps=2", "--set", "train.sample_every=0"]
     command = [sys.executable, "-m", "opdkit.cli", "train", str(recipe), "--out", str(tmp_path / "killed"), *steps]
     killed = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     rows = tmp_path / "killed" / "results" / "step_000002" / "killed" / "shapes-quality.jsonl"
-    sigkill_when(killed, lambda: rows.exists() and rows.read_text().count("\n") >= 1, "wrote no eval rows")
+    signal_when(killed, lambda: rows.exists() and rows.read_text().count("\n") >= 1, "wrote no eval rows")
     assert killed.returncode == -signal.SIGKILL
     from typer.testing import CliRunner
 

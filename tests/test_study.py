@@ -496,3 +496,45 @@ def test_the_table_names_the_split_its_prompts_come_from() -> None:
     assert "4 samples per test prompt, seed 0" in to_markdown(table)
     table["eval"]["params"] = {"split": "fold", "tags": ["ocr"]}
     assert "4 samples per prompt of the fold split (benchmark params tags=['ocr']), seed 0" in to_markdown(table)
+
+
+def test_jobs_interrupted_stops_the_children_and_the_rerun_resumes(
+    tiny_base: Path, tmp_path: Path, signal_when: Any
+) -> None:
+    """Ctrl-C (SIGINT to the parent alone here) ends every child; nothing written is lost, and
+    the same command continues: the interrupted row resumes from its last checkpoint."""
+    import signal
+    import subprocess
+    import sys
+
+    study = tiny_study(tmp_path, tiny_base)
+    data = yaml.safe_load(study.read_text())
+    data["rows"] = [r for r in data["rows"] if r["name"] in ("base", "grpo_geneval")]
+    data["comparisons"] = []
+    data["set"].update({"train.max_steps": 400, "train.checkpoint_every": 2})
+    study.write_text(yaml.safe_dump(data, sort_keys=False))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "opdkit.cli", "study", str(study), "--out", str(out), "--jobs", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "OPDKIT_TENSORBOARD": "0", "COLUMNS": "200"}
+    parent = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pointer = out / "runs" / "grpo_geneval" / "checkpoints" / "latest.json"
+    signal_when(parent, pointer.exists, "wrote no checkpoint", sig=signal.SIGINT)
+    output = parent.stdout.read() + parent.stderr.read() if parent.stdout and parent.stderr else ""
+    assert parent.returncode == 130, output
+    assert "interrupted: what was written is kept" in output
+    steps = len((out / "runs" / "grpo_geneval" / "metrics.jsonl").read_text().splitlines())
+    # the signal lands just after the step-2 checkpoint, well before step 6
+    assert 2 <= steps < 6 and not (out / "runs" / "grpo_geneval" / "final").exists()
+    if Path("/proc").is_dir():  # no child outlives the parent
+        alive = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                alive += [cmdline] if str(out) in cmdline.read_bytes().decode(errors="replace") else []
+            except OSError:
+                pass
+        assert not alive, alive
+    log = out / "logs" / "grpo_geneval.log"
+    again = subprocess.run([*command, "--set", "train.max_steps=6"], env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert re.search(r"\[2/2\] grpo_geneval: resumed to step 6", again.stdout), again.stdout
+    assert "resuming from step" in log.read_text()
