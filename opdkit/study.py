@@ -469,16 +469,23 @@ def read_json_object(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def row_work(study: LoadedStudy, row: Row) -> tuple[TrainState | None, dict[str, str]]:
+    """What is left of a row: its run's state (None for a model row) and each benchmark's
+    :func:`results_state`, ``retrain`` for all where the run is not finished (training replaces them)."""
+    state = train_state(study, row) if row.loaded is not None else None
+    retrain = state is not None and state.status != "finished"
+    return state, {b: "retrain" if retrain else results_state(study, row, b) for b in study.spec.benchmarks}
+
+
 def plan_lines(study: LoadedStudy) -> list[str]:
     """What :func:`run_study` would do, one line per row, without training or evaluating."""
     lines = []
     for row in study.rows:
-        retrain = False
-        if row.loaded is None:
+        state, states = row_work(study, row)
+        retrain = state is not None and state.status != "finished"
+        if state is None:
             train = f"model {row.model}: nothing to train"
         else:
-            state = train_state(study, row)
-            retrain = state.status != "finished"
             train = {
                 "missing": f"train {row.spec.recipe} into {row.run_dir}",
                 "partial": f"resume {row.run_dir} from step {state.step}",
@@ -486,7 +493,6 @@ def plan_lines(study: LoadedStudy) -> list[str]:
             }[state.status]
             if retrain and (study.results_dir / row.name).exists():
                 train += f"; remove the old results {study.results_dir / row.name}"
-        states = {b: "retrain" if retrain else results_state(study, row, b) for b in study.spec.benchmarks}
         todo = [
             f"{b}" + (" (again: other settings or weights)" if s == "stale" else "")
             for b, s in states.items()

@@ -1,7 +1,7 @@
 """``opdkit study --jobs N``: a study's rows run N at a time, each in a process of its own.
 
-Why processes: on the 2-core CPU two single-threaded processes train the shapes rows about 1.4x
-faster than one process at two threads (``perf/study_jobs.py`` measures it), and with several
+Why processes: on the 2-core CPU two single-threaded processes do 1.15-1.30x the work of one
+process at two threads (``perf/study_jobs.py`` measures it), and with several
 GPUs every row gets a GPU of its own. The numbers do not change: a child runs the very function
 the sequential study runs (:func:`opdkit.study.run_row`), and on a CPU a row's training and
 evaluation do not depend on the thread count (``tests/test_study.py`` compares both ways).
@@ -31,9 +31,9 @@ from opdkit.study import (
     Row,
     finish_study,
     read_json_object,
-    results_state,
     row_label,
     row_summary,
+    row_work,
     run_row,
     train_state,
 )
@@ -64,7 +64,7 @@ def run_rows_in_processes(
     threads = child_threads(jobs)
     devices = child_devices()
     pending = list(study.rows)
-    running: dict[str, tuple[subprocess.Popen[bytes], int, TextIO]] = {}
+    running: dict[str, tuple[Row, subprocess.Popen[bytes], int, TextIO]] = {}
     free_slots = list(range(jobs))
     done: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}  # row -> why
@@ -86,7 +86,7 @@ def run_rows_in_processes(
                     slot = free_slots.pop(0)
                     device = devices[slot % len(devices)] if devices else None
                     proc, log = _start_child(study, row, threads, device, exits)
-                    running[row.name] = (proc, slot, log)
+                    running[row.name] = (row, proc, slot, log)
                     on = f", GPU {device}" if device is not None else ""
                     echo(f"{row_label(study, row)}: started ({threads} thread{'s' if threads > 1 else ''}{on}); "
                          f"output in {logs / (row.name + '.log')}")  # fmt: skip
@@ -95,13 +95,12 @@ def run_rows_in_processes(
             try:
                 name, code = exits.get(timeout=status_every_s)
             except queue.Empty:  # a long row: say where the running ones are
-                echo("running: " + "; ".join(_progress(study, r) for r in study.rows if r.name in running))
+                echo("running: " + "; ".join(_progress(study, r) for r, *_ in running.values()))
                 continue
-            proc, slot, log = running.pop(name)
+            row, proc, slot, log = running.pop(name)
             log.close()
             free_slots.append(slot)
             free_slots.sort()
-            row = next(r for r in study.rows if r.name == name)
             timing = read_json_object(logs / f"{name}.json") if code == 0 else None
             if timing is None:
                 failed[name] = f"failed (exit {code}): {_last_line(logs / (name + '.log'))}; log {logs / (name + '.log')}"
@@ -110,7 +109,7 @@ def run_rows_in_processes(
                 done[name] = timing
                 echo(row_summary(row_label(study, row), timing))
     finally:
-        for proc, _, log in running.values():  # interrupted: stop the children (their runs resume)
+        for _, proc, _, log in running.values():  # interrupted: stop the children (their runs resume)
             proc.terminate()
             proc.wait()
             log.close()
@@ -156,17 +155,20 @@ def run_one_row(study: LoadedStudy, name: str, echo: Callable[[str], None]) -> d
     return timing
 
 
+def available_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def child_threads(jobs: int) -> int:
-    """Threads per child: this process's share of the cores (``OMP_NUM_THREADS`` if set, else the
-    cores it may run on), split evenly, at least one."""
+    """Threads per child: this process's share of the cores (``OMP_NUM_THREADS`` if set, else
+    :func:`available_cores`), split evenly, at least one."""
     total = 0
     try:
         total = int(os.environ.get("OMP_NUM_THREADS", ""))
     except ValueError:
         pass
-    if total < 1:
-        total = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, total // jobs)
+    return max(1, (total if total >= 1 else available_cores()) // jobs)
 
 
 def child_devices() -> list[str]:
@@ -183,9 +185,7 @@ def child_devices() -> list[str]:
 
 def _has_work(study: LoadedStudy, row: Row) -> bool:
     """Whether the row still trains or evaluates anything (what :func:`opdkit.study.run_row` would do)."""
-    if row.loaded is not None and train_state(study, row).status != "finished":
-        return True
-    return any(results_state(study, row, bench) != "current" for bench in study.spec.benchmarks)
+    return any(state != "current" for state in row_work(study, row)[1].values())
 
 
 def _progress(study: LoadedStudy, row: Row) -> str:

@@ -67,7 +67,9 @@ def main() -> None:
     parser.add_argument("--b-steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from opdkit.study_jobs import available_cores
+
+    cores = available_cores()
     jobs = [(args.a, args.a_steps), (args.b, args.b_steps)]
     print(f"A = {args.a} x {args.a_steps} steps, B = {args.b} x {args.b_steps} steps; {cores} cores")
     print(f"| round | A, B one at a time ({cores} threads) | A, B two at once (1 thread each) | as run | packed |")
