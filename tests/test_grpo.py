@@ -407,6 +407,25 @@ def test_two_processes_data_parallel(tmp_path: Path, one_thread: None) -> None:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
     m_ddp, m_single = read_jsonl(tmp_path / "ddp" / "metrics.jsonl"), read_jsonl(tmp_path / "single" / "metrics.jsonl")
     assert [m["reward"] for m in m_ddp] == pytest.approx([m["reward"] for m in m_single], abs=1e-6)
+    # Per-tag rewards cover both ranks' groups: the same as one process's.
+    tagged = [[{k: v for k, v in m.items() if "_by_tag/" in k} for m in log] for log in (m_ddp, m_single)]
+    assert any(tagged[1]) and [sorted(m) for m in tagged[0]] == [sorted(m) for m in tagged[1]]
+    for ddp_step, single_step in zip(*tagged, strict=True):
+        assert ddp_step == pytest.approx(single_step, abs=1e-6)
+
+
+def test_reward_metrics_per_tag_show_which_task_learns_and_which_gives_no_gradient() -> None:
+    from opdkit.methods.grpo import _reward_metrics
+
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.25, 0.75])  # 4 groups of 2 images
+    advantages = torch.zeros(8)
+    record = _reward_metrics(rewards, {}, advantages, 2, ["position", "counting", "position", "counting"])
+    assert record["zero_std_groups"] == 0.5
+    assert record["reward_by_tag/position"] == 0.5 and record["zero_std_groups_by_tag/position"] == 1.0
+    assert record["reward_by_tag/counting"] == 0.5 and record["zero_std_groups_by_tag/counting"] == 0.0
+    # One task: its curve is the run's own, nothing is repeated per tag.
+    alone = _reward_metrics(rewards, {}, advantages, 2, ["ocr"] * 4)
+    assert not any("_by_tag/" in k for k in alone)
 
 
 def test_shipped_grpo_recipes_name_their_rewards_and_tags() -> None:

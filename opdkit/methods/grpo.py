@@ -31,7 +31,7 @@ from opdkit.training.loop import Optimization, RunContext, Setup, StepResult, su
 from opdkit.training.losses import clipped_policy_loss, gaussian_kl, group_advantages, kept_sample_weights
 from opdkit.training.onpolicy import OnPolicy, ratio_metrics, save_rollout_grid, sweep_updates
 from opdkit.training.rewards import WeightedReward
-from opdkit.training.rollout import Rollout, transition
+from opdkit.training.rollout import Rollout, StepPrompts, step_prompts, transition
 
 
 class Grpo:
@@ -65,7 +65,7 @@ class Grpo:
         stats = sweep_updates(ctx, optim, batch, self.term_loss)
         t_update = time.perf_counter()
 
-        record = _reward_metrics(rewards, parts, advantages_all, train.group_size)
+        record = _reward_metrics(rewards, parts, advantages_all, train.group_size, self._group_tags(ctx, drawn, step))
         record.update(ratio_metrics(ctx, stats))
         kl = ctx.gather(stats["kl"]) if "kl" in stats else torch.zeros(0)
         record["kl"] = float(kl.mean()) if kl.numel() else None
@@ -104,15 +104,32 @@ class Grpo:
     def finish(self, ctx: RunContext, optim: Optimization, step: int) -> Path:
         return self.policy.finish(ctx, optim, step)
 
+    def _group_tags(self, ctx: RunContext, drawn: StepPrompts, step: int) -> list[str]:
+        """The task tag of every group of the step, over all ranks, in the order rewards are gathered."""
+        if ctx.world > 1:  # a rank holds only its share; every rank draws the same global batch
+            train = ctx.train
+            drawn = step_prompts(
+                self.records, seed=train.seed, step=step, batch_size=train.batch_size,
+                group_size=train.group_size, balance_tags=ctx.recipe.prompts.balance_tags,
+            )  # fmt: skip
+        return [str(self.records[i].get("tag", "")) for i in drawn.indices]
+
 
 def _dt(batch: Rollout, t: int) -> torch.Tensor:
     return batch.sigmas[t + 1] - batch.sigmas[t]
 
 
 def _reward_metrics(
-    rewards: torch.Tensor, parts: dict[str, torch.Tensor], advantages: torch.Tensor, group_size: int
+    rewards: torch.Tensor, parts: dict[str, torch.Tensor], advantages: torch.Tensor, group_size: int, tags: list[str]
 ) -> dict[str, Any]:
-    """The reward and advantage part of a ``metrics.jsonl`` record, from all-rank values."""
+    """The reward and advantage part of a ``metrics.jsonl`` record, from all-rank values.
+
+    ``rewards``, ``advantages`` and each part are (B * G,), a group's G images in a row; ``tags``
+    is the task tag of each of the B groups. With two or more tags in the prompt set the record
+    also holds, per tag, the mean reward (``reward_by_tag/TAG``) and the share of groups whose
+    images all scored alike (``zero_std_groups_by_tag/TAG``): a multi-task run's mean hides which
+    tasks learn and which never give a gradient.
+    """
     reward = summarize(rewards)
     adv = summarize(advantages)
     record: dict[str, Any] = {"reward": reward["mean"], "reward_std": reward["std"]}
@@ -125,4 +142,10 @@ def _reward_metrics(
         adv_mean=adv["mean"], adv_std=adv["std"], adv_min=adv["min"], adv_max=adv["max"],
         zero_std_groups=float((groups.std(dim=1, unbiased=False) == 0).float().mean()) if group_size > 1 else 0.0,
     )  # fmt: skip
+    if len(set(tags)) > 1:
+        flat = groups.std(dim=1, unbiased=False) == 0 if group_size > 1 else torch.zeros(len(tags), dtype=torch.bool)
+        for tag in sorted(set(tags)):
+            mine = torch.tensor([t == tag for t in tags])
+            record[f"reward_by_tag/{tag}"] = float(groups[mine].mean())
+            record[f"zero_std_groups_by_tag/{tag}"] = float(flat[mine].float().mean())
     return record
