@@ -69,10 +69,13 @@ def first_run(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     tmp = tmp_path_factory.mktemp("study")
     study = tiny_study(tmp, tiny_base)
     out = tmp / "out"
-    # A random tiny model draws noise, which the shipped purity scale (20) scores 0 on every image:
-    # every comparison would be 0 +- 0. A softer scale gives the rows something to differ on.
+    # A random tiny model draws noise, which the shipped purity (20) and speckle (0.02) scales
+    # score ~1e-10 on every image: the rows' rewards then differ by less than the advantage
+    # normaliser's epsilon, a one-step teacher hardly moves, and comparisons come out 0 +- 0.
+    # Softer scales put the scores near 0.1-1, so the rows have something to differ on.
     patch = pytest.MonkeyPatch()
     patch.setattr("opdkit.shapes.quality.PURITY_SCALE", 200.0)
+    patch.setattr("opdkit.shapes.quality.SPECKLE_SCALE", 1.0)
     try:
         result = RUNNER.invoke(app, ["study", str(study), "--out", str(out)], env=WIDE)
     finally:
