@@ -31,7 +31,7 @@ from opdkit.training.loop import Optimization, RunContext, Setup, StepResult, su
 from opdkit.training.losses import clipped_policy_loss, gaussian_kl, group_advantages, kept_sample_weights
 from opdkit.training.onpolicy import OnPolicy, ratio_metrics, save_rollout_grid, sweep_updates
 from opdkit.training.rewards import WeightedReward
-from opdkit.training.rollout import Rollout, StepPrompts, step_prompts, transition
+from opdkit.training.rollout import Rollout, transition
 
 
 class Grpo:
@@ -65,7 +65,8 @@ class Grpo:
         stats = sweep_updates(ctx, optim, batch, self.term_loss)
         t_update = time.perf_counter()
 
-        record = _reward_metrics(rewards, parts, advantages_all, train.group_size, self._group_tags(ctx, drawn, step))
+        tags = [str(self.records[i].get("tag", "")) for i in drawn.all_indices]  # gathered order
+        record = _reward_metrics(rewards, parts, advantages_all, train.group_size, tags)
         record.update(ratio_metrics(ctx, stats))
         kl = ctx.gather(stats["kl"]) if "kl" in stats else torch.zeros(0)
         record["kl"] = float(kl.mean()) if kl.numel() else None
@@ -104,16 +105,6 @@ class Grpo:
     def finish(self, ctx: RunContext, optim: Optimization, step: int) -> Path:
         return self.policy.finish(ctx, optim, step)
 
-    def _group_tags(self, ctx: RunContext, drawn: StepPrompts, step: int) -> list[str]:
-        """The task tag of every group of the step, over all ranks, in the order rewards are gathered."""
-        if ctx.world > 1:  # a rank holds only its share; every rank draws the same global batch
-            train = ctx.train
-            drawn = step_prompts(
-                self.records, seed=train.seed, step=step, batch_size=train.batch_size,
-                group_size=train.group_size, balance_tags=ctx.recipe.prompts.balance_tags,
-            )  # fmt: skip
-        return [str(self.records[i].get("tag", "")) for i in drawn.indices]
-
 
 def _dt(batch: Rollout, t: int) -> torch.Tensor:
     return batch.sigmas[t + 1] - batch.sigmas[t]
@@ -138,12 +129,13 @@ def _reward_metrics(
         record[f"reward/{name}/mean"] = summary["mean"]
         record[f"reward/{name}/std"] = summary["std"]
     groups = rewards.view(-1, group_size)
+    # a group whose images all scored alike carries no gradient (groups of one image are not counted)
+    flat = groups.std(dim=1, unbiased=False) == 0 if group_size > 1 else torch.zeros(len(groups), dtype=torch.bool)
     record.update(
         adv_mean=adv["mean"], adv_std=adv["std"], adv_min=adv["min"], adv_max=adv["max"],
-        zero_std_groups=float((groups.std(dim=1, unbiased=False) == 0).float().mean()) if group_size > 1 else 0.0,
+        zero_std_groups=float(flat.float().mean()),
     )  # fmt: skip
     if len(set(tags)) > 1:
-        flat = groups.std(dim=1, unbiased=False) == 0 if group_size > 1 else torch.zeros(len(tags), dtype=torch.bool)
         for tag in sorted(set(tags)):
             mine = torch.tensor([t == tag for t in tags])
             record[f"reward_by_tag/{tag}"] = float(groups[mine].mean())

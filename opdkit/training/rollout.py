@@ -31,6 +31,7 @@ class StepPrompts:
 
     Attributes:
         indices: prompt indices (into the prompt list) of this rank's prompts, (B_local,).
+        all_indices: the prompt indices of the whole step, every rank's in rank order, (B,).
         records: the records, each repeated ``group_size`` times in a row, (B_local * G,).
         seeds: one initial/SDE noise seed per image, aligned with ``records``.
     """
@@ -38,6 +39,7 @@ class StepPrompts:
     indices: list[int]
     records: list[dict[str, Any]]
     seeds: list[int]
+    all_indices: list[int]
 
 
 def step_prompts(
@@ -93,6 +95,7 @@ def step_prompts(
         indices=indices,
         records=[records[i] for i in indices for _ in range(group_size)],
         seeds=[int(s) for s in seeds[mine].reshape(-1)],
+        all_indices=[int(i) for i in chosen],
     )
 
 
