@@ -59,6 +59,37 @@ def test_same_seed_same_images_regardless_of_batch(tiny_shapes_dir: Path, tmp_pa
     assert a["metrics"]["overall"] == pytest.approx(b["metrics"]["overall"], abs=1e-6)
 
 
+def test_an_image_another_benchmark_generated_is_read_not_generated(
+    tiny_shapes_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import opdkit.eval.runner as runner
+
+    alone = run_eval("shapes-quality", str(tiny_shapes_dir), out_dir=tmp_path / "alone", limit=3, samples=2, steps=2)
+    # shapes-quality's prompts begin with shapes-geneval's: its first two prompts' images are shared
+    run_eval("shapes-geneval", str(tiny_shapes_dir), out_dir=tmp_path / "shared", limit=2, samples=2, steps=2)
+    run_eval("shapes-geneval", str(tiny_shapes_dir), out_dir=tmp_path / "other", limit=2, samples=2, steps=3)
+    generated: list[int] = []
+    real_generate = runner.generate
+
+    def counting_generate(model, prompts, *args, **kwargs):  # type: ignore[no-untyped-def]
+        generated.append(len(prompts))
+        return real_generate(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "generate", counting_generate)
+    shared = run_eval("shapes-quality", str(tiny_shapes_dir), out_dir=tmp_path / "shared", limit=3, samples=2, steps=2)
+    assert shared["images_read_this_run"] == 4 and sum(generated) == 2
+    assert shared["metrics"] == alone["metrics"]
+    name = tiny_shapes_dir.name
+    rows = {(r["prompt_index"], r["sample_index"]): r for r in read_jsonl(tmp_path / "shared" / name / "shapes-quality.jsonl")}
+    for r in read_jsonl(tmp_path / "alone" / name / "shapes-quality.jsonl"):
+        assert rows[r["prompt_index"], r["sample_index"]] == r
+        assert (tmp_path / "shared" / name / r["image"]).read_bytes() == (tmp_path / "alone" / name / r["image"]).read_bytes()
+    # images of other sampler settings are not the same images
+    generated.clear()
+    other = run_eval("shapes-quality", str(tiny_shapes_dir), out_dir=tmp_path / "other", limit=3, samples=2, steps=2)
+    assert other["images_read_this_run"] == 0 and sum(generated) == 6
+
+
 def test_changed_settings_refuse_to_mix_results(tiny_shapes_dir: Path, tmp_path: Path) -> None:
     run_eval("shapes-ocr", str(tiny_shapes_dir), out_dir=tmp_path, limit=1, samples=1, steps=2)
     with pytest.raises(OpdkitError, match="other settings \\(steps\\)"):

@@ -12,6 +12,13 @@ Resumable: images already recorded in ``<bench>.jsonl`` are neither regenerated 
 Each image's initial noise comes from its own seed (derived from ``--seed``, the prompt index and
 the sample index), so results do not depend on batch size or on where a run was interrupted.
 
+Generated once per model folder: an image whose prompt and seed another benchmark of the folder
+already generated with the same sampler settings and weights is read from that benchmark's PNG
+and scored, not generated again. The preference benchmarks all default to DrawBench 200 x 5 at
+the same settings, and shapes-quality's prompts begin with shapes-geneval's, so most of their
+images are shared. Every scorer reads the 8-bit levels of the PNG, so a read image scores what
+the generated one would.
+
 One eval at a time per folder: ``<out>/<model name>/.lock`` is held (``flock``) while an eval
 runs, and a second eval of that folder refuses at once instead of writing duplicate rows. The
 lock dies with its process, so a killed eval never leaves the folder locked.
@@ -235,29 +242,43 @@ def _run_locked(root: Path, benchmark: Benchmark, flow_model: FlowModel, model: 
 
     done = set(_rows_by_image(records_path))
     todo = [(i, s) for i in range(len(records)) for s in range(n_samples) if (i, s) not in done]
+    shared = _images_of_other_benchmarks(root, benchmark.name, settings)
+    reused = [(i, s) for i, s in todo if (records[i]["prompt"], image_seed(seed, i, s)) in shared]
+    fresh = [(i, s) for i, s in todo if (records[i]["prompt"], image_seed(seed, i, s)) not in shared]
+    # read images and generated ones never share a batch; each image's noise has its own seed, so
+    # the generated ones do not depend on which others fill their batch
+    batches = [(True, reused[k : k + batch_size]) for k in range(0, len(reused), batch_size)]
+    batches += [(False, fresh[k : k + batch_size]) for k in range(0, len(fresh), batch_size)]
 
     from PIL import Image
 
     from opdkit.progress import progress_bar
+    from opdkit.scoring.scorer import to_uint8
 
     total = len(records) * n_samples
+    label = f"eval {benchmark.name} / {model_name}"
+    if reused:
+        label += f" ({len(reused)} images read from other benchmarks)"
+    completed = total - len(todo)
     t0 = time.perf_counter()
-    with progress_bar(f"eval {benchmark.name} / {model_name}", total=total, completed=total - len(todo)) as bar:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
+    with progress_bar(label, total=total, completed=completed) as bar:
+        for read, chunk in batches:
             chunk_records = [records[i] for i, _ in chunk]
             seeds = [image_seed(seed, i, s) for i, s in chunk]
-            images = generate(
-                flow_model,
-                [r["prompt"] for r in chunk_records],
-                seeds,
-                steps=settings["steps"],
-                cfg=settings["cfg"],
-                resolution=settings["resolution"],
-                shift=settings["shift"],
-            )
+            if read:
+                images = torch.stack([_read_png(shared[(r["prompt"], n)]) for r, n in zip(chunk_records, seeds, strict=True)])
+            else:
+                images = generate(
+                    flow_model,
+                    [r["prompt"] for r in chunk_records],
+                    seeds,
+                    steps=settings["steps"],
+                    cfg=settings["cfg"],
+                    resolution=settings["resolution"],
+                    shift=settings["shift"],
+                )
             scores = benchmark.score(images, [r["prompt"] for r in chunk_records], chunk_records)
-            pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
             image_dir.mkdir(parents=True, exist_ok=True)
             for j, ((i, s), record) in enumerate(zip(chunk, chunk_records, strict=True)):
                 file = image_dir / f"{i:05d}_{s}.png"
@@ -271,7 +292,8 @@ def _run_locked(root: Path, benchmark: Benchmark, flow_model: FlowModel, model: 
                     **{k: float(v[j]) for k, v in scores.items()},
                 }
                 append_jsonl(records_path, row)
-            bar.update(total - len(todo) + start + len(chunk))
+            completed += len(chunk)
+            bar.update(completed)
     seconds = time.perf_counter() - t0
 
     # one row per image: two writers at once (on a filesystem where flock is not shared between
@@ -296,10 +318,51 @@ def _run_locked(root: Path, benchmark: Benchmark, flow_model: FlowModel, model: 
         "higher_is_better": benchmark.higher_is_better,
         "stderr": float(main.std(ddof=1) / math.sqrt(len(main))) if len(main) > 1 else None,
         "generation_seconds_this_run": round(seconds, 2),
+        "images_read_this_run": len(reused),
     }
     atomic_write_json(root / f"{benchmark.name}.json", summary)
     _write_grid(root, benchmark.name, rows)
     return summary
+
+
+SAME_GENERATION = ("steps", "cfg", "resolution", "shift", "weights")
+"""The settings under which two benchmarks' images of one prompt and seed are the same image."""
+
+
+def _images_of_other_benchmarks(root: Path, bench: str, settings: dict[str, Any]) -> dict[tuple[str, int], Path]:
+    """``{(prompt, seed): PNG}`` of the images other benchmarks in ``root`` generated with ``settings``' sampler and weights.
+
+    A benchmark whose settings or rows cannot be read is passed over: it only means its images are
+    generated again.
+    """
+    found: dict[tuple[str, int], Path] = {}
+    for settings_path in sorted(root.glob("*.settings.json")):
+        other = settings_path.name.removesuffix(".settings.json")
+        if other == bench:
+            continue
+        try:
+            previous = json.loads(settings_path.read_text(encoding="utf-8"))
+            if not isinstance(previous, dict) or any(previous.get(k) != settings[k] for k in SAME_GENERATION):
+                continue
+            rows = _rows_by_image(root / f"{other}.jsonl").values()
+            for row in rows:
+                file = root / str(row["image"])
+                if file.is_file():
+                    found.setdefault((str(row["prompt"]), int(row["seed"])), file)
+        except (OSError, OpdkitError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+            continue
+    return found
+
+
+def _read_png(path: Path) -> torch.Tensor:
+    """A saved image as the runner generates it: (3, H, W) float in [0, 1]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255
 
 
 def benchmark_cfg(model: Any, sampler: dict[str, Any]) -> float:

@@ -35,7 +35,7 @@ Scorer = Callable[["torch.Tensor", list[str], list[dict[str, Any]]], Scores]
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) float in [0, 1] -> (B, 3, H, W) uint8 on the CPU (round half away from zero).
+    """(B, 3, H, W) float in [0, 1] -> (B, 3, H, W) uint8 on the CPU (round half to even, as ``torch.round``).
 
     Every scorer reads the 8-bit levels, so a score equals the score of the PNG the eval runner
     saves.
