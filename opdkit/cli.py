@@ -145,7 +145,10 @@ def distill(
 @app.command("eval")
 @user_errors
 def eval_(
-    bench: Annotated[str, typer.Option("--bench", "-b", help="Benchmark name (see `opdkit list benchmark`).")],
+    bench: Annotated[
+        list[str],
+        typer.Option("--bench", "-b", help="Benchmark name (see `opdkit list benchmark`); repeat it to run several on one loaded model."),
+    ],
     model: Annotated[str, typer.Option("--model", "-m", help="Model name (e.g. shapes-base), pipeline directory, or run directory.")],
     samples: Annotated[int | None, typer.Option("--samples", help="Images per prompt (default: the benchmark's).")] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="Only the first K prompts: a quick look.")] = None,
@@ -163,16 +166,17 @@ def eval_(
         typer.Option("--checkpoint", help="A GRPO/OPD run's checkpoint of this step instead of its final weights (filed as <run>-step<N>)."),
     ] = None,
 ) -> None:
-    """Generate images for a benchmark's prompts, score them, and write results/<model>/<bench>.json."""
-    from opdkit.eval.runner import check_eval_options, run_eval
+    """Generate images for a benchmark's prompts, score them, and write results/<model>/<bench>.json
+    (an image another benchmark of the folder made with the same prompt, seed, sampler and weights is read, not made again)."""
+    from opdkit.eval.runner import check_eval_options, run_evals
 
     # ranges first: a bad value is one line before any model is loaded or any file written
     check_eval_options(samples=samples, limit=limit, steps=steps, cfg=cfg, batch_size=batch_size, name=name,
                        checkpoint=step)  # fmt: skip
     params = _parse_params(param or [])
-    summary = run_eval(
-        bench=bench,
-        model=model,
+    summaries = run_evals(
+        bench,
+        model,
         out_dir=out,
         samples=samples,
         limit=limit,
@@ -186,14 +190,15 @@ def eval_(
     )
     from rich.table import Table
 
-    table = Table(title=f"{summary['bench']} · {summary['model']} ({summary['n_images']} images, {summary['engine']})")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in summary["metrics"].items():
-        table.add_row(key, f"{value:.4f}")
     console = _console()
-    console.print(table)
-    console.print(f"results: {out / summary['model'] / (summary['bench'] + '.json')}", markup=False)
+    for summary in summaries:
+        table = Table(title=f"{summary['bench']} · {summary['model']} ({summary['n_images']} images, {summary['engine']})")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key, value in summary["metrics"].items():
+            table.add_row(key, f"{value:.4f}")
+        console.print(table)
+        console.print(f"results: {out / summary['model'] / (summary['bench'] + '.json')}", markup=False)
 
 
 def _parse_params(items: list[str]) -> dict[str, Any]:

@@ -590,10 +590,10 @@ def _train_row(study: LoadedStudy, row: Row, echo: Callable[[str], None], label:
 def _evaluate_row(study: LoadedStudy, row: Row, echo: Callable[[str], None], label: str) -> list[str]:
     """Evaluate the row on every benchmark whose results are not current (stale ones are deleted
     first; partial ones resume); returns those benchmarks."""
-    from opdkit.eval.runner import remove_results, run_eval
+    from opdkit.eval.runner import remove_results, run_evals
 
     ev = study.spec.eval
-    done = []
+    todo = []
     for bench in study.spec.benchmarks:
         state = results_state(study, row, bench)
         if state == "current":
@@ -601,10 +601,11 @@ def _evaluate_row(study: LoadedStudy, row: Row, echo: Callable[[str], None], lab
         if state == "stale":
             echo(f"{label}: {bench} results were made with other settings or weights; evaluating again")
             remove_results(study.results_dir / row.name, bench)
-        run_eval(bench=bench, model=row.model, out_dir=study.results_dir, samples=ev.samples_per_prompt, limit=ev.limit,
-                 seed=ev.seed, steps=ev.steps, batch_size=ev.batch_size, name=row.name, bench_params=dict(ev.params))  # fmt: skip
-        done.append(bench)
-    return done
+        todo.append(bench)
+    if todo:  # one model load for all of them
+        run_evals(todo, row.model, out_dir=study.results_dir, samples=ev.samples_per_prompt, limit=ev.limit,
+                  seed=ev.seed, steps=ev.steps, batch_size=ev.batch_size, name=row.name, bench_params=dict(ev.params))  # fmt: skip
+    return todo
 
 
 def build_table(study: LoadedStudy) -> dict[str, Any]:

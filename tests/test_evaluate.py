@@ -144,3 +144,35 @@ def test_real_benchmark_on_a_shapes_model_points_to_the_twin_before_asking_for_f
     with pytest.raises(OpdkitError, match="use --bench shapes-geneval") as err:
         run_eval("geneval", str(tiny_shapes_dir), out_dir=tmp_path)  # no metadata path given
     assert "\n" not in str(err.value)
+
+
+def test_several_benchmarks_in_one_command_load_the_model_once(
+    tiny_shapes_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    import opdkit.eval.runner as runner
+    from opdkit.cli import app
+
+    options = dict(limit=2, samples=1, steps=2)
+    one_by_one = [run_eval(b, str(tiny_shapes_dir), out_dir=tmp_path / "a", **options) for b in ("shapes-ocr", "shapes-quality")]
+    loads: list[str] = []
+    real_resolve = runner.resolve_model
+    monkeypatch.setattr(runner, "resolve_model", lambda spec, step=None: loads.append(spec) or real_resolve(spec, step))
+    # a typo in the last name, or a parameter one benchmark lacks, is one line before the model loads
+    with pytest.raises(OpdkitError, match="unknown benchmark 'shapes-qualty'"):
+        runner.run_evals(["shapes-ocr", "shapes-qualty"], str(tiny_shapes_dir), out_dir=tmp_path / "b", **options)
+    with pytest.raises(OpdkitError, match="shapes-ocr"):
+        runner.run_evals(["shapes-ocr"], str(tiny_shapes_dir), out_dir=tmp_path / "b", bench_params={"nope": 1}, **options)
+    assert loads == [] and not (tmp_path / "b").exists()
+
+    args = ["eval", "-b", "shapes-ocr", "-b", "shapes-quality", "-m", str(tiny_shapes_dir), "--limit", "2",
+            "--samples", "1", "--steps", "2", "-o", str(tmp_path / "b")]  # fmt: skip
+    outcome = CliRunner().invoke(app, args)
+    assert outcome.exit_code == 0, outcome.output
+    assert loads == [str(tiny_shapes_dir)]
+    for summary in one_by_one:
+        bench = summary["bench"]
+        assert f"{bench}.json" in outcome.output.replace("\n", "")
+        together = json.loads((tmp_path / "b" / tiny_shapes_dir.name / f"{bench}.json").read_text())
+        assert together["metrics"] == summary["metrics"] and together["n_images"] == summary["n_images"] == 2

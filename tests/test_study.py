@@ -171,19 +171,19 @@ def _forbid(monkeypatch: pytest.MonkeyPatch, calls: list[tuple[str, str]] | None
     import opdkit.eval.runner
     import opdkit.methods
 
-    real = opdkit.eval.runner.run_eval
+    real = opdkit.eval.runner.run_evals
 
     def no_training(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the study trained a finished row")
 
-    def eval_(**kwargs: Any) -> Any:
+    def evals(benches: list[str], model: str, **kwargs: Any) -> Any:
         if calls is None:
-            raise AssertionError(f"the study evaluated {kwargs['name']} on {kwargs['bench']} again")
-        calls.append((kwargs["name"], kwargs["bench"]))
-        return real(**kwargs)
+            raise AssertionError(f"the study evaluated {kwargs['name']} on {benches} again")
+        calls.extend((kwargs["name"], bench) for bench in benches)
+        return real(benches, model, **kwargs)
 
     monkeypatch.setattr(opdkit.methods, "train", no_training)
-    monkeypatch.setattr(opdkit.eval.runner, "run_eval", eval_)
+    monkeypatch.setattr(opdkit.eval.runner, "run_evals", evals)
 
 
 def _stamps(out: Path) -> dict[str, int]:
@@ -519,7 +519,10 @@ def test_jobs_interrupted_stops_the_children_and_the_rerun_resumes(
     out = tmp_path / "out"
     command = [sys.executable, "-m", "opdkit.cli", "study", str(study), "--out", str(out), "--jobs", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "OPDKIT_TENSORBOARD": "0", "COLUMNS": "200"}
-    parent = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: a shell that runs the tests in the background (`.ci/run &`) hands its
+    # children SIGINT ignored, and Python then never turns it into KeyboardInterrupt
+    parent = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     pointer = out / "runs" / "grpo_geneval" / "checkpoints" / "latest.json"
     signal_when(parent, pointer.exists, "wrote no checkpoint", sig=signal.SIGINT)
     output = parent.stdout.read() + parent.stderr.read() if parent.stdout and parent.stderr else ""

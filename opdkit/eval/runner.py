@@ -129,8 +129,20 @@ def generate(
         return model.decode(x0).float().clamp(0, 1).cpu()
 
 
-def run_eval(
-    bench: str,
+def run_eval(bench: str, model: str, out_dir: str | Path = "results", **options: Any) -> dict[str, Any]:
+    """Run one benchmark on one model; returns the summary written to ``<bench>.json``.
+
+    ``options`` are :func:`run_evals`' (``samples``, ``limit``, ``seed``, ``steps``, ``cfg``,
+    ``batch_size``, ``name``, ``bench_params``, ``step``: a run's checkpoint, see
+    :func:`resolve_model`). Raises :class:`OpdkitError` for an option out of range, a results name
+    that would leave ``out_dir``, or a results folder another eval is writing, before anything is
+    written.
+    """
+    return run_evals([bench], model, out_dir, **options)[0]
+
+
+def run_evals(
+    benches: list[str],
     model: str,
     out_dir: str | Path = "results",
     samples: int | None = None,
@@ -142,15 +154,21 @@ def run_eval(
     name: str | None = None,
     bench_params: dict[str, Any] | None = None,
     step: int | None = None,
-) -> dict[str, Any]:
-    """Run one benchmark on one model (``step``: a run's checkpoint, see :func:`resolve_model`);
-    returns the summary written to ``<bench>.json``.
+) -> list[dict[str, Any]]:
+    """:func:`run_eval` of several benchmarks, in order, on one model loaded once; the summaries.
 
-    Raises :class:`OpdkitError` for an option out of range, a results name that would leave
-    ``out_dir``, or a results folder another eval is writing, before anything is written.
+    Every name is checked before the model is loaded, so a typo in the last one costs nothing.
+    Each benchmark is built when its turn comes (a preference benchmark's scorer is a model too).
+    ``bench_params`` go to every benchmark.
     """
     check_eval_options(samples=samples, limit=limit, steps=steps, cfg=cfg, batch_size=batch_size, name=name,
                        checkpoint=step)  # fmt: skip
+    if not benches:
+        raise OpdkitError("no benchmark given (--bench NAME, repeatable)")
+    for bench in benches:  # an unknown name or a parameter it lacks is one line before the model loads
+        benchmarks.check_params(bench, bench_params or {})
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise OpdkitError(f"{out_dir}: --out is a file, not a folder")
     flow_model, default_name = resolve_model(model, step)
     if name is None:
         try:
@@ -159,27 +177,28 @@ def run_eval(
             raise OpdkitError(
                 f"--model {model}: cannot file results under {default_name!r} (not one folder name); pass --name"
             ) from None
-    twin = f"shapes-{bench}"
-    if flow_model.world == "shapes" and not bench.startswith("shapes-") and twin in benchmarks.names():
-        # say the model is of the wrong world before the benchmark asks for its prompt files
-        raise OpdkitError(
-            f"benchmark {bench!r} scores sd3-world models, but {name or default_name!r} is a shapes-world "
-            f"model; use --bench {twin}"
-        )
-    benchmark: Benchmark = benchmarks.build(bench, bench_params or {})
     model_name = name or default_name
-    check_world(benchmark, flow_model.world, model_name)
-
-    records = benchmark.prompts[:limit] if limit is not None else benchmark.prompts
-    settings = eval_settings(benchmark, flow_model, samples=samples, seed=seed, steps=steps, cfg=cfg)
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise OpdkitError(f"{out_dir}: --out is a file, not a folder")
-    root = Path(out_dir) / model_name
-    root.mkdir(parents=True, exist_ok=True)
-    with results_lock(root), naming_path(root):
-        source = model if step is None else f"{model} --checkpoint {step}"
-        return _run_locked(root, benchmark, flow_model, source, model_name, records, settings, limit, seed,
-                           batch_size)
+    for bench in benches:
+        twin = f"shapes-{bench}"
+        if flow_model.world == "shapes" and not bench.startswith("shapes-") and twin in benchmarks.names():
+            # say the model is of the wrong world before the benchmark asks for its prompt files
+            raise OpdkitError(
+                f"benchmark {bench!r} scores sd3-world models, but {model_name!r} is a shapes-world "
+                f"model; use --bench {twin}"
+            )
+    summaries = []
+    for bench in benches:
+        benchmark: Benchmark = benchmarks.build(bench, bench_params or {})
+        check_world(benchmark, flow_model.world, model_name)
+        records = benchmark.prompts[:limit] if limit is not None else benchmark.prompts
+        settings = eval_settings(benchmark, flow_model, samples=samples, seed=seed, steps=steps, cfg=cfg)
+        root = Path(out_dir) / model_name
+        root.mkdir(parents=True, exist_ok=True)
+        with results_lock(root), naming_path(root):
+            source = model if step is None else f"{model} --checkpoint {step}"
+            summaries.append(_run_locked(root, benchmark, flow_model, source, model_name, records, settings, limit,
+                                         seed, batch_size))  # fmt: skip
+    return summaries
 
 
 def eval_settings(benchmark: Benchmark, model: Any, *, samples: int | None = None, seed: int = 0,

@@ -496,17 +496,15 @@ def evaluate_run(model_dir: Path, rundir: RunDir, step: int, spec: Any) -> list[
     """
     from rich.console import Console
 
-    from opdkit.eval.runner import run_eval
+    from opdkit.eval.runner import run_evals
 
     console = Console(highlight=False, soft_wrap=True)
     out = rundir.root / "results" / f"step_{step:06d}"
-    summaries = []
-    for bench in spec.benchmarks:
-        summary = run_eval(bench=bench, model=str(model_dir), out_dir=out, name=rundir.root.resolve().name,
-                           samples=spec.samples_per_prompt, limit=spec.limit)  # fmt: skip
+    summaries = run_evals(list(spec.benchmarks), str(model_dir), out_dir=out, name=rundir.root.resolve().name,
+                          samples=spec.samples_per_prompt, limit=spec.limit)  # fmt: skip
+    for summary in summaries:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items())
-        console.print(f"eval {bench} · {summary['model']}: {metrics}", markup=False)
-        summaries.append(summary)
+        console.print(f"eval {summary['bench']} · {summary['model']}: {metrics}", markup=False)
     return summaries
 
 
