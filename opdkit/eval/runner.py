@@ -186,16 +186,16 @@ def run_evals(
                 f"benchmark {bench!r} scores sd3-world models, but {model_name!r} is a shapes-world "
                 f"model; use --bench {twin}"
             )
+    root = Path(out_dir) / model_name
+    source = model if step is None else f"{model} --checkpoint {step}"
     summaries = []
     for bench in benches:
         benchmark: Benchmark = benchmarks.build(bench, bench_params or {})
         check_world(benchmark, flow_model.world, model_name)
         records = benchmark.prompts[:limit] if limit is not None else benchmark.prompts
         settings = eval_settings(benchmark, flow_model, samples=samples, seed=seed, steps=steps, cfg=cfg)
-        root = Path(out_dir) / model_name
         root.mkdir(parents=True, exist_ok=True)
         with results_lock(root), naming_path(root):
-            source = model if step is None else f"{model} --checkpoint {step}"
             summaries.append(_run_locked(root, benchmark, flow_model, source, model_name, records, settings, limit,
                                          seed, batch_size))  # fmt: skip
     return summaries
@@ -262,8 +262,10 @@ def _run_locked(root: Path, benchmark: Benchmark, flow_model: FlowModel, model: 
     done = set(_rows_by_image(records_path))
     todo = [(i, s) for i in range(len(records)) for s in range(n_samples) if (i, s) not in done]
     shared = _images_of_other_benchmarks(root, benchmark.name, settings)
-    reused = [(i, s) for i, s in todo if (records[i]["prompt"], image_seed(seed, i, s)) in shared]
-    fresh = [(i, s) for i, s in todo if (records[i]["prompt"], image_seed(seed, i, s)) not in shared]
+    reused: list[tuple[int, int]] = []
+    fresh: list[tuple[int, int]] = []
+    for i, s in todo:
+        (reused if (records[i]["prompt"], image_seed(seed, i, s)) in shared else fresh).append((i, s))
     # read images and generated ones never share a batch; each image's noise has its own seed, so
     # the generated ones do not depend on which others fill their batch
     batches = [(True, reused[k : k + batch_size]) for k in range(0, len(reused), batch_size)]
