@@ -174,7 +174,20 @@ def eval_(
     check_eval_options(samples=samples, limit=limit, steps=steps, cfg=cfg, batch_size=batch_size, name=name,
                        checkpoint=step)  # fmt: skip
     params = _parse_params(param or [])
-    summaries = run_evals(
+    from rich.table import Table
+
+    console = _console()
+
+    def report(summary: dict[str, Any]) -> None:  # as each benchmark ends, not after the last
+        table = Table(title=f"{summary['bench']} · {summary['model']} ({summary['n_images']} images, {summary['engine']})")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key, value in summary["metrics"].items():
+            table.add_row(key, f"{value:.4f}")
+        console.print(table)
+        console.print(f"results: {out / summary['model'] / (summary['bench'] + '.json')}", markup=False)
+
+    run_evals(
         bench,
         model,
         out_dir=out,
@@ -187,18 +200,8 @@ def eval_(
         name=name,
         bench_params=params,
         step=step,
+        on_result=report,
     )
-    from rich.table import Table
-
-    console = _console()
-    for summary in summaries:
-        table = Table(title=f"{summary['bench']} · {summary['model']} ({summary['n_images']} images, {summary['engine']})")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for key, value in summary["metrics"].items():
-            table.add_row(key, f"{value:.4f}")
-        console.print(table)
-        console.print(f"results: {out / summary['model'] / (summary['bench'] + '.json')}", markup=False)
 
 
 def _parse_params(items: list[str]) -> dict[str, Any]:

@@ -176,3 +176,11 @@ def test_several_benchmarks_in_one_command_load_the_model_once(
         assert f"{bench}.json" in outcome.output.replace("\n", "")
         together = json.loads((tmp_path / "b" / tiny_shapes_dir.name / f"{bench}.json").read_text())
         assert together["metrics"] == summary["metrics"] and together["n_images"] == summary["n_images"] == 2
+
+    # A caller hears of each benchmark when its file is written, before the next one starts.
+    seen: list[tuple[str, bool, bool]] = []
+    folder = tmp_path / "c" / tiny_shapes_dir.name
+    runner.run_evals(["shapes-ocr", "shapes-quality"], str(tiny_shapes_dir), out_dir=tmp_path / "c", **options,
+                     on_result=lambda s: seen.append((s["bench"], (folder / "shapes-ocr.json").is_file(),
+                                                      (folder / "shapes-quality.json").is_file())))  # fmt: skip
+    assert seen == [("shapes-ocr", True, False), ("shapes-quality", True, True)]

@@ -140,11 +140,18 @@ def test_mar_gradient_pulls_toward_the_anchor(tmp_path: Path, teachers: tuple[Pa
 
 
 def test_opd_run_with_merge_init_writes_a_loadable_student(tmp_path: Path, teachers: tuple[Path, Path]) -> None:
-    metrics = run_opd(tmp_path, OPD + "init: {method: mean}\n", teachers, ["train.lora.rank=8", "train.lora.alpha=16"])
+    body = OPD + "init: {method: mean}\nrewards: [{type: shapes_quality, weight: 1.0}]\n"  # logged only
+    metrics = run_opd(tmp_path, body, teachers, ["train.lora.rank=8", "train.lora.alpha=16"])
     assert len(metrics) == 2
     m = metrics[0]
     assert m["routed/shapes"] == 2 and m["routed/signs"] == 2  # balanced tags, routed per sample
     assert m["kl/shapes"] is not None and m["kl/signs"] is not None and m["kl"] > 0
+    # Per task tag: each tag goes to one teacher here, so its KL is that teacher's; one group per
+    # tag, so the run's mean reward is the mean of the two tags'.
+    assert m["kl_by_tag/single_object"] == pytest.approx(m["kl/shapes"]) and m["kl_by_tag/ocr"] == pytest.approx(m["kl/signs"])
+    assert m["kl_by_tag/single_object"] != m["kl_by_tag/ocr"]
+    by_tag = [m["reward_by_tag/single_object"], m["reward_by_tag/ocr"]]
+    assert by_tag[0] != by_tag[1] and sum(by_tag) / 2 == pytest.approx(m["reward"])
     assert m["init_merge_rel_error"] == pytest.approx(0.0, abs=1e-5)  # rank 8 = 4 + 4: exact merge
     assert m["ratio_first_max_dev"] == 0.0
     assert (tmp_path / "run" / "final" / "lora.safetensors").is_file()

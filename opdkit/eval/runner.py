@@ -30,7 +30,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -154,12 +154,14 @@ def run_evals(
     name: str | None = None,
     bench_params: dict[str, Any] | None = None,
     step: int | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`run_eval` of several benchmarks, in order, on one model loaded once; the summaries.
 
     Every name is checked before the model is loaded, so a typo in the last one costs nothing.
     Each benchmark is built when its turn comes (a preference benchmark's scorer is a model too).
-    ``bench_params`` go to every benchmark.
+    ``bench_params`` go to every benchmark. ``on_result`` gets each summary as soon as its
+    benchmark is written, so a caller can report it while the next one runs.
     """
     check_eval_options(samples=samples, limit=limit, steps=steps, cfg=cfg, batch_size=batch_size, name=name,
                        checkpoint=step)  # fmt: skip
@@ -198,6 +200,8 @@ def run_evals(
         with results_lock(root), naming_path(root):
             summaries.append(_run_locked(root, benchmark, flow_model, source, model_name, records, settings, limit,
                                          seed, batch_size))  # fmt: skip
+        if on_result is not None:
+            on_result(summaries[-1])
     return summaries
 
 

@@ -29,7 +29,14 @@ import torch
 
 from opdkit.training.loop import Optimization, RunContext, Setup, StepResult, summarize
 from opdkit.training.losses import clipped_policy_loss, gaussian_kl, group_advantages, kept_sample_weights
-from opdkit.training.onpolicy import OnPolicy, ratio_metrics, save_rollout_grid, sweep_updates
+from opdkit.training.onpolicy import (
+    OnPolicy,
+    group_tags,
+    means_by_tag,
+    ratio_metrics,
+    save_rollout_grid,
+    sweep_updates,
+)
 from opdkit.training.rewards import WeightedReward
 from opdkit.training.rollout import Rollout, transition
 
@@ -65,8 +72,7 @@ class Grpo:
         stats = sweep_updates(ctx, optim, batch, self.term_loss)
         t_update = time.perf_counter()
 
-        tags = [str(self.records[i].get("tag", "")) for i in drawn.all_indices]  # gathered order
-        record = _reward_metrics(rewards, parts, advantages_all, train.group_size, tags)
+        record = _reward_metrics(rewards, parts, advantages_all, train.group_size, group_tags(self.records, drawn))
         record.update(ratio_metrics(ctx, stats))
         kl = ctx.gather(stats["kl"]) if "kl" in stats else torch.zeros(0)
         record["kl"] = float(kl.mean()) if kl.numel() else None
@@ -135,9 +141,6 @@ def _reward_metrics(
         adv_mean=adv["mean"], adv_std=adv["std"], adv_min=adv["min"], adv_max=adv["max"],
         zero_std_groups=float(flat.float().mean()),
     )  # fmt: skip
-    if len(set(tags)) > 1:
-        for tag in sorted(set(tags)):
-            mine = torch.tensor([t == tag for t in tags])
-            record[f"reward_by_tag/{tag}"] = float(groups[mine].mean())
-            record[f"zero_std_groups_by_tag/{tag}"] = float(flat[mine].float().mean())
+    record.update(means_by_tag(rewards, group_size, tags, "reward_by_tag"))
+    record.update(means_by_tag(flat.float(), 1, tags, "zero_std_groups_by_tag"))
     return record

@@ -25,8 +25,8 @@ One step ``k`` (the loop, :mod:`opdkit.training.loop`, does everything else):
    Anchor Regularization, anchor = a task-agnostic teacher or the base) and ``ref_kl`` (the base).
 
 Cold start (``init``, :mod:`opdkit.methods.cold_start`): merged teacher adapters, then optional SFT
-on teacher samples. Metrics: KL overall and per teacher, routing counts, anchor KLs, ratio stats,
-task rewards when the recipe names any.
+on teacher samples. Metrics: KL overall, per teacher and per task tag, routing counts, anchor KLs,
+ratio stats, task rewards (overall and per tag) when the recipe names any.
 """
 
 from __future__ import annotations
@@ -48,7 +48,14 @@ from opdkit.training.losses import (
     sampled_kl,
     sampled_kl_advantage,
 )
-from opdkit.training.onpolicy import OnPolicy, ratio_metrics, save_rollout_grid, sweep_updates
+from opdkit.training.onpolicy import (
+    OnPolicy,
+    group_tags,
+    means_by_tag,
+    ratio_metrics,
+    save_rollout_grid,
+    sweep_updates,
+)
 from opdkit.training.rewards import RewardScores, WeightedReward
 from opdkit.training.rollout import transition
 from opdkit.training.teachers import BASE, Teacher, frozen_means, load_teachers, routed_teacher_means
@@ -136,7 +143,7 @@ class Opd:
         stats = sweep_updates(ctx, optim, batch, self.term_loss)
         t_update = time.perf_counter()
 
-        record = self._metrics(ctx, stats, routes, scores, rewards)
+        record = self._metrics(ctx, stats, routes, scores, rewards, group_tags(self.records, drawn))
         if step == 1:
             record.update(self.init_stats)
         record.update(rollout_seconds=round(t_rollout - t0, 3), update_seconds=round(t_update - t_rollout, 3))
@@ -194,9 +201,10 @@ class Opd:
 
     def _metrics(
         self, ctx: RunContext, stats: dict[str, torch.Tensor], routes: list[str],
-        scores: RewardScores | None, rewards: torch.Tensor | None,
+        scores: RewardScores | None, rewards: torch.Tensor | None, tags: list[str],
     ) -> dict[str, Any]:  # fmt: skip
-        """KL overall and per teacher, routing counts, anchors, ratios and task rewards, over all ranks."""
+        """KL overall, per teacher and per task tag, routing counts, anchors, ratios and task rewards
+        (also per tag), over all ranks. ``tags``: the step's B group tags in gathered order."""
         names = list(self.teachers)
         per_image = ctx.gather(self.kl_per_image)
         route_ids = ctx.gather(torch.tensor([names.index(r) for r in routes]))
@@ -205,6 +213,8 @@ class Opd:
             mine = route_ids == i
             record[f"routed/{name}"] = int(mine.sum())
             record[f"kl/{name}"] = float(per_image[mine].mean()) if bool(mine.any()) else None
+        group_size = ctx.train.group_size
+        record.update(means_by_tag(per_image, group_size, tags, "kl_by_tag"))
         for key, values in stats.items():
             if key.startswith("kl_anchor/"):
                 record[key] = float(ctx.gather(values).mean()) if values.numel() else None
@@ -212,6 +222,7 @@ class Opd:
             for name, values in scores.parts.items():
                 record[f"reward/{name}/mean"] = summarize(ctx.gather(values))["mean"]
             record["reward"] = float(rewards.mean())
+            record.update(means_by_tag(rewards, group_size, tags, "reward_by_tag"))
         return record
 
     def finish(self, ctx: RunContext, optim: Optimization, step: int) -> Path:

@@ -500,12 +500,13 @@ def evaluate_run(model_dir: Path, rundir: RunDir, step: int, spec: Any) -> list[
 
     console = Console(highlight=False, soft_wrap=True)
     out = rundir.root / "results" / f"step_{step:06d}"
-    summaries = run_evals(list(spec.benchmarks), str(model_dir), out_dir=out, name=rundir.root.resolve().name,
-                          samples=spec.samples_per_prompt, limit=spec.limit)  # fmt: skip
-    for summary in summaries:
+
+    def report(summary: dict[str, Any]) -> None:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items())
         console.print(f"eval {summary['bench']} · {summary['model']}: {metrics}", markup=False)
-    return summaries
+
+    return run_evals(list(spec.benchmarks), str(model_dir), out_dir=out, name=rundir.root.resolve().name,
+                     samples=spec.samples_per_prompt, limit=spec.limit, on_result=report)  # fmt: skip
 
 
 class TensorBoardLog:

@@ -6,7 +6,8 @@
   update, every (micro-batch, trained step) term's loss is back-propagated with weight
   ``1 / (micro-batches x steps)`` and then one optimizer step is taken; collects the ratio
   statistics every method logs (:func:`ratio_metrics`);
-* :func:`save_final` and :func:`save_rollout_grid` — the run's ``final/`` and sample grids.
+* :func:`save_final` and :func:`save_rollout_grid` — the run's ``final/`` and sample grids;
+* :func:`group_tags` and :func:`means_by_tag` — per-task means of a multi-task step's logs.
 
 The method supplies only its loss of one (micro-batch, step) term.
 """
@@ -168,6 +169,28 @@ def ratio_metrics(ctx: RunContext, stats: dict[str, torch.Tensor]) -> dict[str, 
         "clip_frac": float(ctx.gather(stats["clipped"]).mean()),
         "grad_norm": float(ctx.gather(stats["grad_norm"]).mean()),
     }
+
+
+def group_tags(records: list[dict[str, Any]], drawn: StepPrompts) -> list[str]:
+    """The task tag of each of the step's B groups, every rank's, in gathered (rank) order."""
+    return [str(records[i].get("tag", "")) for i in drawn.all_indices]
+
+
+def means_by_tag(values: torch.Tensor, group_size: int, tags: list[str], key: str) -> dict[str, float]:
+    """``{key}/TAG``: the mean of ``values`` over the images of TAG's groups, for each tag.
+
+    ``values`` is (B * G,), a group's G images in a row, gathered over ranks; ``tags`` holds the B
+    groups' tags in the same order. Empty when the step holds fewer than two tags: a one-task run's
+    mean is already logged, and a multi-task run's mean hides which tasks move.
+    """
+    if len(set(tags)) < 2:
+        return {}
+    groups = values.reshape(-1, group_size)
+    out: dict[str, float] = {}
+    for tag in sorted(set(tags)):
+        mine = torch.tensor([t == tag for t in tags])
+        out[f"{key}/{tag}"] = float(groups[mine].mean())
+    return out
 
 
 def save_rollout_grid(batch: Rollout, scores: torch.Tensor, group_size: int, path: Path) -> None:
