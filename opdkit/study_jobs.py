@@ -147,6 +147,8 @@ def run_one_row(study: LoadedStudy, name: str, echo: Callable[[str], None]) -> d
         raise OpdkitError(f"{study.path}: --row {name!r} is no row (rows: {', '.join(rows)})")
     row = rows[name]
     for other in row.spec.teachers.values():
+        if rows[other].loaded is None:  # a model row: its weights exist as they are, nothing to wait for
+            continue
         state = train_state(study, rows[other])
         if state.status != "finished":
             raise OpdkitError(f"{study.path}: row {name} distils row {other}, whose run is {state.status}; train it first")

@@ -544,3 +544,28 @@ def test_jobs_interrupted_stops_the_children_and_the_rerun_resumes(
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert re.search(r"\[2/2\] grpo_geneval: resumed to step 6", again.stdout), again.stdout
     assert "resuming from step" in log.read_text()
+
+
+def test_a_row_in_a_child_distils_teachers_given_as_model_rows(first_run: dict[str, Any], tmp_path: Path) -> None:
+    # A study may point a student's teachers at model rows (weights as they are, e.g. a
+    # committed teacher): the child that trains the student has no run of theirs to wait for.
+    from opdkit.study import load_study
+    from opdkit.study_jobs import run_one_row
+
+    data = yaml.safe_load(first_run["study"].read_text())
+    runs = first_run["out"] / "runs"
+    teachers = {"geneval": "t_geneval", "ocr": "t_ocr", "quality": "t_quality"}
+    opd = next(r for r in data["rows"] if r["name"] == "opd")
+    data["rows"] = [{"name": f"t_{t}", "model": str(runs / f"grpo_{t}")} for t in teachers]
+    data["rows"].append({**opd, "teachers": teachers})
+    data["comparisons"] = []
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(data, sort_keys=False))
+    timing = run_one_row(load_study(study, out=tmp_path / "out"), "opd", lambda line: None)
+    assert timing["train"]["status"] == "trained"
+    # the same teachers' weights as the first study's opd row, so the same student, bit for bit
+    from safetensors.torch import load_file
+
+    mine = load_file(tmp_path / "out" / "runs" / "opd" / "final" / "lora.safetensors")
+    theirs = load_file(runs / "opd" / "final" / "lora.safetensors")
+    assert mine.keys() == theirs.keys() and all(bool((mine[k] == theirs[k]).all()) for k in mine)
