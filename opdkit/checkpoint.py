@@ -33,6 +33,26 @@ def resolve_weights_path(path: str | Path) -> Path:
     return committed if committed.exists() else given
 
 
+def tensors_sha256(path: str | Path) -> str:
+    """SHA-256 (16 hex) of a safetensors file's tensors (names, dtypes, shapes and bytes), not of its
+    metadata, whose key order varies between writes of the same weights."""
+    import hashlib
+    import struct
+
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+            header.pop("__metadata__", None)
+            digest.update(json.dumps(header, sort_keys=True).encode())
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    except (OSError, struct.error, ValueError, AttributeError) as exc:  # AttributeError: a header not an object
+        raise OpdkitError(f"{path}: not a readable safetensors file ({type(exc).__name__})") from None
+    return digest.hexdigest()[:16]
+
+
 def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The parameters of ``module`` that require grad (all of them for full fine-tuning)."""
     return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}

@@ -3,6 +3,8 @@
 Layout of a run directory::
 
     recipe.yaml               the resolved recipe (after --set overrides)
+    run.json                  the recipe the run started with, the fingerprints of its base and
+                              teachers' weights, and its history (created, resumed, ...)
     metrics.jsonl             one JSON object per logged step
     samples/step_000100.png   image grids
     checkpoints/step_000100/  weights (safetensors) + trainer_state.json
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -216,6 +219,28 @@ def fixed_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[A
     return {k: v for k, v in recipe_changes(old, new).items() if not _extends(k)}
 
 
+def excuse_moved_teachers(
+    fixed: dict[str, tuple[Any, Any]], old_recipe: dict[str, Any], recorded: dict[str, str] | None,
+    now: Callable[[], dict[str, str]],
+) -> dict[str, tuple[Any, Any]]:  # fmt: skip
+    """``fixed`` without the ``teachers.N.path`` changes whose teacher holds the very weights the
+    run recorded at its start (``recorded``, name -> :func:`opdkit.training.teachers.teacher_weights`):
+    a study folder moved, or ``--out`` spelled another way. ``now()`` fingerprints the new
+    recipe's teachers; it is called only when a teacher path changed."""
+    moved = [k for k in fixed if re.fullmatch(r"teachers\.\d+\.path", k)]
+    if not moved or not recorded:
+        return fixed
+    names = [t.get("name") if isinstance(t, dict) else None for t in old_recipe.get("teachers") or []]
+    current = now()
+    same = set()
+    for key in moved:
+        i = int(key.split(".")[1])
+        name = names[i] if i < len(names) else None
+        if name is not None and recorded.get(name) is not None and recorded.get(name) == current.get(name):
+            same.add(key)
+    return {k: v for k, v in fixed.items() if k not in same}
+
+
 def recipe_fingerprint(recipe: dict[str, Any]) -> str:
     """SHA-256 of a resolved recipe without the keys that only extend or observe a run."""
     import hashlib
@@ -254,14 +279,18 @@ class RunDir:
     def check_start(
         self, recipe: dict[str, Any], base: str, *, resume: bool, overwrite: bool,
         read_recipe: Callable[[Path], dict[str, Any]] | None = None,
+        teachers: Callable[[], dict[str, str]] | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         """Refuse what would lose or mix runs, before anything is written; returns the history entry.
 
         A new run refuses a folder holding any file a run writes, unless ``overwrite``. A resumed
         run refuses a recipe that differs from the one the folder was started with in any key but
-        those that only extend or observe a run (:data:`EXTENDING_KEYS`), and other base weights.
+        those that only extend or observe a run (:data:`EXTENDING_KEYS`), and other base weights;
+        a teacher's path may change if its weights did not (``teachers()``: name -> fingerprint,
+        recorded when a run is created; :func:`excuse_moved_teachers`).
         ``read_recipe`` reads the ``recipe.yaml`` of a run made before ``run.json`` existed.
         """
+        fingerprints = teachers or dict
         if self.root.exists() and not self.root.is_dir():
             raise OpdkitError(f"{self.root}: --out is a file, not a folder")
         present = self.run_files()
@@ -271,7 +300,7 @@ class RunDir:
                     f"{self.root}: holds a run ({', '.join(present)}); pass --resume to continue it, "
                     "--overwrite to replace it, or --out to start elsewhere"
                 )
-            return {"event": "created", "base": base}
+            return {"event": "created", "base": base, "teachers": fingerprints()}
         before = self.read_info()
         legacy = self.root / "recipe.yaml"
         if before:
@@ -279,9 +308,11 @@ class RunDir:
         else:
             old_recipe = read_recipe(legacy) if read_recipe is not None and legacy.is_file() else None
         if old_recipe is None:
-            return {"event": "created", "base": base}
+            return {"event": "created", "base": base, "teachers": fingerprints()}
         changed = recipe_changes(old_recipe, recipe)
-        fixed = fixed_changes(old_recipe, recipe)
+        fixed = excuse_moved_teachers(
+            fixed_changes(old_recipe, recipe), old_recipe, (before or {}).get("teacher_weights"), fingerprints
+        )
         if fixed:
             shown = "; ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in sorted(fixed.items()))
             raise OpdkitError(
@@ -310,8 +341,11 @@ class RunDir:
         if not resume and self.metrics_path.exists():
             self.metrics_path.unlink()
         previous = self.read_info() if resume else None
-        info = previous or {"recipe": recipe, "recipe_sha256": recipe_fingerprint(recipe), "base_weights": entry["base"]}
-        event = {k: v for k, v in entry.items() if k != "base"}
+        info = previous or {
+            "recipe": recipe, "recipe_sha256": recipe_fingerprint(recipe), "base_weights": entry["base"],
+            **({"teacher_weights": entry["teachers"]} if entry.get("teachers") else {}),
+        }  # fmt: skip
+        event = {k: v for k, v in entry.items() if k not in ("base", "teachers")}
         atomic_write_json(self.info_path, {**info, "history": [*info.get("history", []), event]})
 
     @property

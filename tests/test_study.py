@@ -569,3 +569,40 @@ def test_a_row_in_a_child_distils_teachers_given_as_model_rows(first_run: dict[s
     mine = load_file(tmp_path / "out" / "runs" / "opd" / "final" / "lora.safetensors")
     theirs = load_file(runs / "opd" / "final" / "lora.safetensors")
     assert mine.keys() == theirs.keys() and all(bool((mine[k] == theirs[k]).all()) for k in mine)
+
+
+def test_a_moved_study_folder_resumes_its_students_under_any_spelling(
+    first_run: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A student records its teachers' paths as the study spelled ``--out``; moved elsewhere and
+    named by a relative path, the folder still holds the same teachers (their weights' fingerprints
+    in ``run.json``), so nothing is trained again and a cut student resumes."""
+    import shutil
+
+    import opdkit.methods
+    from opdkit.study import load_study, plan_lines, run_study
+
+    moved = tmp_path / "elsewhere" / "out"
+    shutil.copytree(first_run["out"], moved)
+    monkeypatch.chdir(tmp_path)
+    study = load_study(first_run["study"], out=Path("elsewhere/out"))
+    assert all("skip training" in line for line in plan_lines(study) if "opd" in line.split(":")[0])
+    shutil.rmtree(moved / "runs" / "opd" / "final")  # killed after its last checkpoint
+    resumed: list[tuple[str, bool]] = []
+    real = opdkit.methods.train
+
+    def train(loaded: Any, out_dir: Any, **kwargs: Any) -> Any:
+        resumed.append((Path(out_dir).name, kwargs["resume"]))
+        return real(loaded, out_dir, **kwargs)
+
+    monkeypatch.setattr(opdkit.methods, "train", train)
+    run_study(load_study(first_run["study"], out=Path("elsewhere/out")), echo=lambda line: None)
+    assert resumed == [("opd", True)]
+    history = json.loads((moved / "runs" / "opd" / "run.json").read_text())["history"]
+    assert history[-1]["event"] == "resumed" and "teachers.0.path" in history[-1]["changed"]
+
+    # a teacher at the new path with other weights is another teacher: the student is refused
+    final = moved / "runs" / "grpo_ocr" / "final" / "lora.safetensors"
+    shutil.copyfile(moved / "runs" / "grpo_quality" / "final" / "lora.safetensors", final)
+    with pytest.raises(OpdkitError, match=r"holds a run of another recipe than row 'opd' \(teachers.1.path: "):
+        run_study(load_study(first_run["study"], out=Path("elsewhere/out")), echo=lambda line: None)

@@ -465,3 +465,19 @@ def test_absurd_rewards_stop_the_run_unless_the_reward_declares_its_range() -> N
         WeightedReward([RewardSpec(type="big")], build=builder)(images, prompts, records)
     declared = WeightedReward([RewardSpec(type="big", params={"declared": True})], build=builder)(images, prompts, records)
     assert torch.equal(declared.total, torch.full((2,), 1e7))
+
+
+def test_tensors_sha256_reads_the_tensors_not_the_metadata(tmp_path: Any) -> None:
+    from safetensors.torch import save_file
+
+    from opdkit.checkpoint import tensors_sha256
+
+    weights = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.float16)}
+    save_file(weights, tmp_path / "one.safetensors", metadata={"x": "1", "y": "2"})
+    save_file(weights, tmp_path / "two.safetensors", metadata={"y": "2", "x": "1", "note": "rewritten"})
+    save_file({**weights, "b": torch.zeros(4, dtype=torch.float16)}, tmp_path / "other.safetensors")
+    assert tensors_sha256(tmp_path / "one.safetensors") == tensors_sha256(tmp_path / "two.safetensors")
+    assert tensors_sha256(tmp_path / "one.safetensors") != tensors_sha256(tmp_path / "other.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x05")
+    with pytest.raises(OpdkitError, match=r"junk.safetensors: not a readable safetensors file"):
+        tensors_sha256(tmp_path / "junk.safetensors")

@@ -395,11 +395,16 @@ def open_run_dir(out_dir: str | Path, recipe: Any, model: Any, *, resume: bool, 
     Every rank checks (so every rank stops, not only the one that writes); rank 0 writes.
     """
     from opdkit.recipe import dump_recipe
+    from opdkit.training.teachers import teacher_weights
 
     rundir = RunDir(out_dir)
     resolved = recipe.model_dump(mode="json")
     base = model.base_fingerprint() if hasattr(model, "base_fingerprint") else "unknown"
-    entry = rundir.check_start(resolved, base, resume=resume, overwrite=overwrite, read_recipe=_legacy_recipe)
+    specs = getattr(recipe, "teachers", None) or []
+    entry = rundir.check_start(
+        resolved, base, resume=resume, overwrite=overwrite, read_recipe=_legacy_recipe,
+        teachers=lambda: teacher_weights(specs),
+    )  # fmt: skip
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         rundir.prepare(dump_recipe(recipe), resume, recipe=resolved, entry=entry, overwrite=overwrite)

@@ -10,6 +10,7 @@ stored states, each row's transition mean under the teacher it was routed to.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,38 @@ def _load_teacher(model: Any, spec: TeacherSpec, device: Any) -> Teacher:
     if kind == "base":
         return Teacher(spec.name, "base")
     raise OpdkitError(f"teacher {spec.name!r}: plug-in {spec.type!r} returned {source!r}, not a TeacherSource")
+
+
+def teacher_weights(specs: list[TeacherSpec]) -> dict[str, str]:
+    """``name -> sha256`` (16 hex) of the tensors of each teacher loaded from a local path.
+
+    A run records them at its start, so that resuming may find a teacher at another path (a study
+    folder moved, or ``--out`` spelled another way) and still know it for the same weights. A
+    teacher whose weights cannot be found here is left out: loading it reports why.
+    """
+    from opdkit.checkpoint import tensors_sha256
+
+    found: dict[str, str] = {}
+    for spec in specs:
+        try:
+            source = teachers.build(spec.type, spec.builder_params())
+            kind, path = getattr(source, "kind", None), getattr(source, "path", None)
+            if kind == "lora":
+                files = [adapter_file(path)]
+            elif kind == "full" and path is not None and Path(path).is_dir():
+                # the transformer alone: a full teacher never runs its text encoders or VAE
+                root = Path(path) / "transformer" if (Path(path) / "transformer").is_dir() else Path(path)
+                files = sorted(root.rglob("*.safetensors"))
+            else:
+                continue
+        except OpdkitError:
+            continue
+        if files:
+            digest = hashlib.sha256()
+            for file in files:
+                digest.update(f"{file.name}:{tensors_sha256(file)};".encode())
+            found[spec.name] = digest.hexdigest()[:16]
+    return found
 
 
 def adapter_file(path: Path | None) -> Path:
