@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -219,26 +218,33 @@ def fixed_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[A
     return {k: v for k, v in recipe_changes(old, new).items() if not _extends(k)}
 
 
-def excuse_moved_teachers(
+def teacher_changes(
     fixed: dict[str, tuple[Any, Any]], old_recipe: dict[str, Any], recorded: dict[str, str] | None,
     now: Callable[[], dict[str, str]],
 ) -> dict[str, tuple[Any, Any]]:  # fmt: skip
-    """``fixed`` without the ``teachers.N.path`` changes whose teacher holds the very weights the
-    run recorded at its start (``recorded``, name -> :func:`opdkit.training.teachers.teacher_weights`):
-    a study folder moved, or ``--out`` spelled another way. ``now()`` fingerprints the new
-    recipe's teachers; it is called only when a teacher path changed."""
-    moved = [k for k in fixed if re.fullmatch(r"teachers\.\d+\.path", k)]
-    if not moved or not recorded:
+    """``fixed`` with its teachers judged by their weights, not their paths.
+
+    ``recorded``: name -> :func:`opdkit.training.teachers.teacher_weights` as the run found them at
+    its start; ``now()``: the same of the recipe's teachers today. A ``teachers.N.path`` change is
+    dropped when the teacher there holds the recorded weights (a study folder moved, ``--out``
+    spelled another way); a teacher whose weights changed, at its old path or a new one, is added
+    as ``teachers.N.weights``: a student resumed on other teachers would mix two runs. A run that
+    recorded no weights (made before they were recorded) is judged by its paths alone.
+    """
+    if not recorded:
         return fixed
     names = [t.get("name") if isinstance(t, dict) else None for t in old_recipe.get("teachers") or []]
     current = now()
-    same = set()
-    for key in moved:
-        i = int(key.split(".")[1])
-        name = names[i] if i < len(names) else None
-        if name is not None and recorded.get(name) is not None and recorded.get(name) == current.get(name):
-            same.add(key)
-    return {k: v for k, v in fixed.items() if k not in same}
+    judged = dict(fixed)
+    for i, name in enumerate(names):
+        was, found = recorded.get(str(name)), current.get(str(name))
+        if was is None or found is None:  # not fingerprinted, or not found (loading says why)
+            continue
+        if was == found:
+            judged.pop(f"teachers.{i}.path", None)
+        else:
+            judged[f"teachers.{i}.weights"] = (was, found)
+    return judged
 
 
 def recipe_fingerprint(recipe: dict[str, Any]) -> str:
@@ -286,8 +292,8 @@ class RunDir:
         A new run refuses a folder holding any file a run writes, unless ``overwrite``. A resumed
         run refuses a recipe that differs from the one the folder was started with in any key but
         those that only extend or observe a run (:data:`EXTENDING_KEYS`), and other base weights;
-        a teacher's path may change if its weights did not (``teachers()``: name -> fingerprint,
-        recorded when a run is created; :func:`excuse_moved_teachers`).
+        teachers are judged by their weights (``teachers()``: name -> fingerprint, recorded when a
+        run is created; :func:`teacher_changes`): a path may change, the weights may not.
         ``read_recipe`` reads the ``recipe.yaml`` of a run made before ``run.json`` existed.
         """
         fingerprints = teachers or dict
@@ -310,7 +316,7 @@ class RunDir:
         if old_recipe is None:
             return {"event": "created", "base": base, "teachers": fingerprints()}
         changed = recipe_changes(old_recipe, recipe)
-        fixed = excuse_moved_teachers(
+        fixed = teacher_changes(
             fixed_changes(old_recipe, recipe), old_recipe, (before or {}).get("teacher_weights"), fingerprints
         )
         if fixed:

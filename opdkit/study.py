@@ -354,13 +354,14 @@ class TrainState:
 def train_state(study: LoadedStudy, row: Row) -> TrainState:
     """How far the row's run folder got. Refuses a folder holding a run of another recipe, or of
     other base weights (a committed base that changed since): its numbers would not be the row's.
-    A teacher found at another path with the weights the run recorded is the same teacher (the
-    study folder moved, or ``--out`` spelled another way).
+    Teachers are judged by their weights (:func:`opdkit.rundir.teacher_changes`): found at another
+    path (the study folder moved, ``--out`` spelled another way) they are the same teachers;
+    retrained since, they are others, and the student is refused.
 
     Finished means ``final/`` is written and the run reached ``train.max_steps`` or its
     ``train.max_minutes`` (a run cut by its time budget is finished: resuming it would add a step).
     """
-    from opdkit.rundir import RunDir, excuse_moved_teachers, fixed_changes
+    from opdkit.rundir import RunDir, fixed_changes, teacher_changes
     from opdkit.runs import final_info, is_run_dir
     from opdkit.training.teachers import teacher_weights
 
@@ -371,7 +372,7 @@ def train_state(study: LoadedStudy, row: Row) -> TrainState:
     info = rundir.read_info() or {}
     if isinstance(info.get("recipe"), dict):
         specs = getattr(row.loaded.recipe, "teachers", None) or []
-        fixed = excuse_moved_teachers(
+        fixed = teacher_changes(
             fixed_changes(info["recipe"], row.loaded.recipe.model_dump(mode="json")), info["recipe"],
             info.get("teacher_weights"), lambda: teacher_weights(specs),
         )  # fmt: skip

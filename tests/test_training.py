@@ -481,3 +481,24 @@ def test_tensors_sha256_reads_the_tensors_not_the_metadata(tmp_path: Any) -> Non
     (tmp_path / "junk.safetensors").write_bytes(b"\x05")
     with pytest.raises(OpdkitError, match=r"junk.safetensors: not a readable safetensors file"):
         tensors_sha256(tmp_path / "junk.safetensors")
+
+
+def test_a_resumed_run_judges_its_teachers_by_their_weights(tmp_path: Any) -> None:
+    from opdkit.rundir import RunDir
+
+    def recipe(path: str) -> dict[str, Any]:
+        return {"method": "opd", "teachers": [{"name": "ocr", "type": "lora", "path": path}], "train": {"lr": 1e-3}}
+
+    rundir = RunDir(tmp_path / "run")
+    entry = rundir.check_start(recipe("a/ocr"), "base0", resume=False, overwrite=False, teachers=lambda: {"ocr": "w1"})
+    rundir.prepare("", False, recipe=recipe("a/ocr"), entry=entry)
+    assert rundir.read_info()["teacher_weights"] == {"ocr": "w1"}
+
+    def resume(path: str, weights: str) -> dict[str, Any]:
+        return rundir.check_start(recipe(path), "base0", resume=True, overwrite=False, teachers=lambda: {"ocr": weights})
+
+    assert resume("b/ocr", "w1")["changed"] == {"teachers.0.path": ["a/ocr", "b/ocr"]}  # moved: the same teacher
+    with pytest.raises(OpdkitError, match=r"teachers.0.weights: 'w1' -> 'w2'"):
+        resume("a/ocr", "w2")  # retrained at its old path: another teacher
+    with pytest.raises(OpdkitError, match=r"teachers.0.path: 'a/ocr' -> 'b/ocr'; teachers.0.weights"):
+        resume("b/ocr", "w2")
