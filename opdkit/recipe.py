@@ -361,6 +361,9 @@ class EvalSpec(_Strict):
     benchmarks: list[str] = Field(default_factory=list)
     samples_per_prompt: int | None = Field(default=None, ge=1)  # None: the benchmark's own
     limit: int | None = Field(default=None, ge=1)  # only the first K prompts of each benchmark
+    # parameters of every benchmark, as `opdkit eval -p`: a probe that chooses a setting scores
+    # a validation split ({split: heldout} or {split: fold}), never the test split
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
 class _RecipeBase(_Strict):
@@ -597,6 +600,11 @@ def check_recipe_plugins(recipe: AnyRecipe, where: Any = None) -> list[str]:
             benchmarks.get(name)
         except OpdkitError as exc:
             problems.append(f"{where(('eval', 'benchmarks', i))}: eval.benchmarks.{i}: {exc}")
+            continue
+        try:  # a parameter the benchmark lacks fails here, not after the training it follows
+            benchmarks.check_params(name, recipe.eval.params)
+        except OpdkitError as exc:
+            problems.append(f"{where(('eval', 'params'))}: eval.params: {exc}")
     from opdkit.data.sources import check_prompt_source
 
     try:

@@ -480,6 +480,27 @@ def test_train_runs_the_recipes_eval_block(tmp_path: Path, one_thread: None, mon
     assert not (tmp_path / "skipped" / "results").exists()
 
 
+def test_the_recipes_eval_block_scores_the_split_its_params_name(
+    tmp_path: Path, one_thread: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`eval.params` reach every benchmark, as `opdkit eval -p` does: a probe scores held-out texts."""
+    from typer.testing import CliRunner
+
+    from opdkit.cli import app
+    from opdkit.shapes.prompts import load_split
+
+    recipe = write_recipe(tmp_path, RECIPE + "eval: {benchmarks: [shapes-ocr], samples_per_prompt: 1, limit: 3}\n")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["train", str(recipe), "--out", "probe", "--set", "train.max_steps=1",
+                                      "--set", "eval.params.split=heldout"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "probe" / "results" / "step_000001" / "probe"
+    assert "shapes-heldout" in json.loads((folder / "shapes-ocr.settings.json").read_text())["protocol"]
+    scored = {r["prompt"] for r in read_jsonl(folder / "shapes-ocr.jsonl")}
+    shipped = {r["prompt"] for split in ("train", "test") for r in load_split(split)}
+    assert len(scored) == 3 and not scored & shipped  # texts of neither shipped split
+
+
 def snapshot(root: Path) -> dict[str, bytes]:
     """Every file below ``root`` with its bytes (to show a refused call changed nothing)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

@@ -121,6 +121,8 @@ CASES = [
     Case("micro-batch-off-the-step", "train.micro_batch: 3 must divide the 4 images", edits=(("micro_batch: 4", "micro_batch: 3"),)),
     Case("foreign-key", "train.loss_mode: belongs to method opd, not grpo", append="  loss_mode: direct\n"),
     Case("dead-key", "eval.every: unknown key", append="eval: {benchmarks: [shapes-quality], every: 5}\n"),
+    Case("bench-param-unknown", "eval.params: benchmark 'shapes-quality': bad parameters ['splt']",
+         append="eval: {benchmarks: [shapes-quality], params: {splt: fold}}\n"),
     Case("validate-negative-seed", "train.seed", edits=(("seed: 0", "seed: -1"),), command="validate"),
     Case("validate-infinite-alpha", "train.lora.alpha", edits=(("alpha: 4", "alpha: .inf"),), command="validate"),
     Case("validate-alias-bomb", "expands to over", command="validate", whole=BOMB),

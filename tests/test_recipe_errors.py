@@ -230,7 +230,7 @@ CASES = [
     ),
     Case(
         "dead-eval-every",
-        r"{file}:{line}: eval\.every: unknown key \(allowed: benchmarks, limit, samples_per_prompt\)",
+        r"{file}:{line}: eval\.every: unknown key \(allowed: benchmarks, limit, params, samples_per_prompt\)",
         anchor="every: 5",
         append="eval:\n  benchmarks: [shapes-quality]\n  every: 5\n",
     ),

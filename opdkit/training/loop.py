@@ -511,7 +511,8 @@ def evaluate_run(model_dir: Path, rundir: RunDir, step: int, spec: Any) -> list[
         console.print(f"eval {summary['bench']} · {summary['model']}: {metrics}", markup=False)
 
     return run_evals(list(spec.benchmarks), str(model_dir), out_dir=out, name=rundir.root.resolve().name,
-                     samples=spec.samples_per_prompt, limit=spec.limit, on_result=report)  # fmt: skip
+                     samples=spec.samples_per_prompt, limit=spec.limit, bench_params=dict(spec.params),
+                     on_result=report)  # fmt: skip
 
 
 class TensorBoardLog:
