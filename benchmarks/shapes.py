@@ -23,7 +23,7 @@ is chosen for generalisation (the base was pretrained on the fold, the run was n
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 from opdkit.eval.benchmark import Benchmark
 from opdkit.registry import benchmarks
@@ -42,7 +42,9 @@ PROTOCOL_VERSION = "3"
 VALIDATION_SEED = 0
 # seeds the sample of the held-out prompts (its own stream: the train-drawn set stays as it was)
 HELDOUT_SEED = 1
-BENCH_SPLITS: tuple[str, ...] = ("test", "train", "heldout", "fold")
+# a Literal, so that a misspelt split in a recipe's or study's eval params fails when it loads
+BenchSplit = Literal["test", "train", "heldout", "fold"]
+BENCH_SPLITS: tuple[str, ...] = get_args(BenchSplit)
 
 
 def _split_records(split: str, tags: tuple[str, ...] | None) -> list[dict[str, Any]]:
@@ -130,7 +132,7 @@ def _mean(rows: list[dict[str, Any]], key: str = "score") -> float:
 
 
 @benchmarks.register("shapes-geneval")
-def shapes_geneval_bench(samples_per_prompt: int = 4, split: str = "test") -> Benchmark:
+def shapes_geneval_bench(samples_per_prompt: int = 4, split: BenchSplit = "test") -> Benchmark:
     """GenEval protocol on the shapes test split (six tags), exact shapes detector, strict verdicts.
 
     ``split="train"`` or ``"heldout"``: a validation set instead (module docstring)."""
@@ -154,7 +156,7 @@ def shapes_geneval_bench(samples_per_prompt: int = 4, split: str = "test") -> Be
 
 
 @benchmarks.register("shapes-ocr")
-def shapes_ocr_bench(samples_per_prompt: int = 4, split: str = "test") -> Benchmark:
+def shapes_ocr_bench(samples_per_prompt: int = 4, split: BenchSplit = "test") -> Benchmark:
     """flow_grpo's OCR metric (1 - capped edit distance / length) on the shapes test split's signs.
 
     ``split="train"`` or ``"heldout"``: a validation set instead (module docstring)."""
@@ -173,7 +175,7 @@ def shapes_ocr_bench(samples_per_prompt: int = 4, split: str = "test") -> Benchm
 
 
 @benchmarks.register("shapes-quality")
-def shapes_quality_bench(samples_per_prompt: int = 4, split: str = "test") -> Benchmark:
+def shapes_quality_bench(samples_per_prompt: int = 4, split: BenchSplit = "test") -> Benchmark:
     """Task-agnostic image quality in [0, 1] over every prompt of the shapes test split.
 
     ``split="train"`` or ``"heldout"``: a validation set instead (module docstring)."""

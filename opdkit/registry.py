@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from opdkit.errors import OpdkitError, PluginError, first_line
 
@@ -181,6 +181,21 @@ def check_builder_params(builder: Builder, params: dict[str, Any], what: str) ->
         raise PluginError(
             f"{what}: bad parameters {sorted(params)}: {exc} (accepted: {', '.join(accepted) or 'none'})"
         ) from None
+    _check_choices(builder, params, what)
+
+
+def _check_choices(builder: Builder, params: dict[str, Any], what: str) -> None:
+    """A parameter annotated ``Literal[...]`` takes one of its values: a misspelt value in a
+    recipe fails when the recipe loads, not when the plug-in is built after hours of training."""
+    try:
+        hints = get_type_hints(builder)
+    except Exception:  # a name the builder's module cannot resolve: nothing to check by type
+        return
+    for name, value in params.items():
+        hint = hints.get(name)
+        if get_origin(hint) is Literal and value not in get_args(hint):
+            choices = ", ".join(repr(c) for c in get_args(hint))
+            raise PluginError(f"{what}: {name}={value!r} is not one of {choices}")
 
 
 def with_params_of(base: Builder) -> Callable[[Builder], Builder]:

@@ -123,6 +123,8 @@ CASES = [
     Case("dead-key", "eval.every: unknown key", append="eval: {benchmarks: [shapes-quality], every: 5}\n"),
     Case("bench-param-unknown", "eval.params: benchmark 'shapes-quality': bad parameters ['splt']",
          append="eval: {benchmarks: [shapes-quality], params: {splt: fold}}\n"),
+    Case("bench-param-value", "eval.params: benchmark 'shapes-quality': split='heldot' is not one of 'test'",
+         append="eval: {benchmarks: [shapes-quality], params: {split: heldot}}\n", command="validate"),
     Case("validate-negative-seed", "train.seed", edits=(("seed: 0", "seed: -1"),), command="validate"),
     Case("validate-infinite-alpha", "train.lora.alpha", edits=(("alpha: 4", "alpha: .inf"),), command="validate"),
     Case("validate-alias-bomb", "expands to over", command="validate", whole=BOMB),

@@ -8,7 +8,7 @@ import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -147,6 +147,24 @@ def test_build_checks_params_against_signature() -> None:
     assert "reward 'score': bad parameters ['scael']" in message
     assert "unexpected keyword argument 'scael'" in message
     assert "accepted: scale, strict" in message
+
+
+def test_a_literal_param_takes_one_of_its_values_before_the_build() -> None:
+    reg = Registry("benchmark")
+    built = []
+
+    @reg.register("bench")
+    def bench(split: Literal["test", "fold"] = "test", samples: int = 4) -> str:
+        built.append(split)
+        return split
+
+    reg.check_params("bench", {"split": "fold", "samples": 2})
+    assert reg.build("bench", {"split": "fold"}) == "fold"
+    with pytest.raises(PluginError, match=r"^benchmark 'bench': split='flod' is not one of 'test', 'fold'$"):
+        reg.check_params("bench", {"split": "flod"})
+    with pytest.raises(PluginError, match="split='flod'"):
+        reg.build("bench", {"split": "flod"})
+    assert built == ["fold"]  # refused before the builder ran
 
 
 def test_missing_required_param_is_reported() -> None:

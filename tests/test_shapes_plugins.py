@@ -76,7 +76,7 @@ def test_validation_split_mirrors_test_counts_without_test_prompts(name: str) ->
     assert {r["prompt"] for r in val.prompts} <= train
     assert [r["prompt"] for r in benchmarks.build(name, {"split": "train"}).prompts] == [r["prompt"] for r in val.prompts]
     assert "shapes-train" in val.protocol and "shapes-test" in test.protocol
-    with pytest.raises(OpdkitError, match=r"split must be one of \['test', 'train', 'heldout', 'fold'\]"):
+    with pytest.raises(OpdkitError, match=r"split='val' is not one of 'test', 'train', 'heldout', 'fold'"):
         benchmarks.build(name, {"split": "val"})
 
 
