@@ -604,7 +604,8 @@ def check_recipe_plugins(recipe: AnyRecipe, where: Any = None) -> list[str]:
         try:  # a parameter the benchmark lacks fails here, not after the training it follows
             benchmarks.check_params(name, recipe.eval.params)
         except OpdkitError as exc:
-            problems.append(f"{where(('eval', 'params'))}: eval.params: {exc}")
+            if not any(" eval.params: " in p for p in problems):  # one line a key: the first benchmark says it
+                problems.append(f"{where(('eval', 'params'))}: eval.params: {exc}")
     from opdkit.data.sources import check_prompt_source
 
     try:

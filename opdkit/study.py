@@ -279,6 +279,12 @@ def _check_benchmarks(spec: Study, where: Callable[[tuple[str | int, ...]], str]
             benchmarks.get(name)
         except OpdkitError as exc:
             problems.append(f"{where(('benchmarks', i))}: benchmarks.{i}: {exc}")
+            continue
+        try:  # before any row trains: a misspelt split would otherwise fail at the first evaluation
+            benchmarks.check_params(name, spec.eval.params)
+        except OpdkitError as exc:
+            if not any(" eval.params: " in p for p in problems):  # one line a key: the first benchmark says it
+                problems.append(f"{where(('eval', 'params'))}: eval.params: {exc}")
     return problems
 
 

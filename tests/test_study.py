@@ -354,6 +354,10 @@ def test_the_shipped_study_validates() -> None:
         ),
         (lambda d: d["rows"].append(dict(d["rows"][0])), r"study.yaml:\d+: rows.7.name: 'base' is repeated"),
         (lambda d: d.update(benchmarks=["nope-bench"]), r"study.yaml:\d+: benchmarks.0: "),
+        (
+            lambda d: d["eval"].update(params={"split": "heldot"}),
+            r"study.yaml:\d+: eval.params: benchmark 'shapes-geneval': split='heldot' is not one of 'test'",
+        ),
     ],
 )
 def test_a_bad_study_file_is_one_line_naming_its_key(tmp_path: Path, edit: Any, expected: str) -> None:
