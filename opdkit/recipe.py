@@ -595,17 +595,10 @@ def check_recipe_plugins(recipe: AnyRecipe, where: Any = None) -> list[str]:
         check(routers, recipe.router.type, recipe.router.params, ("router",))
     for i, spec in enumerate(getattr(recipe, "regularizers", [])):
         check(regularizers, spec.type, spec.params, ("regularizers", i))
-    for i, name in enumerate(recipe.eval.benchmarks):
-        try:
-            benchmarks.get(name)
-        except OpdkitError as exc:
-            problems.append(f"{where(('eval', 'benchmarks', i))}: eval.benchmarks.{i}: {exc}")
-            continue
-        try:  # a parameter the benchmark lacks fails here, not after the training it follows
-            benchmarks.check_params(name, recipe.eval.params)
-        except OpdkitError as exc:
-            if not any(" eval.params: " in p for p in problems):  # one line a key: the first benchmark says it
-                problems.append(f"{where(('eval', 'params'))}: eval.params: {exc}")
+    unknown, refused = benchmarks.problems(recipe.eval.benchmarks, recipe.eval.params)
+    problems += [f"{where(('eval', 'benchmarks', i))}: eval.benchmarks.{i}: {e}" for i, e in unknown.items()]
+    if refused is not None:  # a parameter the benchmarks refuse fails here, not after the training
+        problems.append(f"{where(('eval', 'params'))}: eval.params: {refused}")
     from opdkit.data.sources import check_prompt_source
 
     try:

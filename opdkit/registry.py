@@ -151,6 +151,25 @@ class Registry:
         builder = self.get(name)
         check_builder_params(builder, params, f"{self.kind} {name!r}")
 
+    def problems(self, names: list[str], params: dict[str, Any]) -> tuple[dict[int, str], str | None]:
+        """What stops building each of ``names`` with the same ``params``, without building: the
+        error of each unknown name, by its index, and the first known builder's refusal of
+        ``params`` (one for the key, however many builders refuse it)."""
+        unknown: dict[int, str] = {}
+        refused: str | None = None
+        for i, name in enumerate(names):
+            try:
+                self.get(name)
+            except OpdkitError as exc:
+                unknown[i] = str(exc)
+                continue
+            if refused is None:
+                try:
+                    self.check_params(name, params)
+                except OpdkitError as exc:
+                    refused = str(exc)
+        return unknown, refused
+
     def build(self, name: str, params: dict[str, Any] | None = None) -> Any:
         """Resolve ``name``, check ``params`` against its signature, and call the builder."""
         params = dict(params or {})

@@ -273,18 +273,10 @@ def _as_overrides(values: dict[str, Any]) -> list[str]:
 def _check_benchmarks(spec: Study, where: Callable[[tuple[str | int, ...]], str]) -> list[str]:
     from opdkit.registry import benchmarks
 
-    problems = []
-    for i, name in enumerate(spec.benchmarks):
-        try:
-            benchmarks.get(name)
-        except OpdkitError as exc:
-            problems.append(f"{where(('benchmarks', i))}: benchmarks.{i}: {exc}")
-            continue
-        try:  # before any row trains: a misspelt split would otherwise fail at the first evaluation
-            benchmarks.check_params(name, spec.eval.params)
-        except OpdkitError as exc:
-            if not any(" eval.params: " in p for p in problems):  # one line a key: the first benchmark says it
-                problems.append(f"{where(('eval', 'params'))}: eval.params: {exc}")
+    unknown, refused = benchmarks.problems(spec.benchmarks, spec.eval.params)
+    problems = [f"{where(('benchmarks', i))}: benchmarks.{i}: {e}" for i, e in unknown.items()]
+    if refused is not None:  # before any row trains: a misspelt split would fail at the first evaluation
+        problems.append(f"{where(('eval', 'params'))}: eval.params: {refused}")
     return problems
 
 
