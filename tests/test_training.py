@@ -483,6 +483,32 @@ def test_tensors_sha256_reads_the_tensors_not_the_metadata(tmp_path: Any) -> Non
         tensors_sha256(tmp_path / "junk.safetensors")
 
 
+def test_tensors_sha256_is_remembered_only_while_the_file_is_untouched(tmp_path: Any, monkeypatch: Any) -> None:
+    """A teacher is hashed once per process, and hashed again once its file was written, even in
+    place with its old modification time put back (``cp -p``)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    import opdkit.checkpoint
+    from opdkit.checkpoint import tensors_sha256
+
+    reads: list[Any] = []
+    real = opdkit.checkpoint._hash_tensors
+    monkeypatch.setattr(opdkit.checkpoint, "_hash_tensors", lambda path: reads.append(path) or real(path))
+    file, other = tmp_path / "teacher.safetensors", tmp_path / "other.safetensors"
+    save_file({"w": torch.ones(8)}, file)
+    save_file({"w": torch.zeros(8)}, other)
+    first = tensors_sha256(file)
+    assert (tensors_sha256(file), len(reads)) == (first, 1)
+    before = file.stat()
+    file.write_bytes(other.read_bytes())  # same size, same inode
+    os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (file.stat().st_size, file.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert tensors_sha256(file) == tensors_sha256(other) != first
+    assert len(reads) == 3  # the rewritten file once more, and the other file
+
+
 def test_a_resumed_run_judges_its_teachers_by_their_weights(tmp_path: Any) -> None:
     from opdkit.rundir import RunDir
 
