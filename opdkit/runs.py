@@ -124,6 +124,7 @@ def load_run_checkpoint(path: str | Path, step: int, *, merge: bool = True, devi
     model = models.build(recipe.model.type, recipe.model.builder_params())
     if device is not None:
         model.to(device=device)
+    _add_sources(model, root / "recipe.yaml", file)
     lora = getattr(recipe.train, "lora", None)
     # LoRA: the adapter the trainer added, under the same parameter names; full fine-tuning
     # trained every parameter (no frozen reference copy needed here)
@@ -139,6 +140,13 @@ def load_run_checkpoint(path: str | Path, step: int, *, merge: bool = True, devi
     if lora is not None and merge:
         model.merge_lora(ADAPTER)
     return model
+
+
+def _add_sources(model: FlowModel, *files: Path) -> None:
+    """Add what a run puts on its base to the files the model came from (``FlowModel.sources``);
+    a base of unknown origin (a custom model plug-in) leaves the whole unknown."""
+    base = getattr(model, "sources", None)
+    model.sources = [*base, *(f.resolve() for f in files)] if base else None
 
 
 def load_run_model(path: str | Path, *, merge: bool = True, device: str | None = None) -> FlowModel:
@@ -160,6 +168,7 @@ def load_run_model(path: str | Path, *, merge: bool = True, device: str | None =
     model = models.build(recipe.model.type, recipe.model.builder_params())
     if device is not None:
         model.to(device=device)
+    _add_sources(model, root / "recipe.yaml", root / FINAL)
     if info["kind"] == "lora":
         name = str(info.get("adapter", "default"))
         model.load_lora(final_lora_path(root), name=name)

@@ -418,12 +418,78 @@ class _ModelFacts:
         return self.fingerprint
 
 
+# OUT/model_facts.json: the facts of every model a study loaded, with the files they came from.
+FACTS_FILE = "model_facts.json"
+# Bump when what a fingerprint hashes changes (LoraAdapters.base_fingerprint): older memos are ignored.
+_FACTS_FORMAT = 1
+
+
 def _model_facts(study: LoadedStudy, key: str, build: Callable[[], Any]) -> _ModelFacts:
-    if key not in study.cache:
-        model = build()
-        fingerprint = model.base_fingerprint() if hasattr(model, "base_fingerprint") else "unknown"
-        study.cache[key] = _ModelFacts(fingerprint, bool(getattr(model, "embedded_guidance", False)))
-    return study.cache[key]
+    """The facts of the model ``build()`` makes, from this invocation's cache, else from
+    ``OUT/model_facts.json`` while the files the model was loaded from are untouched
+    (:func:`opdkit.checkpoint.files_stamp`), else by building it.
+
+    Building is what costs: an SD3.5-M row is its whole pipeline loaded (and a LoRA run's adapter
+    merged) to hash a sample of its weights, and a finished study checks every row's results
+    against its weights each time it is run (``docs/results/study_startup.md``).
+    """
+    from opdkit.checkpoint import files_stamp
+
+    if key in study.cache:
+        return study.cache[key]
+    # with the working folder: a relative path names other files elsewhere
+    entry = _read_facts_memo(study).get(json.dumps([key, str(Path.cwd())]))
+    if isinstance(entry, dict) and isinstance(entry.get("sources"), list):
+        if entry.get("stamp") == files_stamp([Path(p) for p in entry["sources"]]):
+            study.cache[key] = _ModelFacts(str(entry["fingerprint"]), bool(entry["embedded_guidance"]))
+            return study.cache[key]
+    return _remember_facts(study, key, build())
+
+
+def _remember_facts(study: LoadedStudy, key: str, model: Any) -> _ModelFacts:
+    """The facts of ``model``, built for ``key``: kept for this invocation, and in
+    ``OUT/model_facts.json`` with the files it was loaded from (``model.sources``)."""
+    from opdkit.checkpoint import files_stamp
+
+    fingerprint = model.base_fingerprint() if hasattr(model, "base_fingerprint") else "unknown"
+    facts = _ModelFacts(fingerprint, bool(getattr(model, "embedded_guidance", False)))
+    study.cache[key] = facts
+    sources = getattr(model, "sources", None)
+    # a model of unknown origin (a custom plug-in, the hub, files gone) is built each time
+    if sources and all(Path(p).exists() for p in sources):
+        memo = _read_facts_memo(study)  # read again: a child process may have added its rows meanwhile
+        memo[json.dumps([key, str(Path.cwd())])] = {
+            "sources": [str(p) for p in sources], "stamp": files_stamp(list(sources)),
+            "fingerprint": facts.fingerprint, "embedded_guidance": facts.embedded_guidance,
+        }  # fmt: skip
+        _write_facts_memo(study, memo)
+    return facts
+
+
+def _facts_header() -> dict[str, Any]:
+    import torch
+
+    import opdkit
+
+    # a merged adapter's weights are torch's arithmetic: another torch may round them otherwise
+    return {"format": _FACTS_FORMAT, "opdkit": opdkit.__version__, "torch": torch.__version__}
+
+
+def _read_facts_memo(study: LoadedStudy) -> dict[str, Any]:
+    data = read_json_object(study.out / FACTS_FILE)
+    if data is None or data.get("header") != _facts_header() or not isinstance(data.get("models"), dict):
+        return {}
+    return dict(data["models"])
+
+
+def _write_facts_memo(study: LoadedStudy, models: dict[str, Any]) -> None:
+    from opdkit.rundir import atomic_write_json
+
+    try:
+        study.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(study.out / FACTS_FILE, {"header": _facts_header(), "models": models})
+    except OSError:  # a read-only study folder: the facts are computed again next time
+        pass
 
 
 def _base_weights(study: LoadedStudy, row: Row) -> str:
@@ -440,7 +506,11 @@ def _eval_model(study: LoadedStudy, row: Row) -> _ModelFacts:
     """The weights the eval runner loads for a row, as far as its settings record them."""
     from opdkit.eval.runner import resolve_model
 
-    return _model_facts(study, f"eval:{row.model}", lambda: resolve_model(row.model)[0])
+    return _model_facts(study, _eval_key(row), lambda: resolve_model(row.model)[0])
+
+
+def _eval_key(row: Row) -> str:
+    return f"eval:{row.model}"
 
 
 def results_state(study: LoadedStudy, row: Row, bench: str) -> str:
@@ -610,7 +680,8 @@ def _evaluate_row(study: LoadedStudy, row: Row, echo: Callable[[str], None], lab
         todo.append(bench)
     if todo:  # one model load for all of them
         run_evals(todo, row.model, out_dir=study.results_dir, samples=ev.samples_per_prompt, limit=ev.limit,
-                  seed=ev.seed, steps=ev.steps, batch_size=ev.batch_size, name=row.name, bench_params=dict(ev.params))  # fmt: skip
+                  seed=ev.seed, steps=ev.steps, batch_size=ev.batch_size, name=row.name, bench_params=dict(ev.params),
+                  on_model=lambda model: _remember_facts(study, _eval_key(row), model))  # fmt: skip
     return todo
 
 

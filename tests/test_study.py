@@ -209,6 +209,74 @@ def test_a_second_invocation_trains_and_evaluates_nothing(
     assert table["comparisons"] == first_run["table"]["comparisons"]
 
 
+def test_a_finished_study_checks_its_rows_without_loading_a_model(
+    first_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OUT/model_facts.json holds each row's weight fingerprint with the files it came from, so a
+    study that is done (a re-run, a --dry-run) loads no model: an SD3.5-M row is a whole pipeline."""
+    import opdkit.models.loading
+    from opdkit.study import FACTS_FILE, load_study, plan_lines, run_study
+
+    def no_load(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the study loaded a model to check a finished row")
+
+    facts = json.loads((first_run["out"] / FACTS_FILE).read_text())["models"]
+    assert len(facts) == 1 + len(first_run["table"]["rows"])  # the recipes' one base, each row's eval model
+    monkeypatch.setattr(opdkit.models.loading, "load_flow_model", no_load)
+    _forbid(monkeypatch)
+    study = load_study(first_run["study"], out=first_run["out"])
+    assert all("no eval" in line for line in plan_lines(study)[:-1])
+    run_study(study, echo=lambda line: None)
+
+
+def test_a_remembered_fingerprint_is_not_trusted_once_its_files_change(
+    first_run: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Other weights written over a row's adapter, in place and with the old modification time (as
+    ``cp -p`` or ``rsync -t`` leave it), are loaded again: the file's change time moved."""
+    import shutil
+
+    import opdkit.models.loading
+    from opdkit.study import load_study, results_state
+
+    loads: list[Any] = []
+    real = opdkit.models.loading.load_flow_model
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        loads.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(opdkit.models.loading, "load_flow_model", counted)
+    out = tmp_path / "out"
+    shutil.copytree(first_run["out"], out)  # another folder: its runs are other files
+
+    def state() -> str:
+        study = load_study(first_run["study"], out=out)
+        return results_state(study, {r.name: r for r in study.rows}["grpo_geneval"], "shapes-ocr")
+
+    assert (state(), len(loads)) == ("current", 1)
+    assert (state(), len(loads)) == ("current", 1)  # remembered
+    adapter = out / "runs" / "grpo_geneval" / "final" / "lora.safetensors"
+    before = adapter.stat()
+    shutil.copyfile(out / "runs" / "grpo_ocr" / "final" / "lora.safetensors", adapter)
+    os.utime(adapter, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = adapter.stat()
+    assert (after.st_size, after.st_ino, after.st_mtime_ns) == (before.st_size, before.st_ino, before.st_mtime_ns)
+    state()
+    assert len(loads) == 2
+
+
+def test_only_the_built_in_model_plugins_vouch_for_their_files(tiny_base: Path) -> None:
+    """A custom model plug-in may read more than the folder it names, so the loader alone marks
+    nothing as the model's origin, and a study loads such a model each time it needs its facts."""
+    from opdkit.models.loading import load_flow_model, pipeline_sources
+    from opdkit.registry import models
+
+    assert models.build("shapes", {"path": str(tiny_base)}).sources == [tiny_base.resolve()]
+    assert load_flow_model(tiny_base).sources is None  # what a custom plug-in returns
+    assert pipeline_sources("hf:owner/name") is None  # a later download may bring other files
+
+
 def test_a_deleted_results_file_is_evaluated_again_for_that_row_only(
     first_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -76,10 +76,12 @@ def resolve_model(spec: str, step: int | None = None) -> tuple[FlowModel, str]:
         # folder's own name, never under "." or ".." (which would leave --out)
         full = path.resolve()
         if (path / "model_index.json").is_file():
-            from opdkit.models.loading import load_flow_model
+            from opdkit.models.loading import load_flow_model, pipeline_sources
 
             name = full.parent.name if full.name == "model" else full.name
-            return load_flow_model(path), name
+            loaded = load_flow_model(path)
+            loaded.sources = pipeline_sources(path)
+            return loaded, name
         if (path / "recipe.yaml").is_file():  # a GRPO/OPD run directory: base + final weights
             from opdkit.runs import is_run_dir, load_run_model
 
@@ -155,13 +157,15 @@ def run_evals(
     bench_params: dict[str, Any] | None = None,
     step: int | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    on_model: Callable[[FlowModel], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`run_eval` of several benchmarks, in order, on one model loaded once; the summaries.
 
     Every name is checked before the model is loaded, so a typo in the last one costs nothing.
     Each benchmark is built when its turn comes (a preference benchmark's scorer is a model too).
     ``bench_params`` go to every benchmark. ``on_result`` gets each summary as soon as its
-    benchmark is written, so a caller can report it while the next one runs.
+    benchmark is written, so a caller can report it while the next one runs. ``on_model`` gets the
+    model once it is loaded (a study remembers its fingerprint instead of loading it again).
     """
     check_eval_options(samples=samples, limit=limit, steps=steps, cfg=cfg, batch_size=batch_size, name=name,
                        checkpoint=step)  # fmt: skip
@@ -172,6 +176,8 @@ def run_evals(
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise OpdkitError(f"{out_dir}: --out is a file, not a folder")
     flow_model, default_name = resolve_model(model, step)
+    if on_model is not None:
+        on_model(flow_model)
     if name is None:
         try:
             check_folder_name("--name", default_name)

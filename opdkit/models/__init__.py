@@ -65,9 +65,9 @@ def _load(
     **options: Any,
 ) -> FlowModel:
     """What the family plug-ins share: parse the dtypes, load the folder, insist on ``family``."""
-    from opdkit.models.loading import load_flow_model, parse_dtype
+    from opdkit.models.loading import load_flow_model, parse_dtype, pipeline_sources
 
-    return load_flow_model(
+    model = load_flow_model(
         path,
         dtype=parse_dtype(dtype),
         device=device,
@@ -76,6 +76,8 @@ def _load(
         family_options=options,
         family=family,
     )
+    model.sources = pipeline_sources(path)
+    return model
 
 
 @models.register("sd3")

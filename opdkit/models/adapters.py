@@ -129,7 +129,8 @@ class LoraAdapters:
         Saved in every LoRA file and checked when one is loaded: a LoRA delta only means something
         on the base it was trained on. Hashes each tensor's name, shape and up to 4,096 of its
         first and last values rounded to bf16, so it costs milliseconds even for SD3.5-M and
-        agrees between an fp32 and a bf16 copy of the same weights.
+        agrees between an fp32 and a bf16 copy of the same weights. A study remembers it in
+        ``OUT/model_facts.json``: bump ``opdkit.study._FACTS_FORMAT`` when what it hashes changes.
         """
         import hashlib
 

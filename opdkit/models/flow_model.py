@@ -160,6 +160,9 @@ class FlowModel(LoraAdapters):
     family: str = "sd3"
     embedded_guidance: bool = False  # guidance is a transformer input (FLUX.1-dev): benchmarks use CFG 1
     negative_prompt: str = ""  # CFG's unconditional branch: the empty prompt, as SD3 samples
+    # The local files and folders the weights were loaded from, or None (built in memory, fetched
+    # from the hub): a study trusts its remembered fingerprint while they are untouched.
+    sources: list[Path] | None = None
 
     def __init__(
         self,

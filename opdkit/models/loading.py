@@ -292,6 +292,16 @@ def load_flow_model(
     return model.to(device=device)
 
 
+def pipeline_sources(path: str | Path) -> list[Path] | None:
+    """What :attr:`FlowModel.sources` says of a model :func:`load_flow_model` loaded from ``path``
+    alone: that folder, or None for a hub id (a later call may fetch newer files).
+
+    Set by the built-in model plug-ins, not by the loader: a custom plug-in may read more files
+    than the folder it names, so its models' origin stays unknown.
+    """
+    return None if str(path).startswith(_HUB_PREFIXES) else [Path(path).expanduser().resolve()]
+
+
 # model_index.json's _class_name -> the family (the ``model`` plug-in) that loads it
 PIPELINE_FAMILIES: dict[str, str] = {
     "StableDiffusion3Pipeline": "sd3",

@@ -240,13 +240,15 @@ def checkpoint_path(name: str) -> Path:
 @models.register("shapes")
 def shapes(path: str | None = None, dtype: str = "float32", device: str = "cpu") -> FlowModel:
     """The shapes-world model: the committed pretrained base, or a shapes pipeline at ``path``."""
-    from opdkit.models.loading import load_flow_model, parse_dtype
+    from opdkit.models.loading import load_flow_model, parse_dtype, pipeline_sources
 
     where = Path(path).expanduser() if path is not None else checkpoint_path(SHAPES_BASE)
     if not (where / "model_index.json").is_file():
         hint = " (run `opdkit train shapes/pretrain` to make it)" if path is None else ""
         raise OpdkitError(f"shapes model: no pipeline at {str(where)!r}{hint}")
-    return load_flow_model(where, dtype=parse_dtype(dtype), device=device, world="shapes")
+    model = load_flow_model(where, dtype=parse_dtype(dtype), device=device, world="shapes")
+    model.sources = pipeline_sources(where)
+    return model
 
 
 models.add(SHAPES_BASE, shapes)
