@@ -12,8 +12,8 @@ split, so a leaderboard never ranks it beside test numbers as the same column.
 ``split: heldout`` scores prompts that neither shipped split holds: compositions (OCR texts) no
 model has trained on, so a setting chosen on them is chosen for generalisation, not for a better
 fit to the train prompts. Only ``color_attr`` and ``ocr`` have such compositions to spare (the
-other tags' spaces are all in train or test), so it serves ``shapes-ocr``; the other benchmarks
-refuse it and say which tags lack spares.
+other tags' spaces are all in train or test), so it serves ``shapes-ocr``; the other benchmarks'
+``split`` does not offer it, so a recipe or study that asks them for it fails when it loads.
 
 ``split: fold`` scores the validation fold (:func:`opdkit.shapes.prompts.validation_fold`): a
 quarter of each tag's train compositions, which a run trained with ``prompts.split:
@@ -45,6 +45,8 @@ HELDOUT_SEED = 1
 # a Literal, so that a misspelt split in a recipe's or study's eval params fails when it loads
 BenchSplit = Literal["test", "train", "heldout", "fold"]
 BENCH_SPLITS: tuple[str, ...] = get_args(BenchSplit)
+# the splits of a benchmark over tags whose compositions are all in train or test: no held-out set
+CoveredSplit = Literal["test", "train", "fold"]
 
 
 def _split_records(split: str, tags: tuple[str, ...] | None) -> list[dict[str, Any]]:
@@ -132,10 +134,10 @@ def _mean(rows: list[dict[str, Any]], key: str = "score") -> float:
 
 
 @benchmarks.register("shapes-geneval")
-def shapes_geneval_bench(samples_per_prompt: int = 4, split: BenchSplit = "test") -> Benchmark:
+def shapes_geneval_bench(samples_per_prompt: int = 4, split: CoveredSplit = "test") -> Benchmark:
     """GenEval protocol on the shapes test split (six tags), exact shapes detector, strict verdicts.
 
-    ``split="train"`` or ``"heldout"``: a validation set instead (module docstring)."""
+    ``split="train"`` or ``"fold"``: a validation set instead (module docstring)."""
     from opdkit.scoring.geneval import GENEVAL_TAGS, summarize
 
     def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -159,7 +161,7 @@ def shapes_geneval_bench(samples_per_prompt: int = 4, split: BenchSplit = "test"
 def shapes_ocr_bench(samples_per_prompt: int = 4, split: BenchSplit = "test") -> Benchmark:
     """flow_grpo's OCR metric (1 - capped edit distance / length) on the shapes test split's signs.
 
-    ``split="train"`` or ``"heldout"``: a validation set instead (module docstring)."""
+    ``split="train"``, ``"heldout"`` or ``"fold"``: a validation set instead (module docstring)."""
     return Benchmark(
         name="shapes-ocr",
         world="shapes",
@@ -175,10 +177,10 @@ def shapes_ocr_bench(samples_per_prompt: int = 4, split: BenchSplit = "test") ->
 
 
 @benchmarks.register("shapes-quality")
-def shapes_quality_bench(samples_per_prompt: int = 4, split: BenchSplit = "test") -> Benchmark:
+def shapes_quality_bench(samples_per_prompt: int = 4, split: CoveredSplit = "test") -> Benchmark:
     """Task-agnostic image quality in [0, 1] over every prompt of the shapes test split.
 
-    ``split="train"`` or ``"heldout"``: a validation set instead (module docstring)."""
+    ``split="train"`` or ``"fold"``: a validation set instead (module docstring)."""
     def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
         by_tag: dict[str, list[dict[str, Any]]] = {}
         for r in rows:

@@ -426,6 +426,10 @@ def test_the_shipped_study_validates() -> None:
             lambda d: d["eval"].update(params={"split": "heldot"}),
             r"study.yaml:\d+: eval.params: benchmark 'shapes-geneval': split='heldot' is not one of 'test'",
         ),
+        (  # only shapes-ocr has held-out prompts: the others' split does not offer them
+            lambda d: d["eval"].update(params={"split": "heldout"}),
+            r"study.yaml:\d+: eval.params: benchmark 'shapes-geneval': split='heldout' is not one of 'test', 'train', 'fold'",
+        ),
     ],
 )
 def test_a_bad_study_file_is_one_line_naming_its_key(tmp_path: Path, edit: Any, expected: str) -> None:
