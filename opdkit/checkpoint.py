@@ -42,10 +42,15 @@ def files_stamp(paths: list[Path]) -> str:
     which no user can set. A missing path is stamped as missing.
     """
     import hashlib
+    import time
 
     digest = hashlib.sha256()
     for root in paths:
-        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        try:
+            files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        except OSError:  # a folder that cannot be listed: never equal to a stamp taken when it could
+            digest.update(f"{root}|unlisted|{time.time_ns()};".encode())
+            continue
         for file in files:
             try:
                 st = file.stat()

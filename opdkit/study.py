@@ -439,10 +439,12 @@ def _model_facts(study: LoadedStudy, key: str, build: Callable[[], Any]) -> _Mod
         return study.cache[key]
     # with the working folder: a relative path names other files elsewhere
     entry = _read_facts_memo(study).get(json.dumps([key, str(Path.cwd())]))
-    if isinstance(entry, dict) and isinstance(entry.get("sources"), list):
-        if entry.get("stamp") == files_stamp([Path(p) for p in entry["sources"]]):
+    try:
+        if entry["stamp"] == files_stamp([Path(p) for p in entry["sources"]]):
             study.cache[key] = _ModelFacts(str(entry["fingerprint"]), bool(entry["embedded_guidance"]))
             return study.cache[key]
+    except (KeyError, TypeError):  # not remembered, or an entry edited by hand: load the model
+        pass
     return _remember_facts(study, key, build())
 
 

@@ -264,6 +264,10 @@ def test_a_remembered_fingerprint_is_not_trusted_once_its_files_change(
     assert (after.st_size, after.st_ino, after.st_mtime_ns) == (before.st_size, before.st_ino, before.st_mtime_ns)
     state()
     assert len(loads) == 2
+    memo = out / "model_facts.json"  # entries edited by hand: loaded again, not a traceback
+    data = json.loads(memo.read_text())
+    memo.write_text(json.dumps({**data, "models": {key: {"stamp": 5} for key in data["models"]}}))
+    assert (state(), len(loads)) == ("current", 3)
 
 
 def test_only_the_built_in_model_plugins_vouch_for_their_files(tiny_base: Path) -> None:
