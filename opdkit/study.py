@@ -437,8 +437,7 @@ def _model_facts(study: LoadedStudy, key: str, build: Callable[[], Any]) -> _Mod
 
     if key in study.cache:
         return study.cache[key]
-    # with the working folder: a relative path names other files elsewhere
-    entry = _read_facts_memo(study).get(json.dumps([key, str(Path.cwd())]))
+    entry = _read_facts_memo(study).get(_memo_key(key))
     try:
         if entry["stamp"] == files_stamp([Path(p) for p in entry["sources"]]):
             study.cache[key] = _ModelFacts(str(entry["fingerprint"]), bool(entry["embedded_guidance"]))
@@ -460,12 +459,17 @@ def _remember_facts(study: LoadedStudy, key: str, model: Any) -> _ModelFacts:
     # a model of unknown origin (a custom plug-in, the hub, files gone) is built each time
     if sources and all(Path(p).exists() for p in sources):
         memo = _read_facts_memo(study)  # read again: a child process may have added its rows meanwhile
-        memo[json.dumps([key, str(Path.cwd())])] = {
+        memo[_memo_key(key)] = {
             "sources": [str(p) for p in sources], "stamp": files_stamp(list(sources)),
             "fingerprint": facts.fingerprint, "embedded_guidance": facts.embedded_guidance,
         }  # fmt: skip
         _write_facts_memo(study, memo)
     return facts
+
+
+def _memo_key(key: str) -> str:
+    # with the working folder: a relative path in a row or recipe names other files elsewhere
+    return json.dumps([key, str(Path.cwd())])
 
 
 def _facts_header() -> dict[str, Any]:
