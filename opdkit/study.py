@@ -411,17 +411,22 @@ def _out_of_time(latest: tuple[int, Path] | None, max_minutes: float | None) -> 
 class _ModelFacts:
     """What results and runs record of a model, kept instead of the loaded model itself."""
 
-    fingerprint: str
+    fingerprint: str  # LoraAdapters.base_fingerprint: the base a run trains on, rounded to bf16
+    weights: str  # LoraAdapters.weights_fingerprint: the weights as they generate
     embedded_guidance: bool
 
     def base_fingerprint(self) -> str:
         return self.fingerprint
 
+    def weights_fingerprint(self) -> str:
+        return self.weights
+
 
 # OUT/model_facts.json: the facts of every model a study loaded, with the files they came from.
 FACTS_FILE = "model_facts.json"
-# Bump when what a fingerprint hashes changes (LoraAdapters.base_fingerprint): older memos are ignored.
-_FACTS_FORMAT = 1
+# Bump when what a fingerprint hashes changes (LoraAdapters.base_fingerprint and
+# weights_fingerprint) or an entry gains a field: older memos are ignored.
+_FACTS_FORMAT = 2
 
 
 def _model_facts(study: LoadedStudy, key: str, build: Callable[[], Any]) -> _ModelFacts:
@@ -440,7 +445,9 @@ def _model_facts(study: LoadedStudy, key: str, build: Callable[[], Any]) -> _Mod
     entry = _read_facts_memo(study).get(_memo_key(key))
     try:
         if entry["stamp"] == files_stamp([Path(p) for p in entry["sources"]]):
-            study.cache[key] = _ModelFacts(str(entry["fingerprint"]), bool(entry["embedded_guidance"]))
+            study.cache[key] = _ModelFacts(
+                str(entry["fingerprint"]), str(entry["weights"]), bool(entry["embedded_guidance"])
+            )
             return study.cache[key]
     except (KeyError, TypeError):  # not remembered, or an entry edited by hand: load the model
         pass
@@ -453,7 +460,8 @@ def _remember_facts(study: LoadedStudy, key: str, model: Any) -> _ModelFacts:
     from opdkit.checkpoint import files_stamp
 
     fingerprint = model.base_fingerprint() if hasattr(model, "base_fingerprint") else "unknown"
-    facts = _ModelFacts(fingerprint, bool(getattr(model, "embedded_guidance", False)))
+    weights = model.weights_fingerprint() if hasattr(model, "weights_fingerprint") else "unknown"
+    facts = _ModelFacts(fingerprint, weights, bool(getattr(model, "embedded_guidance", False)))
     study.cache[key] = facts
     sources = getattr(model, "sources", None)
     # a model of unknown origin (a custom plug-in, the hub, files gone) is built each time
@@ -461,7 +469,7 @@ def _remember_facts(study: LoadedStudy, key: str, model: Any) -> _ModelFacts:
         memo = _read_facts_memo(study)  # read again: a child process may have added its rows meanwhile
         memo[_memo_key(key)] = {
             "sources": [str(p) for p in sources], "stamp": files_stamp(list(sources)),
-            "fingerprint": facts.fingerprint, "embedded_guidance": facts.embedded_guidance,
+            "fingerprint": facts.fingerprint, "weights": facts.weights, "embedded_guidance": facts.embedded_guidance,
         }  # fmt: skip
         _write_facts_memo(study, memo)
     return facts
@@ -523,7 +531,7 @@ def results_state(study: LoadedStudy, row: Row, bench: str) -> str:
     """``current`` (``OUT/results/ROW/BENCH.json`` made with the study's settings from the row's
     weights), ``missing``, ``partial`` (resumable: same settings, summary absent or of another
     limit) or ``stale`` (other settings or other weights: to be deleted and made again)."""
-    from opdkit.eval.runner import eval_settings
+    from opdkit.eval.runner import changed_settings, eval_settings
     from opdkit.registry import benchmarks
 
     ev = study.spec.eval
@@ -536,7 +544,7 @@ def results_state(study: LoadedStudy, row: Row, bench: str) -> str:
         study.cache[key] = benchmarks.build(bench, dict(ev.params))
     expected = eval_settings(study.cache[key], _eval_model(study, row), samples=ev.samples_per_prompt,
                              seed=ev.seed, steps=ev.steps)  # fmt: skip
-    if settings != expected:
+    if changed_settings(settings, expected):
         return "stale"
     summary = read_json_object(root / f"{bench}.json")
     return "current" if summary is not None and summary.get("limit") == ev.limit else "partial"

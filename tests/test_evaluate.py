@@ -103,9 +103,41 @@ def test_other_weights_under_the_same_name_refuse_to_mix_results(tiny_shapes_dir
     retrained = build_shapes_pipeline(tmp_path / "retrained", shapes_vocabulary(), config, seed=1)
     run_eval("shapes-ocr", str(tiny_shapes_dir), out_dir=tmp_path / "results", limit=1, samples=1, steps=2, name="m")
     run_eval("shapes-ocr", str(tiny_shapes_dir), out_dir=tmp_path / "results", limit=1, samples=1, steps=2, name="m")
-    with pytest.raises(OpdkitError, match="other settings \\(weights\\)"):
+    with pytest.raises(OpdkitError, match="other settings \\(weights, weights_exact\\)"):
         run_eval("shapes-ocr", str(retrained), out_dir=tmp_path / "results", limit=1, samples=1, steps=2, name="m")
 
+
+
+def test_weights_within_a_bf16_step_of_the_old_ones_are_other_weights(tiny_shapes_dir: Path, tmp_path: Path) -> None:
+    """A run retrained under the same name whose weights moved by less than a bf16 step (a short
+    LoRA run) is not its old results: ``weights`` (rounded) agrees, ``weights_exact`` does not."""
+    import torch
+
+    from opdkit.models.loading import load_flow_model
+
+    model = load_flow_model(tiny_shapes_dir)
+    with torch.no_grad():
+        next(model.transformer.parameters()).view(-1)[0] *= 1 + 1e-5  # a bf16 step is 2**-8
+    retrained = model.save_pretrained(tmp_path / "retrained")
+    results = tmp_path / "results"
+    run_eval("shapes-ocr", str(tiny_shapes_dir), out_dir=results, limit=1, samples=1, steps=2, name="m")
+    with pytest.raises(OpdkitError, match="other settings \\(weights_exact\\)"):
+        run_eval("shapes-ocr", str(retrained), out_dir=results, limit=1, samples=1, steps=2, name="m")
+
+
+def test_results_written_before_weights_exact_are_resumed_as_before(tiny_shapes_dir: Path, tmp_path: Path) -> None:
+    """A settings file without ``weights_exact`` (written before it was recorded) is judged on the
+    rest, as it was then: its images are kept and the file gains the key."""
+    run_eval("shapes-ocr", str(tiny_shapes_dir), out_dir=tmp_path, limit=1, samples=1, steps=2)
+    root = tmp_path / tiny_shapes_dir.name
+    settings_path = root / "shapes-ocr.settings.json"
+    settings = json.loads(settings_path.read_text())
+    exact = settings.pop("weights_exact")
+    settings_path.write_text(json.dumps(settings))
+    first = read_jsonl(root / "shapes-ocr.jsonl")
+    summary = run_eval("shapes-ocr", str(tiny_shapes_dir), out_dir=tmp_path, limit=2, samples=1, steps=2)
+    assert summary["n_images"] == 2 and read_jsonl(root / "shapes-ocr.jsonl")[:1] == first
+    assert json.loads(settings_path.read_text())["weights_exact"] == exact
 
 def test_wrong_world_is_refused_with_one_line(tmp_path: Path) -> None:
     from tests.fixtures.tiny_sd3 import build_tiny_sd3_pipeline

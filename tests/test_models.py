@@ -412,6 +412,25 @@ def test_lora_refuses_another_base(tiny_pixel_dir: Path, tmp_path: Path) -> None
         other.load_lora(path, name="teacher")
 
 
+
+def test_weights_fingerprint_sees_what_the_rounded_one_cannot(tiny_pixel_dir: Path) -> None:
+    """The fingerprint results record (``weights_fingerprint``) tells apart weights a bf16 step
+    cannot, an attached adapter, and a bf16 copy (which draws other images); reloading the same
+    files gives the same one."""
+    model = load_flow_model(tiny_pixel_dir)
+    base, exact = model.base_fingerprint(), model.weights_fingerprint()
+    assert load_flow_model(tiny_pixel_dir).weights_fingerprint() == exact
+
+    nudged = load_flow_model(tiny_pixel_dir)
+    with torch.no_grad():
+        first = next(nudged.transformer.parameters())
+        first.view(-1)[0] *= 1 + 1e-5  # far below a bf16 step (2**-8)
+    assert nudged.base_fingerprint() == base and nudged.weights_fingerprint() != exact
+
+    assert load_flow_model(tiny_pixel_dir, dtype=torch.bfloat16).weights_fingerprint() != exact
+    model.add_lora("policy", rank=4, alpha=8)
+    assert model.base_fingerprint() == base and model.weights_fingerprint() != exact
+
 # -- registry ----------------------------------------------------------------------------------------
 
 

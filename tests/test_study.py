@@ -270,6 +270,31 @@ def test_a_remembered_fingerprint_is_not_trusted_once_its_files_change(
     assert (state(), len(loads)) == ("current", 3)
 
 
+
+def test_results_are_judged_by_the_exact_weights_and_older_files_as_before(
+    first_run: dict[str, Any], tmp_path: Path
+) -> None:
+    """A results file whose ``weights_exact`` is another model's is stale; one written before that
+    key was recorded is judged on the rest of its settings, as it was then."""
+    import shutil
+
+    from opdkit.study import load_study, results_state
+
+    out = tmp_path / "out"
+    shutil.copytree(first_run["out"], out)
+    settings_path = out / "results" / "grpo_ocr" / "shapes-ocr.settings.json"
+    settings = json.loads(settings_path.read_text())
+
+    def state() -> str:
+        study = load_study(first_run["study"], out=out)
+        return results_state(study, {r.name: r for r in study.rows}["grpo_ocr"], "shapes-ocr")
+
+    assert state() == "current"
+    settings_path.write_text(json.dumps({**settings, "weights_exact": "0123456789abcdef"}))
+    assert state() == "stale"
+    settings_path.write_text(json.dumps({k: v for k, v in settings.items() if k != "weights_exact"}))
+    assert state() == "current"
+
 def test_only_the_built_in_model_plugins_vouch_for_their_files(tiny_base: Path) -> None:
     """A custom model plug-in may read more than the folder it names, so the loader alone marks
     nothing as the model's origin, and a study loads such a model each time it needs its facts."""

@@ -215,9 +215,9 @@ def eval_settings(benchmark: Benchmark, model: Any, *, samples: int | None = Non
                   steps: int | None = None, cfg: float | None = None) -> dict[str, Any]:  # fmt: skip
     """The generation settings of an eval (``<bench>.settings.json``); a resumed eval must match them.
 
-    ``model`` is what is evaluated, or anything with its ``base_fingerprint()`` and
-    ``embedded_guidance`` (what :mod:`opdkit.study` keeps instead of a loaded model); None options
-    take the benchmark's defaults, CFG through :func:`benchmark_cfg`.
+    ``model`` is what is evaluated, or anything with its ``base_fingerprint()``,
+    ``weights_fingerprint()`` and ``embedded_guidance`` (what :mod:`opdkit.study` keeps instead of
+    a loaded model); None options take the benchmark's defaults, CFG through :func:`benchmark_cfg`.
     """
     sampler = dict(benchmark.sampler)
     return {
@@ -230,9 +230,24 @@ def eval_settings(benchmark: Benchmark, model: Any, *, samples: int | None = Non
         "shift": sampler.get("shift"),
         "protocol": benchmark.protocol,
         # results are kept per model *name*: retrained weights under the same name must not
-        # resume from, or be mixed with, the images of the old weights
+        # resume from, or be mixed with, the images of the old weights. "weights" (rounded to
+        # bf16) cannot tell a short LoRA run from its base; "weights_exact" can.
         "weights": model.base_fingerprint(),
+        "weights_exact": model.weights_fingerprint(),
     }
+
+
+# Settings keys recorded since results folders were first written: a settings file without one
+# predates it and is judged on the others, as it was when it was written.
+RECORDED_SINCE: tuple[str, ...] = ("weights_exact",)
+
+
+def changed_settings(previous: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """The keys of ``settings`` (what an eval would record now) that ``previous`` (a results
+    folder's ``BENCH.settings.json``) records otherwise, sorted; a key of :data:`RECORDED_SINCE`
+    that ``previous`` lacks is not counted."""
+    keys = set(settings) | set(previous)
+    return sorted(k for k in keys if previous.get(k) != settings.get(k) and not (k in RECORDED_SINCE and k not in previous))
 
 
 def remove_results(root: Path, bench: str) -> None:
@@ -261,8 +276,8 @@ def _run_locked(root: Path, benchmark: Benchmark, flow_model: FlowModel, model: 
         previous = _read_json(settings_path, "settings")
         if not isinstance(previous, dict):
             raise OpdkitError(f"{settings_path}: unreadable settings file (not a JSON object); delete it, or pass another --out")
-        if previous != settings:
-            changed = sorted(k for k in settings if previous.get(k) != settings[k])
+        changed = changed_settings(previous, settings)
+        if changed:
             raise OpdkitError(
                 f"{settings_path}: earlier results used other settings ({', '.join(changed)}); "
                 "delete that directory or pass another --out"
@@ -356,7 +371,7 @@ def _run_locked(root: Path, benchmark: Benchmark, flow_model: FlowModel, model: 
     return summary
 
 
-SAME_GENERATION = ("steps", "cfg", "resolution", "shift", "weights")
+SAME_GENERATION = ("steps", "cfg", "resolution", "shift", "weights", "weights_exact")
 """The settings under which two benchmarks' images of one prompt and seed are the same image."""
 
 

@@ -132,21 +132,21 @@ class LoraAdapters:
         agrees between an fp32 and a bf16 copy of the same weights. A study remembers it in
         ``OUT/model_facts.json``: bump ``opdkit.study._FACTS_FORMAT`` when what it hashes changes.
         """
-        import hashlib
-
         if self._base_fingerprint is not None:
             return self._base_fingerprint
-        digest = hashlib.sha256()
-        for name, p in self.transformer.named_parameters():
-            if "lora_" in name:
-                continue
-            flat = p.detach().reshape(-1)
-            sample = torch.cat([flat[:2048], flat[-2048:]]) if flat.numel() > 4096 else flat
-            digest.update(name.replace("base_layer.", "").encode())
-            digest.update(str(tuple(p.shape)).encode())
-            digest.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
-        self._base_fingerprint = digest.hexdigest()[:16]
+        self._base_fingerprint = _sampled_digest(self.transformer, exact=False)
         return self._base_fingerprint
+
+    def weights_fingerprint(self) -> str:
+        """Short SHA-256 of the weights as they generate now: every tensor (adapters included), the
+        same sample as :meth:`base_fingerprint` but in the tensor's own dtype, not rounded.
+
+        What an eval's results record (``weights_exact`` in ``BENCH.settings.json``): a short LoRA
+        run can move no sampled weight by a bf16 step, so the rounded fingerprint calls it its
+        base, yet it draws other images. Not cached: it costs milliseconds and the weights change
+        while a model trains.
+        """
+        return _sampled_digest(self.transformer, exact=True)
 
     def save_lora(self, name: str, path: str | Path) -> Path:
         """Save adapter ``name`` in opdkit's LoRA format, atomically; returns the path.
@@ -240,3 +240,29 @@ class LoraAdapters:
                 parent = self.transformer.get_submodule(parent_name) if parent_name else self.transformer
                 setattr(parent, child, module.get_base_layer())
 
+
+def _sampled_digest(transformer: nn.Module, *, exact: bool) -> str:
+    """16 hex digits of SHA-256 over each parameter's name, shape and up to 4,096 of its first and
+    last values: the base weights rounded to bf16 (``exact=False``: adapters skipped, peft's
+    ``base_layer.`` dropped from names, so a bare and an adapted model agree), or every parameter
+    in its own dtype (``exact=True``)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, p in transformer.named_parameters():
+        if not exact and "lora_" in name:
+            continue
+        flat = p.detach().reshape(-1)
+        sample = torch.cat([flat[:2048], flat[-2048:]]) if flat.numel() > 4096 else flat
+        digest.update((name if exact else name.replace("base_layer.", "")).encode())
+        digest.update(str(tuple(p.shape)).encode())
+        if exact:
+            digest.update(str(p.dtype).encode())
+            # bf16 has no numpy dtype: hash the bytes through a same-width integer view
+            digest.update(sample.cpu().contiguous().view(_SAME_WIDTH_INT[sample.element_size()]).numpy().tobytes())
+        else:
+            digest.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
