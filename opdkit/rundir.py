@@ -9,6 +9,7 @@ Layout of a run directory::
     samples/step_000100.png   image grids
     checkpoints/step_000100/  weights (safetensors) + trainer_state.json
     checkpoints/latest.json   {"step": 100, "dir": "step_000100"}: written last, atomically
+    .lock                     held (``flock``) by the process training the run
 
 Every file is written to a temporary name in the same directory and renamed into place, so a run
 killed at any instant leaves either the old or the new file, never a torn one; ``latest.json`` is
@@ -156,6 +157,37 @@ def naming_path(path: str | Path, *aliases: str) -> Iterator[None]:
             raise
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def folder_lock(root: Path, holder: str, advice: str) -> Iterator[None]:
+    """Hold ``root/.lock`` exclusively for the block; refuse at once if another process holds it,
+    with ``ROOT: HOLDER (it holds ROOT/.lock); ADVICE``.
+
+    ``flock`` locks belong to the open file, so the kernel releases this one when the process
+    exits or is killed; the file itself stays (deleting it would let a third process lock a new
+    file while the second still holds the old one). ``root`` must exist.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform (Windows): run unlocked
+        yield
+        return
+    path = root / LOCK_FILE
+    with naming_path(path):
+        # read-only: flock needs no write access, and the file is never changed once it exists
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OpdkitError(f"{root}: {holder} (it holds {path}); {advice}") from None
+        yield
+    finally:
+        os.close(fd)
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Records of a JSONL file; a torn last line (killed mid-write) is dropped."""

@@ -551,6 +551,62 @@ def test_run_folders_are_never_lost_or_mixed(tmp_path: Path, one_thread: None) -
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1]
 
 
+
+# Holds the lock of the file it is given until its stdin closes (another process training there).
+HOLD_LOCK = """\
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock: POSIX only")
+def test_a_run_folder_in_use_is_refused_until_its_process_ends(tmp_path: Path, one_thread: None) -> None:
+    """Two trainings in one folder would interleave their metrics and checkpoints (the same command
+    twice, a --resume while the first still runs): while another process holds the run's lock,
+    a new run, --resume and --overwrite are each refused with one line, and nothing changes."""
+    from typer.testing import CliRunner
+
+    from opdkit.cli import app
+
+    runner = CliRunner()
+    recipe = write_recipe(tmp_path, RECIPE)
+    out = tmp_path / "run"
+    train(recipe, out, ["train.max_steps=1"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / ".lock")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        before = snapshot(out)
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            result = runner.invoke(app, ["train", str(recipe), "--out", str(out), *extra, "--set", "train.max_steps=2"])
+            assert result.exit_code == 1, result.output
+            assert "another opdkit process is training this run" in result.output and "Traceback" not in result.output
+        assert snapshot(out) == before
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait()
+    resumed = runner.invoke(app, ["train", str(recipe), "--out", str(out), "--resume", "--set", "train.max_steps=2"])
+    assert resumed.exit_code == 0, resumed.output
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock's folder is made before the model loads; a run that fails there removes it again."""
+    from opdkit.registry import models
+
+    def no_model(*args: Any, **kwargs: Any) -> None:
+        raise OpdkitError("no weights here")
+
+    recipe = write_recipe(tmp_path, RECIPE)
+    monkeypatch.setattr(models, "build", no_model)
+    with pytest.raises(OpdkitError, match="no weights here"):
+        train(recipe, tmp_path / "new" / "run")
+    assert not (tmp_path / "new").exists()
+
 def test_resume_before_the_first_checkpoint_starts_over(tmp_path: Path, one_thread: None) -> None:
     recipe = write_recipe(tmp_path, RECIPE)
     train(recipe, tmp_path / "run", ["train.max_steps=1", "train.checkpoint_every=5"])

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,7 +37,14 @@ from typing import TYPE_CHECKING, Any
 from opdkit.errors import OpdkitError
 from opdkit.options import check_count, check_float, check_folder_name
 from opdkit.registry import benchmarks, models
-from opdkit.rundir import append_jsonl, atomic_write_json, naming_path, read_jsonl, remove_leftover_tmp
+from opdkit.rundir import (
+    append_jsonl,
+    atomic_write_json,
+    folder_lock,
+    naming_path,
+    read_jsonl,
+    remove_leftover_tmp,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -436,37 +442,12 @@ def check_eval_options(*, samples: int | None = None, limit: int | None = None, 
         check_folder_name("--name", name)
 
 
-LOCK_FILE = ".lock"
-
-
 @contextmanager
 def results_lock(root: Path) -> Iterator[None]:
-    """Hold ``root/.lock`` exclusively while an eval writes ``root``; refuse at once if another does.
-
-    ``flock`` locks belong to the open file, so the kernel releases this one when the process
-    exits or is killed; the file itself stays (deleting it would let a third eval lock a new
-    file while the second still holds the old one).
-    """
-    try:
-        import fcntl
-    except ImportError:  # no flock on this platform (Windows): run unlocked
+    """Hold ``root/.lock`` while an eval writes ``root``; refuse at once if another eval does."""
+    with folder_lock(root, "another `opdkit eval` is writing to this results folder",
+                     "wait for it to finish, or pass another --out or --name"):  # fmt: skip
         yield
-        return
-    path = root / LOCK_FILE
-    with naming_path(path):
-        # read-only: flock needs no write access, and the file is never changed once it exists
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OpdkitError(
-                f"{root}: another `opdkit eval` is writing to this results folder (it holds {path}); "
-                "wait for it to finish, or pass another --out or --name"
-            ) from None
-        yield
-    finally:
-        os.close(fd)
 
 
 def _read_json(path: Path, what: str) -> Any:

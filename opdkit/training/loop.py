@@ -5,7 +5,8 @@ Every method (pretrain, GRPO, OPD) runs on it; none has a loop of its own.
 What the loop owns, written once:
 
 * **set-up**: the seed, the base model, accelerate (data parallel; on a machine without CUDA the
-  processes talk gloo), the run directory (refused if it holds a run unless resuming);
+  processes talk gloo), the run directory (refused if it holds a run unless resuming, locked
+  while a process trains in it);
   ``train.fsdp`` shards the trained modules over the processes (:mod:`opdkit.training.fsdp`);
 * **precision**: ``train.precision`` bf16/fp16 autocasts the forward passes where the device
   supports it, fp16 with a gradient scaler; fp32 master weights always (:func:`autocast_dtype`);
@@ -31,7 +32,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from opdkit.errors import OpdkitError
-from opdkit.rundir import RunDir, append_jsonl, read_jsonl, rewrite_jsonl
+from opdkit.rundir import LOCK_FILE, RunDir, append_jsonl, folder_lock, read_jsonl, rewrite_jsonl
 from opdkit.training import fsdp
 from opdkit.training.trainable import EMA, parameters_sha256
 
@@ -288,7 +289,42 @@ def run(
     method: Method, loaded: LoadedRecipe, out_dir: str | Path, *, resume: bool = False, evaluate: bool = True,
     overwrite: bool = False,
 ) -> Path:
-    """Train ``loaded`` with ``method`` into ``out_dir``; returns the folder of the final model."""
+    """Train ``loaded`` with ``method`` into ``out_dir``; returns the folder of the final model.
+
+    The folder is locked from before its checks until the run and its eval end, so a second
+    training into it (the same command twice, a ``--resume`` while the first still runs, an
+    ``--overwrite``) is refused at once instead of interleaving its files with this run's.
+    """
+    with run_lock(Path(out_dir)):
+        return _run(method, loaded, out_dir, resume=resume, evaluate=evaluate, overwrite=overwrite)
+
+
+@contextlib.contextmanager
+def run_lock(root: Path) -> Iterator[None]:
+    """Hold ``root/.lock`` (creating ``root``) in the main process: global rank 0, by ``RANK``,
+    read before the process group exists; the other ranks of a distributed run share the folder."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    if root.exists() and not root.is_dir():
+        raise OpdkitError(f"{root}: --out is a file, not a folder")
+    created = [folder for folder in [root, *root.parents] if not folder.exists()]  # innermost first
+    root.mkdir(parents=True, exist_ok=True)
+    with folder_lock(root, "another opdkit process is training this run", "wait for it to finish, or pass another --out"):
+        try:
+            yield
+        except BaseException:
+            # a run refused or failed before it wrote anything leaves no folder behind
+            if created and [p.name for p in root.iterdir()] == [LOCK_FILE]:
+                (root / LOCK_FILE).unlink()
+                for folder in created:
+                    folder.rmdir()
+            raise
+
+
+def _run(
+    method: Method, loaded: LoadedRecipe, out_dir: str | Path, *, resume: bool, evaluate: bool, overwrite: bool
+) -> Path:
     from accelerate import Accelerator
 
     from opdkit.registry import models
