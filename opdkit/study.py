@@ -34,7 +34,8 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -608,8 +609,20 @@ def run_study(study: LoadedStudy, echo: Callable[[str], None] = print) -> dict[s
     data (also written as ``OUT/table.json`` and ``OUT/table.md``). Rows run one at a time, in this
     process; :func:`opdkit.study_jobs.run_study_in_processes` runs several at once."""
     t0 = time.perf_counter()
-    timings = [run_row(study, row, echo) for row in study.rows]
-    return finish_study(study, timings, t0, echo)
+    with study_lock(study):
+        timings = [run_row(study, row, echo) for row in study.rows]
+        return finish_study(study, timings, t0, echo)
+
+
+@contextmanager
+def study_lock(study: LoadedStudy) -> Iterator[None]:
+    """Hold ``OUT/.lock`` while a study runs there (creating OUT): a second ``opdkit study`` of the
+    folder is refused at once, before it plans work the first is doing."""
+    from opdkit.rundir import folder_lock
+
+    study.out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(study.out, "another `opdkit study` is running in this folder", "wait for it to finish, or pass another --out"):
+        yield
 
 
 def finish_study(

@@ -35,6 +35,7 @@ from opdkit.study import (
     row_summary,
     row_work,
     run_row,
+    study_lock,
     train_state,
 )
 
@@ -46,8 +47,9 @@ def logs_dir(study: LoadedStudy) -> Path:
 def run_study_in_processes(study: LoadedStudy, jobs: int, echo: Callable[[str], None]) -> dict[str, Any]:
     """:func:`opdkit.study.run_study` with up to ``jobs`` rows at once; the same table."""
     t0 = time.perf_counter()
-    timings = run_rows_in_processes(study, jobs, echo)
-    return finish_study(study, timings, t0, echo, jobs=jobs)
+    with study_lock(study):
+        timings = run_rows_in_processes(study, jobs, echo)
+        return finish_study(study, timings, t0, echo, jobs=jobs)
 
 
 def run_rows_in_processes(

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,35 @@ def _signal_when(
 def signal_when() -> Callable[..., None]:
     """``signal_when(process, ready, never, sig=SIGKILL)``: see :func:`_signal_when`."""
     return _signal_when
+
+
+# Holds the flock of the file it is given until its stdin closes: another opdkit process at work.
+_HOLD_LOCK = """\
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextmanager
+def _lock_held_elsewhere(path: Path) -> Iterator[None]:
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+
+@pytest.fixture
+def lock_held_elsewhere() -> Callable[[Path], AbstractContextManager[None]]:
+    """``with lock_held_elsewhere(FOLDER / ".lock"):`` another process holds that lock (``flock``)
+    for the block, as a running ``opdkit`` process would."""
+    if sys.platform == "win32":
+        pytest.skip("flock: POSIX only")
+    return _lock_held_elsewhere

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -552,18 +553,10 @@ def test_run_folders_are_never_lost_or_mixed(tmp_path: Path, one_thread: None) -
 
 
 
-# Holds the lock of the file it is given until its stdin closes (another process training there).
-HOLD_LOCK = """\
-import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CREAT)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("held", flush=True)
-sys.stdin.read()
-"""
 
-
-@pytest.mark.skipif(sys.platform == "win32", reason="flock: POSIX only")
-def test_a_run_folder_in_use_is_refused_until_its_process_ends(tmp_path: Path, one_thread: None) -> None:
+def test_a_run_folder_in_use_is_refused_until_its_process_ends(
+    tmp_path: Path, one_thread: None, lock_held_elsewhere: Callable[[Path], AbstractContextManager[None]]
+) -> None:
     """Two trainings in one folder would interleave their metrics and checkpoints (the same command
     twice, a --resume while the first still runs): while another process holds the run's lock,
     a new run, --resume and --overwrite are each refused with one line, and nothing changes."""
@@ -575,20 +568,13 @@ def test_a_run_folder_in_use_is_refused_until_its_process_ends(tmp_path: Path, o
     recipe = write_recipe(tmp_path, RECIPE)
     out = tmp_path / "run"
     train(recipe, out, ["train.max_steps=1"])
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / ".lock")], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        before = snapshot(out)
+    before = snapshot(out)
+    with lock_held_elsewhere(out / ".lock"):
         for extra in ([], ["--resume"], ["--overwrite"]):
             result = runner.invoke(app, ["train", str(recipe), "--out", str(out), *extra, "--set", "train.max_steps=2"])
             assert result.exit_code == 1, result.output
             assert "another opdkit process is training this run" in result.output and "Traceback" not in result.output
-        assert snapshot(out) == before
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.close()
-        holder.wait()
+    assert snapshot(out) == before
     resumed = runner.invoke(app, ["train", str(recipe), "--out", str(out), "--resume", "--set", "train.max_steps=2"])
     assert resumed.exit_code == 0, resumed.output
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -294,6 +296,23 @@ def test_results_are_judged_by_the_exact_weights_and_older_files_as_before(
     assert state() == "stale"
     settings_path.write_text(json.dumps({k: v for k, v in settings.items() if k != "weights_exact"}))
     assert state() == "current"
+
+
+def test_a_second_study_of_a_folder_in_use_is_refused(
+    tiny_base: Path, tmp_path: Path, lock_held_elsewhere: Callable[[Path], AbstractContextManager[None]]
+) -> None:
+    """Two studies in one folder would train and evaluate the same rows at once: while another
+    process holds OUT/.lock, `opdkit study` (one row at a time or --jobs) is refused with one line
+    before it starts anything."""
+    study = tiny_study(tmp_path, tiny_base)
+    out = tmp_path / "out"
+    out.mkdir()
+    with lock_held_elsewhere(out / ".lock"):
+        for jobs in ("1", "2"):
+            result = RUNNER.invoke(app, ["study", str(study), "--out", str(out), "--jobs", jobs], env=WIDE)
+            assert result.exit_code == 1, result.output
+            assert "another `opdkit study` is running in this folder" in result.output, result.output
+    assert [p.name for p in out.iterdir()] == [".lock"]
 
 def test_only_the_built_in_model_plugins_vouch_for_their_files(tiny_base: Path) -> None:
     """A custom model plug-in may read more than the folder it names, so the loader alone marks
