@@ -158,7 +158,6 @@ def naming_path(path: str | Path, *aliases: str) -> Iterator[None]:
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
-
 LOCK_FILE = ".lock"
 
 
@@ -188,6 +187,7 @@ def folder_lock(root: Path, holder: str, advice: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Records of a JSONL file; a torn last line (killed mid-write) is dropped."""
