@@ -168,7 +168,8 @@ def folder_lock(root: Path, holder: str, advice: str) -> Iterator[None]:
 
     ``flock`` locks belong to the open file, so the kernel releases this one when the process
     exits or is killed; the file itself stays (deleting it would let a third process lock a new
-    file while the second still holds the old one). ``root`` must exist.
+    file while the second still holds the old one). ``root`` must exist. Where the file system
+    cannot lock (some NFS and Lustre mounts), the block runs unguarded, with a warning.
     """
     try:
         import fcntl
@@ -184,6 +185,11 @@ def folder_lock(root: Path, holder: str, advice: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise OpdkitError(f"{root}: {holder} (it holds {path}); {advice}") from None
+        except OSError as exc:  # a file system without flock (some NFS and Lustre mounts): work unguarded
+            import warnings
+
+            warnings.warn(f"{path}: cannot lock it ({exc.strerror}), so nothing stops a second opdkit process "
+                          f"from writing {root} at the same time", stacklevel=3)  # fmt: skip
         yield
     finally:
         os.close(fd)

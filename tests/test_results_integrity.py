@@ -129,6 +129,24 @@ def test_an_eval_refuses_a_folder_another_eval_holds(tiny: Path, tmp_path: Path)
     assert summary["n_images"] == 6
 
 
+
+def test_a_file_system_without_locks_warns_and_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some NFS and Lustre mounts refuse ``flock`` (ENOLCK): training, studies and evals go on
+    unguarded, with a warning that names the lock file, rather than failing there."""
+    import fcntl
+
+    from opdkit.rundir import folder_lock
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    entered = []
+    with pytest.warns(UserWarning, match=re.escape(str(tmp_path / ".lock")) + ": cannot lock it"):
+        with folder_lock(tmp_path, "another process is here", "wait"):
+            entered.append(True)
+    assert entered == [True]
+
 def test_two_evals_at_once_one_refuses_and_the_other_counts_right(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "res"
     args = ["eval", "--bench", BENCH, "--model", str(tiny), "--out", str(out), "--name", "m", "--limit", "24",
