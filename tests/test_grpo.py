@@ -593,6 +593,16 @@ def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path: Path, monkey
         train(recipe, tmp_path / "new" / "run")
     assert not (tmp_path / "new").exists()
 
+    # a parent folder that another run wrote to meanwhile stays, and the run's own error is raised
+    def no_model_beside_another_run(*args: Any, **kwargs: Any) -> None:
+        (tmp_path / "new" / "other").mkdir()
+        raise OpdkitError("no weights here")
+
+    monkeypatch.setattr(models, "build", no_model_beside_another_run)
+    with pytest.raises(OpdkitError, match="no weights here"):
+        train(recipe, tmp_path / "new" / "run")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["other"]
+
 def test_resume_before_the_first_checkpoint_starts_over(tmp_path: Path, one_thread: None) -> None:
     recipe = write_recipe(tmp_path, RECIPE)
     train(recipe, tmp_path / "run", ["train.max_steps=1", "train.checkpoint_every=5"])

@@ -317,8 +317,11 @@ def run_lock(root: Path) -> Iterator[None]:
             # a run refused or failed before it wrote anything leaves no folder behind
             if created and [p.name for p in root.iterdir()] == [LOCK_FILE]:
                 (root / LOCK_FILE).unlink()
-                for folder in created:
-                    folder.rmdir()
+                # up to the first folder another run has written to meanwhile, which stays; an
+                # OSError here must not hide the run's own error
+                with contextlib.suppress(OSError):
+                    for folder in created:
+                        folder.rmdir()
             raise
 
 
