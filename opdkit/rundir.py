@@ -158,6 +158,11 @@ def naming_path(path: str | Path, *aliases: str) -> Iterator[None]:
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
+def check_out_folder(path: str | Path) -> None:
+    """Refuse an ``--out`` that names a file: runs and results need a folder there."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise OpdkitError(f"{path}: --out is a file, not a folder")
+
 LOCK_FILE = ".lock"
 
 
@@ -335,8 +340,7 @@ class RunDir:
         ``read_recipe`` reads the ``recipe.yaml`` of a run made before ``run.json`` existed.
         """
         fingerprints = teachers or dict
-        if self.root.exists() and not self.root.is_dir():
-            raise OpdkitError(f"{self.root}: --out is a file, not a folder")
+        check_out_folder(self.root)
         present = self.run_files()
         if not resume:
             if present and not overwrite:

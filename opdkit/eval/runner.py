@@ -40,6 +40,7 @@ from opdkit.registry import benchmarks, models
 from opdkit.rundir import (
     append_jsonl,
     atomic_write_json,
+    check_out_folder,
     folder_lock,
     naming_path,
     read_jsonl,
@@ -179,8 +180,7 @@ def run_evals(
         raise OpdkitError("no benchmark given (--bench NAME, repeatable)")
     for bench in benches:  # an unknown name or a parameter it lacks is one line before the model loads
         benchmarks.check_params(bench, bench_params or {})
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise OpdkitError(f"{out_dir}: --out is a file, not a folder")
+    check_out_folder(out_dir)
     flow_model, default_name = resolve_model(model, step)
     if on_model is not None:
         on_model(flow_model)

@@ -40,7 +40,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from opdkit.errors import OpdkitError
-from opdkit.rundir import LOCK_FILE, RunDir, append_jsonl, folder_lock, read_jsonl, rewrite_jsonl
+from opdkit.rundir import (
+    LOCK_FILE,
+    RunDir,
+    append_jsonl,
+    check_out_folder,
+    folder_lock,
+    read_jsonl,
+    rewrite_jsonl,
+)
 from opdkit.training import fsdp
 from opdkit.training.trainable import EMA, parameters_sha256
 
@@ -306,8 +314,7 @@ def run_lock(root: Path) -> Iterator[None]:
     if os.environ.get("RANK", "0") != "0":
         yield
         return
-    if root.exists() and not root.is_dir():
-        raise OpdkitError(f"{root}: --out is a file, not a folder")
+    check_out_folder(root)
     created = [folder for folder in [root, *root.parents] if not folder.exists()]  # innermost first
     root.mkdir(parents=True, exist_ok=True)
     with folder_lock(root, "another opdkit process is training this run", "wait for it to finish, or pass another --out"):
