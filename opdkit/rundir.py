@@ -164,6 +164,9 @@ def check_out_folder(path: str | Path) -> None:
         raise OpdkitError(f"{path}: --out is a file, not a folder")
 
 LOCK_FILE = ".lock"
+# The lock files this process holds: flock conflicts between two descriptors of one process too,
+# so a training's own eval must not take its run's lock for another process's.
+_HELD_LOCKS: set[Path] = set()
 
 
 @contextmanager
@@ -195,9 +198,42 @@ def folder_lock(root: Path, holder: str, advice: str) -> Iterator[None]:
 
             warnings.warn(f"{path}: cannot lock it ({exc.strerror}), so nothing stops a second opdkit process "
                           f"from writing {root} at the same time", stacklevel=3)  # fmt: skip
-        yield
+        held = path.resolve()
+        _HELD_LOCKS.add(held)
+        try:
+            yield
+        finally:
+            _HELD_LOCKS.discard(held)
     finally:
         os.close(fd)
+
+
+def locked_elsewhere(root: Path) -> bool:
+    """Whether another process holds ``root/.lock`` now (see :func:`folder_lock`).
+
+    The probe takes and drops a shared lock at once; a training starting in that instant is
+    refused as if another run held the folder, which a retry settles.
+    """
+    path = root / LOCK_FILE
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    if not path.is_file() or path.resolve() in _HELD_LOCKS:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # cannot lock here: nothing to learn
+        return False
+    finally:
+        os.close(fd)  # closing drops the probe's lock
+    return False
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

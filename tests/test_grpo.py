@@ -559,7 +559,8 @@ def test_a_run_folder_in_use_is_refused_until_its_process_ends(
 ) -> None:
     """Two trainings in one folder would interleave their metrics and checkpoints (the same command
     twice, a --resume while the first still runs): while another process holds the run's lock,
-    a new run, --resume and --overwrite are each refused with one line, and nothing changes."""
+    a new run, --resume and --overwrite are each refused with one line, and nothing changes; so is
+    an eval of the run, whose final weights are about to change."""
     from typer.testing import CliRunner
 
     from opdkit.cli import app
@@ -574,10 +575,21 @@ def test_a_run_folder_in_use_is_refused_until_its_process_ends(
             result = runner.invoke(app, ["train", str(recipe), "--out", str(out), *extra, "--set", "train.max_steps=2"])
             assert result.exit_code == 1, result.output
             assert "another opdkit process is training this run" in result.output and "Traceback" not in result.output
+        # an eval would score the final weights the training is about to replace
+        results = tmp_path / "results"
+        evaluate = ["eval", "--bench", "shapes-quality", "--model", str(out), "--limit", "1", "--samples", "1",
+                    "--steps", "2", "--out", str(results)]  # fmt: skip
+        refused = runner.invoke(app, evaluate)
+        assert refused.exit_code == 1, refused.output
+        assert "is training this run" in refused.output and "evaluate it when that training ends" in refused.output
+        assert not results.exists()
     assert snapshot(out) == before
     resumed = runner.invoke(app, ["train", str(recipe), "--out", str(out), "--resume", "--set", "train.max_steps=2"])
     assert resumed.exit_code == 0, resumed.output
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    evaluated = runner.invoke(app, evaluate)
+    assert evaluated.exit_code == 0, evaluated.output
+    assert (results / "run" / "shapes-quality.json").is_file()
 
 
 def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
