@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import textwrap
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +263,23 @@ def test_opd_refusals_are_one_line(tmp_path: Path, teachers: tuple[Path, Path]) 
         assert custom != OPD
         with pytest.raises(OpdkitError, match=message):
             run_opd(tmp_path / name, custom, teachers)
+
+
+def test_a_teacher_run_another_process_is_training_is_refused(
+    tmp_path: Path, lock_held_elsewhere: Callable[[Path], AbstractContextManager[None]]
+) -> None:
+    """A teacher run being extended (``--resume`` with more steps) is about to get another final
+    adapter: distilling from the old one now (or starting from it) is refused with one line until it ends."""
+    import shutil
+
+    from opdkit.checkpoint import COMMITTED_DIR
+    from opdkit.training.teachers import adapter_file
+
+    run = tmp_path / "ocr"
+    shutil.copytree(COMMITTED_DIR / "shapes-teachers" / "ocr", run)
+    with lock_held_elsewhere(run / ".lock"), pytest.raises(OpdkitError, match="another opdkit process is training this run"):
+        adapter_file(run)
+    assert adapter_file(run).is_file()
 
 
 def test_full_teacher_loads_only_its_transformer_and_is_what_the_student_consults(
