@@ -235,6 +235,9 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     (tmp_path / "r" / "m" / "b.json").write_text(json.dumps({"bench": "b", "metrics": {"overall": 1.0}}))
     with pytest.raises(OpdkitError, match=r"expected a \.md or \.html"):
         run_leaderboard(tmp_path / "r", tmp_path / "x.txt")
+    # a wrong --out is named before any work or output, even where the results are missing
+    with pytest.raises(OpdkitError, match=r"--out .*x\.pdf: expected a \.md or \.html"):
+        run_leaderboard(tmp_path / "missing", tmp_path / "x.pdf")
 
 
 # ------------------------------------------------------------------------------------------

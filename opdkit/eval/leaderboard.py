@@ -415,6 +415,8 @@ def run_leaderboard(results_dir: str | Path, out: str | Path | None = None, runs
     from rich.console import Console
 
     results_dir = Path(results_dir)
+    if out is not None and Path(out).suffix not in (".md", ".html", ".htm"):  # before anything is printed
+        raise OpdkitError(f"--out {out}: expected a .md or .html file name")
     if runs_dir is not None and not Path(runs_dir).is_dir():
         raise OpdkitError(f"--runs {runs_dir}: no such directory")
     results = load_results(results_dir)
@@ -434,7 +436,5 @@ def run_leaderboard(results_dir: str | Path, out: str | Path | None = None, runs
                 beside = results_dir.resolve().parent / "runs"
                 runs_dir = beside if beside.is_dir() else None
             atomic_write_text(out, to_html(results, results_dir, Path(runs_dir) if runs_dir is not None else None))
-        else:
-            raise OpdkitError(f"--out {out}: expected a .md or .html file name")
         Console(stderr=True).print(f"wrote {out}", markup=False)
     return markdown
