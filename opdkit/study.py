@@ -204,6 +204,7 @@ def load_study(
     study file's line and key (and the row's recipe line where the recipe is at fault).
     """
     from opdkit.recipe import read_yaml_file, resolve_recipe_path
+    from opdkit.rundir import check_out_folder
 
     path = resolve_recipe_path(path)
     data, lines = read_yaml_file(path, "a study")
@@ -222,6 +223,7 @@ def load_study(
     if problems:
         raise RecipeError("\n".join(problems))
     out_dir = Path(out) if out is not None else default_out(path)
+    check_out_folder(out_dir)  # before any plan is printed or any row trained
     rows: list[Row] = []
     for i, row in enumerate(spec.rows):
         if row.model is not None:

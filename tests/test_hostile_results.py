@@ -155,6 +155,10 @@ CASES = [
     # leaderboard and compare
     Case("compare-ambiguous-model", ("compare", "a", "b", "--results", "res"), "model 'b' has results in 2 folders (b1, b2)", setup=same_model_in_two_folders),
     Case("leaderboard-of-a-file", ("leaderboard", "res"), "res: no such results directory", setup=a_file("res")),
+    Case("leaderboard-out-not-md-or-html", ("leaderboard", "res", "--out", "table.pdf"), "--out table.pdf: expected a .md or .html file name"),
+    # a study's --out
+    Case("study-out-is-a-file", ("study", "shapes/study", "--out", "res"), "res: --out is a file, not a folder", setup=a_file("res")),
+    Case("study-plan-out-is-a-file", ("study", "shapes/study", "--out", "res", "--dry-run"), "res: --out is a file, not a folder", setup=a_file("res")),
     Case("leaderboard-broken-summary", ("leaderboard", "res"), f"{BENCH}.json: not a valid result file", setup=damage(f"{BENCH}.json", "{half")),
 ]  # fmt: skip
 
