@@ -408,6 +408,13 @@ class RunDir:
                 f"{self.root}: --resume on other base weights (the run started on {before['base_weights']}, "
                 f"the model now is {base}); start a new run with --out"
             )
+        latest, max_steps = self.latest(), (recipe.get("train") or {}).get("max_steps")
+        if latest is not None and isinstance(max_steps, int) and latest[0] > max_steps:
+            # the weights would stay those of the later step while the run records the lower count
+            raise OpdkitError(
+                f"{self.root}: --resume with train.max_steps {max_steps}, but the run is already at step "
+                f"{latest[0]} (its last checkpoint); pass train.max_steps >= {latest[0]}, or start a new run with --out"
+            )
         return {"event": "resumed", "base": base, "changed": {k: list(v) for k, v in changed.items()}}
 
     def prepare(

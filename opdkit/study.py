@@ -390,8 +390,16 @@ def train_state(study: LoadedStudy, row: Row) -> TrainState:
         )
     train = row.loaded.recipe.train
     latest = rundir.latest()
+    final_step = int(final_info(row.run_dir).get("step", 0)) if is_run_dir(row.run_dir) else 0
+    reached = max(final_step, latest[0] if latest is not None else 0)
+    if reached > train.max_steps:
+        # train.max_steps may grow on --resume, but a lower one would report the longer run as this row
+        raise OpdkitError(
+            f"{row.run_dir}: holds a run trained to step {reached}, past row {row.name!r}'s "
+            f"train.max_steps {train.max_steps}; {_REDO}"
+        )
     if is_run_dir(row.run_dir):
-        step = int(final_info(row.run_dir).get("step", 0))
+        step = final_step
         if step >= train.max_steps or _out_of_time(latest, train.max_minutes):
             return TrainState("finished", step)
     return TrainState("partial", latest[0] if latest is not None else 0)

@@ -545,6 +545,11 @@ def test_run_folders_are_never_lost_or_mixed(tmp_path: Path, one_thread: None) -
     assert history[1]["changed"] == {"train.max_steps": [2, 3]}
     assert [m["step"] for m in read_jsonl(tmp_path / "b" / "metrics.jsonl")] == [1, 2, 3]
     assert not any(orphan.exists() for orphan in orphans)
+    # fewer steps than the run holds: its weights would stay step 3's under a recipe saying 2
+    before = snapshot(tmp_path / "b")
+    fewer = runner.invoke(app, ["train", str(recipe), "--out", str(tmp_path / "b"), "--resume", "--set", "train.max_steps=2"])
+    assert fewer.exit_code == 1 and "already at step 3 (its last checkpoint); pass train.max_steps >= 3" in fewer.output
+    assert snapshot(tmp_path / "b") == before
 
     # --overwrite replaces the run.
     replaced = runner.invoke(app, ["train", str(recipe), "--out", str(out), "--overwrite", "--set", "train.max_steps=1"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -411,6 +412,23 @@ def test_a_changed_recipe_is_refused_not_mixed(first_run: dict[str, Any]) -> Non
         OpdkitError,
         match=r"runs/grpo_geneval: holds a run of another recipe than row 'grpo_geneval' \(train.lr: 0.001 -> 0.5\)",
     ):
+        run_study(study, echo=lambda line: None)
+
+
+def test_a_row_trained_past_its_max_steps_is_refused_not_reported(first_run: dict[str, Any], tmp_path: Path) -> None:
+    """train.max_steps may grow (the row resumes), but a study whose recipe now asks fewer steps
+    than its run folder holds would report the longer run as the row: refused, plan and run alike."""
+    from opdkit.study import load_study, plan_lines, run_study
+
+    out = tmp_path / "out"
+    shutil.copytree(first_run["out"], out)
+    final = out / "runs" / "grpo_geneval" / "final" / "final.json"
+    final.write_text(json.dumps({**json.loads(final.read_text()), "step": 3}))
+    study = load_study(first_run["study"], out=out)
+    expected = r"runs/grpo_geneval: holds a run trained to step 3, past row 'grpo_geneval''s train.max_steps 1; delete"
+    with pytest.raises(OpdkitError, match=expected):
+        plan_lines(study)
+    with pytest.raises(OpdkitError, match=expected):
         run_study(study, echo=lambda line: None)
 
 
