@@ -442,10 +442,30 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+def show_own_warnings() -> None:
+    """Print opdkit's own warnings as one line, ``warning: MESSAGE``, as its errors are (the default
+    format adds the category and the line of opdkit's source that warned); other libraries'
+    warnings keep their format."""
+    import warnings
+
+    package = str(Path(__file__).resolve().parent)
+    default = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:  # fmt: skip
+        if issubclass(category, UserWarning) and str(filename).startswith(package):
+            print(f"warning: {message}", file=file if file is not None else sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main() -> None:
     """Console-script entry point. A malformed command line (``--samples abc``) is one line and
     exit 2, like every other error, rather than click's usage box."""
     quiet_libraries()
+    show_own_warnings()
     usage_errors = _usage_errors()
     try:
         code = app(prog_name="opdkit", standalone_mode=False)

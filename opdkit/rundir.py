@@ -392,6 +392,10 @@ class RunDir:
         else:
             old_recipe = read_recipe(legacy) if read_recipe is not None and legacy.is_file() else None
         if old_recipe is None:
+            import warnings
+
+            # said aloud: a mistyped --out would otherwise start a long run from scratch unnoticed
+            warnings.warn(f"{self.root}: --resume found no run here to continue; starting a new one", stacklevel=2)
             return {"event": "created", "base": base, "teachers": fingerprints()}
         changed = recipe_changes(old_recipe, recipe)
         fixed = teacher_changes(

@@ -218,3 +218,25 @@ def test_a_malformed_command_line_is_one_line(args: list[str], expected: str) ->
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_own_warnings_are_one_line_and_other_libraries_keep_theirs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The console script prints opdkit's warnings as ``warning: MESSAGE`` (as its errors), not
+    Python's ``FILE:LINE: UserWarning: MESSAGE`` naming opdkit's source."""
+    import io
+    import warnings
+
+    import opdkit.rundir
+    from opdkit.cli import show_own_warnings
+
+    passed_on: list[tuple[str, type[Warning], str]] = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, category, filename, *rest: passed_on.append(
+        (str(message), category, filename)))  # fmt: skip
+    show_own_warnings()
+    own = io.StringIO()
+    warnings.showwarning("runs/x: a note", UserWarning, opdkit.rundir.__file__, 12, file=own)
+    warnings.showwarning("deprecated", FutureWarning, "/site-packages/lib.py", 3)
+    warnings.showwarning("a library's note", UserWarning, "/site-packages/lib.py", 4)
+    assert own.getvalue() == "warning: runs/x: a note\n"
+    assert passed_on == [("deprecated", FutureWarning, "/site-packages/lib.py"),
+                         ("a library's note", UserWarning, "/site-packages/lib.py")]  # fmt: skip

@@ -620,6 +620,14 @@ def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path: Path, monkey
         train(recipe, tmp_path / "new" / "run")
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["other"]
 
+def test_resume_where_there_is_no_run_says_it_starts_a_new_one(tmp_path: Path) -> None:
+    """A mistyped --out with --resume would otherwise start a long run from scratch unnoticed."""
+    recipe = write_recipe(tmp_path, RECIPE)
+    with pytest.warns(UserWarning, match=r"new: --resume found no run here to continue; starting a new one"):
+        train(recipe, tmp_path / "new", ["train.max_steps=1"], resume=True)
+    assert [m["step"] for m in read_jsonl(tmp_path / "new" / "metrics.jsonl")] == [1]
+
+
 def test_resume_before_the_first_checkpoint_starts_over(tmp_path: Path, one_thread: None) -> None:
     recipe = write_recipe(tmp_path, RECIPE)
     train(recipe, tmp_path / "run", ["train.max_steps=1", "train.checkpoint_every=5"])
