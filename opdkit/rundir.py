@@ -164,6 +164,8 @@ def check_out_folder(path: str | Path) -> None:
         raise OpdkitError(f"{path}: --out is a file, not a folder")
 
 LOCK_FILE = ".lock"
+# What holds a run folder's lock, as the refusals of a second training and of readers name it.
+TRAINING_HOLDER = "another opdkit process is training this run"
 # The lock files this process holds: flock conflicts between two descriptors of one process too,
 # so a training's own eval must not take its run's lock for another process's.
 _HELD_LOCKS: set[Path] = set()
@@ -234,6 +236,15 @@ def locked_elsewhere(root: Path) -> bool:
     finally:
         os.close(fd)  # closing drops the probe's lock
     return False
+
+
+def refuse_a_run_in_training(run: Path, subject: str, advice: str) -> None:
+    """Refuse to read a run's final weights while another process trains it (a ``--resume`` with
+    more steps is about to replace them): ``SUBJECT: TRAINING_HOLDER (it holds RUN/.lock), so its
+    final weights are about to change; ADVICE``."""
+    if locked_elsewhere(run):
+        raise OpdkitError(f"{subject}: {TRAINING_HOLDER} (it holds {run / LOCK_FILE}), so its final weights "
+                          f"are about to change; {advice}")  # fmt: skip
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -620,6 +620,7 @@ def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path: Path, monkey
         train(recipe, tmp_path / "new" / "run")
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["other"]
 
+
 def test_resume_where_there_is_no_run_says_it_starts_a_new_one(tmp_path: Path) -> None:
     """A mistyped --out with --resume would otherwise start a long run from scratch unnoticed."""
     recipe = write_recipe(tmp_path, RECIPE)

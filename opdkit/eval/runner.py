@@ -44,6 +44,7 @@ from opdkit.rundir import (
     folder_lock,
     naming_path,
     read_jsonl,
+    refuse_a_run_in_training,
     remove_leftover_tmp,
 )
 
@@ -78,7 +79,8 @@ def resolve_model(spec: str, step: int | None = None) -> tuple[FlowModel, str]:
         return load_run_checkpoint(path, step), f"{path.resolve().name}-step{step}"
     if path.is_dir():
         if (path / "model" / "model_index.json").is_file():  # a pretrain run directory
-            _refuse_a_run_in_training(spec, path)
+            # scoring weights a training is about to replace would file results the next eval refuses
+            refuse_a_run_in_training(path, f"--model {spec}", "evaluate it when that training ends")
             path = path / "model"
         # names come from the resolved folder: `--model .` or `--model ..` is filed under the
         # folder's own name, never under "." or ".." (which would leave --out)
@@ -95,7 +97,7 @@ def resolve_model(spec: str, step: int | None = None) -> tuple[FlowModel, str]:
 
             if not is_run_dir(path):
                 raise OpdkitError(f"--model {spec}: the run in {str(path)!r} has no final weights yet (final/final.json)")
-            _refuse_a_run_in_training(spec, path)
+            refuse_a_run_in_training(path, f"--model {spec}", "evaluate it when that training ends")
             # a committed run is filed under its whole name: shapes-teachers/ocr -> shapes-teachers-ocr
             name = spec.strip("/").replace("/", "-") if path.is_relative_to(COMMITTED_DIR) else full.name
             return load_run_model(path), name
@@ -105,18 +107,6 @@ def resolve_model(spec: str, step: int | None = None) -> tuple[FlowModel, str]:
     if "/" in spec or spec.startswith("."):
         raise OpdkitError(f"--model {spec}: no such directory")
     raise OpdkitError(f"--model {spec}: {models.unknown_message(spec)}; or give a pipeline/run directory")
-
-
-def _refuse_a_run_in_training(spec: str, run: Path) -> None:
-    """A run another process is training (``--resume`` with more steps) is about to get other
-    final weights: scoring the old ones now would file results that the next eval must refuse."""
-    from opdkit.rundir import LOCK_FILE, locked_elsewhere
-
-    if locked_elsewhere(run):
-        raise OpdkitError(
-            f"--model {spec}: another opdkit process is training this run (it holds {run / LOCK_FILE}), "
-            "so its final weights are about to change; evaluate it when that training ends"
-        )
 
 
 def check_world(bench: Benchmark, model_world: str, model_name: str) -> None:

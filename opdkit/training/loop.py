@@ -42,6 +42,7 @@ import torch
 from opdkit.errors import OpdkitError
 from opdkit.rundir import (
     LOCK_FILE,
+    TRAINING_HOLDER,
     RunDir,
     append_jsonl,
     check_out_folder,
@@ -317,7 +318,7 @@ def run_lock(root: Path) -> Iterator[None]:
     check_out_folder(root)
     created = [folder for folder in [root, *root.parents] if not folder.exists()]  # innermost first
     root.mkdir(parents=True, exist_ok=True)
-    with folder_lock(root, "another opdkit process is training this run", "wait for it to finish, or pass another --out"):
+    with folder_lock(root, TRAINING_HOLDER, "wait for it to finish, or pass another --out"):
         try:
             yield
         except BaseException:

@@ -112,14 +112,12 @@ def adapter_file(path: Path | None) -> Path:
     if path is None:
         raise OpdkitError("a lora teacher needs a path (run directory or adapter file)")
     from opdkit.models.lora import find_adapter
-    from opdkit.rundir import LOCK_FILE, locked_elsewhere
+    from opdkit.rundir import refuse_a_run_in_training
     from opdkit.runs import final_lora_path, is_run_dir
 
     if not is_run_dir(path):
         return find_adapter(path)
-    if locked_elsewhere(Path(path)):  # a --resume with more steps is about to replace the final adapter
-        raise OpdkitError(f"{path}: another opdkit process is training this run (it holds {Path(path) / LOCK_FILE}), "
-                          "so its final adapter is about to change; use it when that training ends")  # fmt: skip
+    refuse_a_run_in_training(Path(path), str(path), "use it when that training ends")
     return final_lora_path(path)
 
 
