@@ -320,7 +320,7 @@ def study(
 @user_errors
 def list_(
     kind: Annotated[
-        str | None, typer.Argument(help="One of: reward, teacher, router, regularizer, benchmark, model, recipe (recipes and study files).")
+        str | None, typer.Argument(help=f"One of: {', '.join(KINDS)}, recipe (recipes and study files).")
     ] = None,
 ) -> None:
     """List registered plug-ins (and shipped recipes) with where they come from."""

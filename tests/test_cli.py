@@ -118,6 +118,14 @@ def test_list_model_shows_every_family_with_a_one_line_doc() -> None:
     assert "FluxPipeline" in docs["flux"] and "QwenImagePipeline" in docs["qwen-image"]
 
 
+def test_list_help_names_every_kind() -> None:
+    result = RUNNER.invoke(app, ["list", "--help"], env={**WIDE, "COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    for kind in (*REGISTRIES, "recipe"):
+        assert kind in text, f"'opdkit list --help' does not name {kind!r}"
+
+
 def test_list_unknown_kind_is_one_line_error() -> None:
     result = RUNNER.invoke(app, ["list", "bogus"], env=WIDE)
     assert result.exit_code == 1
