@@ -38,6 +38,23 @@ train:
 """
 
 
+@pytest.fixture(scope="session", autouse=True)
+def library_loggers_bound_to_pytest() -> None:
+    """Create transformers' and diffusers' log handlers before any test runs.
+
+    Each library makes its stderr handler once, on the stream ``sys.stderr`` is at that moment.
+    Made inside a ``CliRunner.invoke`` (the CLI imports them lazily), it keeps the runner's
+    stream, which the runner closes when the invocation ends, and every later warning of that
+    library prints "--- Logging error ---" with a traceback into another test's output. Made
+    here, it holds pytest's stream, open for the session.
+    """
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.get_logger("transformers")
+    diffusers.utils.logging.get_logger("diffusers")
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
