@@ -119,7 +119,7 @@ def test_list_model_shows_every_family_with_a_one_line_doc() -> None:
 
 
 def test_list_help_names_every_kind() -> None:
-    result = RUNNER.invoke(app, ["list", "--help"], env={**WIDE, "COLUMNS": "400"})
+    result = RUNNER.invoke(app, ["list", "--help"], env=WIDE)
     assert result.exit_code == 0, result.output
     text = " ".join(result.stdout.split())
     for kind in (*REGISTRIES, "recipe"):
