@@ -105,14 +105,14 @@ def test_routing_sends_each_sample_to_its_teacher(tmp_path: Path, teachers: tupl
     loaded = load_teachers(
         model, [TeacherSpec(name="shapes", type="lora", path=str(teachers[0])), TeacherSpec(name="signs", type="lora", path=str(teachers[1]))], "cpu"
     )
-    setup_trainable(model, _lora())
+    trainable = setup_trainable(model, _lora())
     records = [{"prompt": "a photo of a circle", "tag": "single_object"}, {"prompt": 'a sign that says "K7"', "tag": "ocr"}] * 2
     routes = routers.build("tag", {"mapping": {"single_object": "shapes", "ocr": "signs"}})(records, ["shapes", "signs"])
     assert routes == ["shapes", "signs", "shapes", "signs"]
     batch = rollout(model, records, [1, 2, 3, 4], steps=3, cfg=3.0, noise_level=0.7, resolution=32, decode=False)
-    mixed = routed_teacher_means(model, batch, 0, slice(0, 4), routes, loaded)
-    only_a = frozen_means(model, batch, loaded["shapes"], 0, torch.arange(4))
-    only_b = frozen_means(model, batch, loaded["signs"], 0, torch.arange(4))
+    mixed = routed_teacher_means(model, trainable, batch, 0, slice(0, 4), routes, loaded)
+    only_a = frozen_means(model, trainable, batch, loaded["shapes"], 0, torch.arange(4))
+    only_b = frozen_means(model, trainable, batch, loaded["signs"], 0, torch.arange(4))
     assert not torch.allclose(only_a, only_b)  # the teachers are distinguishable
     torch.testing.assert_close(mixed[0::2], only_a[0::2])
     torch.testing.assert_close(mixed[1::2], only_b[1::2])
@@ -169,25 +169,25 @@ def test_sft_cold_start_draws_each_image_from_its_routed_teacher(teachers: tuple
     from opdkit.sampling import sample_ode
     from opdkit.training.rollout import encode_unique
     from opdkit.training.teachers import acting_as, load_teachers, teacher_samples
-    from opdkit.training.trainable import ADAPTER, setup_trainable
+    from opdkit.training.trainable import setup_trainable
 
     model = tiny_model()
     loaded = load_teachers(
         model, [TeacherSpec(name="shapes", type="lora", path=str(teachers[0])), TeacherSpec(name="signs", type="lora", path=str(teachers[1]))], "cpu"
     )
-    setup_trainable(model, _lora())
+    trainable = setup_trainable(model, _lora())
     prompts = ["a photo of a circle", 'a sign that says "K7"', "a photo of a square", 'a sign that says "A"', "a photo of two circles"]
     routes = ["shapes", "signs", "signs", "shapes", "shapes"]
     seeds = [11, 12, 13, 14, 15]
     sampler = SimpleNamespace(steps=3, cfg=3.0, shift=None, resolution=32)
     cond = encode_unique(model, prompts)
-    x0 = teacher_samples(model, loaded, routes, cond, seeds, sampler, micro_batch=2)
+    x0 = teacher_samples(model, trainable, loaded, routes, cond, seeds, sampler, micro_batch=2)
     for name in ("shapes", "signs"):
         rows = torch.tensor([i for i, r in enumerate(routes) if r == name])
-        with torch.no_grad(), acting_as(model, loaded[name], ADAPTER):
+        with torch.no_grad(), acting_as(model, loaded[name], trainable):
             alone = sample_ode(model, steps=3, cfg=3.0, resolution=32, seed=[seeds[i] for i in rows], cond=cond[rows], uncond=model.uncond(len(rows)))
         torch.testing.assert_close(x0[rows], alone)
-    with torch.no_grad(), acting_as(model, loaded["signs"], ADAPTER):
+    with torch.no_grad(), acting_as(model, loaded["signs"], trainable):
         other = sample_ode(model, steps=3, cfg=3.0, resolution=32, seed=seeds[:1], cond=cond[:1], uncond=model.uncond(1))
     assert not torch.allclose(x0[:1], other)  # the teachers draw different images
 
@@ -212,7 +212,9 @@ def test_sft_cold_start_fits_the_student_to_teacher_samples(teachers: tuple[Path
     sampler = SimpleNamespace(steps=3, cfg=3.0, shift=None, resolution=32)
     prompts = [r["prompt"] for r in records] * 4
     cond = encode_unique(model, prompts)
-    held_out = teacher_samples(model, loaded, ["shapes"] * len(prompts), cond, list(range(100, 100 + len(prompts))), sampler, micro_batch=8)
+    held_out = teacher_samples(
+        model, trainable, loaded, ["shapes"] * len(prompts), cond, list(range(100, 100 + len(prompts))), sampler, micro_batch=8
+    )
 
     def loss_on_teacher_images() -> float:
         with torch.no_grad():
@@ -288,6 +290,7 @@ def test_full_teacher_loads_only_its_transformer_and_is_what_the_student_consult
     from opdkit.models import loading
     from opdkit.recipe import TeacherSpec
     from opdkit.training.teachers import acting_as, load_teachers
+    from opdkit.training.trainable import Trainable
 
     other = tiny_model()
     with torch.no_grad():
@@ -314,11 +317,53 @@ def test_full_teacher_loads_only_its_transformer_and_is_what_the_student_consult
     cond = student.encode_prompts(prompts)
     with torch.no_grad():
         expected = other.velocity(x, sigma, other.encode_prompts(prompts))
-        with acting_as(student, teacher, "student"):
+        with acting_as(student, teacher, Trainable([], [], lora=True)):  # a full teacher needs no reference
             as_teacher = student.velocity(x, sigma, cond)
         as_student = student.velocity(x, sigma, cond)
     torch.testing.assert_close(as_teacher, expected)
     assert not torch.allclose(as_student, expected, atol=1e-4)  # and the student is back afterwards
+
+
+def test_a_full_fine_tuned_students_base_is_its_frozen_copy(tmp_path: Path) -> None:
+    # With train.lora: null there are no adapters to switch off: the base (a 'base' teacher, MAR's
+    # default anchor, ref_kl) must be the frozen copy GRPO's KL uses, not the live student.
+    from opdkit.training.teachers import acting_as
+    from opdkit.training.trainable import setup_trainable
+
+    student = tiny_model()
+    trainable = setup_trainable(student, None)
+    x = torch.randn(2, *student.latent_shape(32), generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.9, 0.4])
+    cond = student.encode_prompts(["a photo of a square", "a photo of two circles"])
+    with torch.no_grad():
+        before = student.velocity(x, sigma, cond)
+        for p in trainable.params:
+            p.add_(0.05 * torch.randn_like(p))
+        with acting_as(student, None, trainable):
+            as_base = student.velocity(x, sigma, cond)
+        moved = student.velocity(x, sigma, cond)
+    torch.testing.assert_close(as_base, before)
+    assert not torch.allclose(moved, before, atol=1e-4)  # the student is back afterwards
+
+    other = tiny_model()
+    with torch.no_grad():
+        for p in other.transformer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    other.save_pretrained(tmp_path / "full")
+    body = f"""\
+method: opd
+prompts: {{dataset: shapes, split: train, tags: [single_object]}}
+teachers:
+  - {{name: t, type: full, path: {tmp_path / 'full'}}}
+router: {{type: tag, params: {{mapping: {{single_object: t}}}}}}
+regularizers:
+  - {{type: ref_kl, weight: 1.0}}
+sampler: {{steps: 3, noise_level: 0.7, cfg: 3.0, resolution: 32, train_window: [0, 1]}}
+train: {{seed: 0, lr: 1.0e-2, batch_size: 2, group_size: 2, max_steps: 3, loss_mode: direct, checkpoint_every: 10}}
+"""
+    anchor = [m["kl_anchor/ref_kl:base"] for m in run_opd(tmp_path / "opd", body, ("", ""))]
+    assert anchor[0] == 0.0  # step 1: the student is still the base
+    assert all(kl > 0 for kl in anchor[1:])  # was 0.0 at every step: the student against itself
 
 
 def test_sd3_path_with_two_lora_teachers(tmp_path: Path) -> None:

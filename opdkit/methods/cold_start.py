@@ -23,7 +23,7 @@ from opdkit.errors import OpdkitError
 from opdkit.training.losses import flow_matching_loss
 from opdkit.training.rollout import encode_unique, step_prompts
 from opdkit.training.teachers import Teacher, adapter_file, teacher_samples
-from opdkit.training.trainable import ADAPTER
+from opdkit.training.trainable import ADAPTER, Trainable
 
 if TYPE_CHECKING:
     from opdkit.recipe import InitSpec, SftSpec
@@ -67,7 +67,7 @@ def merge_init(model: Any, trainable: Any, loaded: dict[str, Teacher], init: Ini
 
 def sft_cold_start(
     model: Any,
-    trainable: Any,
+    trainable: Trainable,
     loaded: dict[str, Teacher],
     route: Any,
     records: list[dict[str, Any]],
@@ -99,7 +99,7 @@ def sft_cold_start(
     drawn = step_prompts(records, seed=seed, step=0, batch_size=sft.samples, group_size=1, balance_tags=balance_tags)
     routes = route(drawn.records, list(loaded))
     cond = encode_unique(model, [r["prompt"] for r in drawn.records])
-    x0 = teacher_samples(model, loaded, routes, cond, drawn.seeds, sampler, micro_batch=sft.batch_size)
+    x0 = teacher_samples(model, trainable, loaded, routes, cond, drawn.seeds, sampler, micro_batch=sft.batch_size)
     params = trainable.params
     optimizer = torch.optim.AdamW(params, lr=sft.lr)
     rng = np.random.default_rng([seed, 0])

@@ -161,7 +161,9 @@ class Opd:
         with self.ctx.autocast():
             new = transition(model, batch, t, rows, train.detach_uncond)
             if (c, t) not in self.targets:
-                self.targets[(c, t)] = routed_teacher_means(model, batch, t, rows, self.routes, self.teachers)
+                self.targets[(c, t)] = routed_teacher_means(
+                    model, self.policy.trainable, batch, t, rows, self.routes, self.teachers
+                )
         dt = batch.sigmas[t + 1] - batch.sigmas[t]
         kl = gaussian_kl(new.mean, self.targets[(c, t)], new.std, dt, train.kl_scaling)
         if train.loss_mode == "direct":
@@ -175,7 +177,9 @@ class Opd:
         for a, (label, weight, anchor) in enumerate(self.anchors):
             if (c, t, a) not in self.anchor_targets:
                 with self.ctx.autocast():
-                    self.anchor_targets[(c, t, a)] = frozen_means(model, batch, anchor, t, torch.arange(rows.start, rows.stop))
+                    self.anchor_targets[(c, t, a)] = frozen_means(
+                        model, self.policy.trainable, batch, anchor, t, torch.arange(rows.start, rows.stop)
+                    )
             kl_anchor = gaussian_kl(new.mean, self.anchor_targets[(c, t, a)], new.std, dt, train.kl_scaling)
             loss = loss + weight * kl_anchor
             extras[f"kl_anchor/{label}"] = kl_anchor

@@ -2,9 +2,10 @@
 
 LoRA teachers are named adapters on the base the student trains on (K teachers cost K
 adapters, not K models), switched per sub-batch; ``full`` teachers are separate transformers run
-on the student's prompt embeddings; ``base`` is the base with adapters off. :func:`acting_as`
-makes the model compute one of them; :func:`routed_teacher_means` gives, for a micro-batch of
-stored states, each row's transition mean under the teacher it was routed to.
+on the student's prompt embeddings; ``base`` is the student's reference (adapters off, or the
+frozen copy of a full fine-tune). :func:`acting_as` makes the model compute one of them;
+:func:`routed_teacher_means` gives, for a micro-batch of stored states, each row's transition
+mean under the teacher it was routed to.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from opdkit.errors import OpdkitError, prefixed
 from opdkit.registry import teachers
-from opdkit.training.trainable import ADAPTER
+from opdkit.training.trainable import ADAPTER, Trainable
 
 if TYPE_CHECKING:
     from opdkit.recipe import TeacherSpec
@@ -122,17 +123,21 @@ def adapter_file(path: Path | None) -> Path:
 
 
 @contextlib.contextmanager
-def acting_as(model: Any, teacher: Teacher | None, student_adapter: str) -> Iterator[None]:
-    """Inside the block the model computes ``teacher`` (None or ``base``: the base model)."""
+def acting_as(model: Any, teacher: Teacher | None, trainable: Trainable) -> Iterator[None]:
+    """Inside the block the model computes ``teacher`` (None or ``base``: the base model).
+
+    The base is ``trainable``'s reference policy, as GRPO's KL sees it: adapters off for a LoRA
+    student, the frozen copy for a full fine-tune (whose live transformer is the student).
+    """
     if teacher is None or teacher.kind == "base":
-        with model.adapters_disabled():
+        with trainable.reference(model):
             yield
     elif teacher.kind == "lora":
         model.set_adapter(teacher.adapter)
         try:
             yield
         finally:
-            model.set_adapter(student_adapter)  # peft makes the active adapter the trainable one
+            model.set_adapter(ADAPTER)  # peft makes the active adapter the trainable one
     else:
         student = model.transformer
         model.transformer = teacher.transformer
@@ -143,7 +148,8 @@ def acting_as(model: Any, teacher: Teacher | None, student_adapter: str) -> Iter
 
 
 def teacher_samples(
-    model: Any, loaded: dict[str, Teacher], routes: list[str], cond: Any, seeds: list[int], sampler: Any, *, micro_batch: int
+    model: Any, trainable: Trainable, loaded: dict[str, Teacher], routes: list[str], cond: Any, seeds: list[int],
+    sampler: Any, *, micro_batch: int,
 ) -> torch.Tensor:
     """Image ``i`` drawn by teacher ``routes[i]`` from seed ``seeds[i]`` with the Euler sampler (the
     recipe's steps, CFG, shift and resolution), batched per teacher, no grad. (N, C, h, w) float32."""
@@ -153,7 +159,7 @@ def teacher_samples(
     for name, teacher in loaded.items():
         index = torch.tensor([i for i, r in enumerate(routes) if r == name], dtype=torch.long)
         for chunk in index.split(micro_batch) if len(index) else ():
-            with torch.no_grad(), acting_as(model, teacher, ADAPTER):
+            with torch.no_grad(), acting_as(model, teacher, trainable):
                 images = sample_ode(
                     model, steps=sampler.steps, cfg=sampler.cfg, shift=sampler.shift, resolution=sampler.resolution,
                     seed=[seeds[int(i)] for i in chunk], cond=cond[chunk],
@@ -167,7 +173,9 @@ def teacher_samples(
     return x0
 
 
-def frozen_means(model: Any, batch: Rollout, teacher: Teacher | None, t: int, index: torch.Tensor) -> torch.Tensor:
+def frozen_means(
+    model: Any, trainable: Trainable, batch: Rollout, teacher: Teacher | None, t: int, index: torch.Tensor
+) -> torch.Tensor:
     """Transition means of ``teacher`` (None: the base) at stored states ``batch.states[t, index]``.
 
     One CFG-batched forward, no grad. Returns (len(index), C, h, w) float32.
@@ -177,7 +185,7 @@ def frozen_means(model: Any, batch: Rollout, teacher: Teacher | None, t: int, in
     with torch.no_grad():
         x = batch.states[t, index]
         uncond = model.uncond(len(index)) if batch.cfg != 1.0 else None
-        with acting_as(model, teacher, ADAPTER):
+        with acting_as(model, teacher, trainable):
             v = guided_velocity(model, x, batch.sigmas[t], batch.cond[index], uncond, batch.cfg)
         step = sde_step_with_logprob(
             x, v, batch.sigmas[t], batch.sigmas[t + 1], batch.noise_level, prev_sample=batch.states[t + 1, index]
@@ -186,7 +194,8 @@ def frozen_means(model: Any, batch: Rollout, teacher: Teacher | None, t: int, in
 
 
 def routed_teacher_means(
-    model: Any, batch: Rollout, t: int, rows: slice, routes: list[str], loaded_teachers: dict[str, Teacher]
+    model: Any, trainable: Trainable, batch: Rollout, t: int, rows: slice, routes: list[str],
+    loaded_teachers: dict[str, Teacher],
 ) -> torch.Tensor:
     """mu_teacher(x_t) for rows ``rows``, each row from its routed teacher: one batched forward per
     teacher over the rows routed to it (adapters switched per sub-batch). (n, C, h, w) float32."""
@@ -194,6 +203,6 @@ def routed_teacher_means(
     for name, teacher in loaded_teachers.items():
         index = torch.tensor([i for i in range(rows.start, rows.stop) if routes[i] == name], dtype=torch.long)
         if len(index):
-            out[index - rows.start] = frozen_means(model, batch, teacher, t, index)
+            out[index - rows.start] = frozen_means(model, trainable, batch, teacher, t, index)
     return out
 
