@@ -279,8 +279,18 @@ EXTENDING_KEYS = ("train.max_steps", "train.max_minutes", "train.checkpoint_ever
                   "train.log_every", "train.sample_every", "eval", "description")  # fmt: skip
 
 
-def _extends(key: str) -> bool:
+def _extends(key: str, recipe: dict[str, Any] | None = None) -> bool:
+    """Whether a change to ``key`` only extends or observes a run of ``recipe`` (as started)."""
+    if key == "train.max_steps" and recipe is not None and _cosine_ends_at_max_steps(recipe):
+        return False  # the whole schedule is stretched, not the run extended
     return any(key == k or key.startswith(k + ".") for k in EXTENDING_KEYS)
+
+
+def _cosine_ends_at_max_steps(recipe: dict[str, Any]) -> bool:
+    """A cosine lr whose end is ``train.max_steps``: a resumed run with another ``max_steps`` would take
+    its next steps on another curve (from 0 at the old end back up, or a jump), neither run's schedule."""
+    train = recipe.get("train") or {}
+    return train.get("lr_decay") == "cosine" and not train.get("lr_decay_steps")
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -304,8 +314,9 @@ def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[
 
 
 def fixed_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """The :func:`recipe_changes` that a resumed run refuses: every key but :data:`EXTENDING_KEYS`."""
-    return {k: v for k, v in recipe_changes(old, new).items() if not _extends(k)}
+    """The :func:`recipe_changes` that a resumed run refuses: every key but :data:`EXTENDING_KEYS`
+    (and ``train.max_steps`` too when a cosine lr ends there: set ``train.lr_decay_steps`` to extend)."""
+    return {k: v for k, v in recipe_changes(old, new).items() if not _extends(k, old)}
 
 
 def teacher_changes(
@@ -341,7 +352,7 @@ def recipe_fingerprint(recipe: dict[str, Any]) -> str:
     """SHA-256 of a resolved recipe without the keys that only extend or observe a run."""
     import hashlib
 
-    kept = {k: v for k, v in _flatten(recipe).items() if not _extends(k)}
+    kept = {k: v for k, v in _flatten(recipe).items() if not _extends(k, recipe)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -414,6 +425,12 @@ class RunDir:
         )
         if fixed:
             shown = "; ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in sorted(fixed.items()))
+            if "train.max_steps" in fixed:
+                raise OpdkitError(
+                    f"{self.root}: --resume with a changed recipe ({shown}); this run's cosine lr ends at its "
+                    f"train.max_steps, so another one would change every later step's lr: resume with "
+                    f"train.max_steps {fixed['train.max_steps'][0]!r}, or start a new run with --out"
+                )
             raise OpdkitError(
                 f"{self.root}: --resume with a changed recipe ({shown}); only "
                 f"{', '.join(EXTENDING_KEYS)} may change: start a new run with --out"

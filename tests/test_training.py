@@ -528,3 +528,26 @@ def test_a_resumed_run_judges_its_teachers_by_their_weights(tmp_path: Any) -> No
         resume("a/ocr", "w2")  # retrained at its old path: another teacher
     with pytest.raises(OpdkitError, match=r"teachers.0.path: 'a/ocr' -> 'b/ocr'; teachers.0.weights"):
         resume("b/ocr", "w2")
+
+
+def test_resume_refuses_another_max_steps_where_a_cosine_lr_ends_there(tmp_path: Any) -> None:
+    from opdkit.rundir import RunDir, recipe_fingerprint
+
+    def recipe(max_steps: int, **train: Any) -> dict[str, Any]:
+        return {"method": "grpo", "train": {"lr": 1e-3, "max_steps": max_steps, **train}}
+
+    def resume(folder: str, started: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+        rundir = RunDir(tmp_path / folder)
+        rundir.prepare("", False, recipe=started, entry=rundir.check_start(started, "b", resume=False, overwrite=False))
+        return rundir.check_start(now, "b", resume=True, overwrite=False)
+
+    # a constant lr, or a cosine ending at lr_decay_steps: more steps extend the same schedule
+    assert resume("constant", recipe(100), recipe(200))["changed"] == {"train.max_steps": [100, 200]}
+    ending = {"lr_decay": "cosine", "lr_decay_steps": 300}
+    assert resume("decay_steps", recipe(100, **ending), recipe(200, **ending))["changed"] == {"train.max_steps": [100, 200]}
+    # a cosine ending at max_steps: step 101 of a 200-step run is not step 101 of the 100-step one
+    cosine = {"lr_decay": "cosine"}
+    with pytest.raises(OpdkitError, match=r"cosine lr ends at its train.max_steps.*resume with train.max_steps 100"):
+        resume("cosine", recipe(100, **cosine), recipe(200, **cosine))
+    assert recipe_fingerprint(recipe(100)) == recipe_fingerprint(recipe(200))
+    assert recipe_fingerprint(recipe(100, **cosine)) != recipe_fingerprint(recipe(200, **cosine))
