@@ -213,6 +213,22 @@ def test_group_advantages() -> None:
         group_advantages(rewards, 4)
 
 
+def test_a_group_whose_images_scored_alike_gets_exactly_zero_advantage() -> None:
+    # Eight equal scores whose float32 mean is not the score itself (eight 1/3s, an OCR score of
+    # one wrong glyph in three): without the exact zero, the group std's eps made it a ~3e-4 advantage.
+    from opdkit.training.losses import flat_groups, kept_sample_weights
+
+    alike = torch.full((8,), 1 / 3)
+    assert float((alike - alike.mean()).abs().max()) > 0  # the residue this test is about
+    rewards = torch.cat([alike, torch.linspace(0.0, 1.0, 8)])
+    assert flat_groups(rewards, 8).tolist() == [True, False]
+    for std in ("group", "batch"):
+        adv = group_advantages(rewards, 8, std=std)
+        assert torch.equal(adv[:8], torch.zeros(8)) and bool((adv[8:] != 0).all())
+        assert torch.equal(kept_sample_weights(adv)[:8], torch.zeros(8))  # drop_zero_advantage drops it
+    assert torch.equal(group_advantages(alike, 1), torch.zeros(8))  # groups of one: the batch is the group
+
+
 def test_clipped_policy_loss() -> None:
     old = torch.zeros(4)
     log_prob = torch.tensor([0.0, 0.1, -0.1, 0.1], requires_grad=True)

@@ -28,7 +28,13 @@ from typing import Any
 import torch
 
 from opdkit.training.loop import Optimization, RunContext, Setup, StepResult, summarize
-from opdkit.training.losses import clipped_policy_loss, gaussian_kl, group_advantages, kept_sample_weights
+from opdkit.training.losses import (
+    clipped_policy_loss,
+    flat_groups,
+    gaussian_kl,
+    group_advantages,
+    kept_sample_weights,
+)
 from opdkit.training.onpolicy import (
     OnPolicy,
     group_tags,
@@ -134,9 +140,8 @@ def _reward_metrics(
         summary = summarize(values)
         record[f"reward/{name}/mean"] = summary["mean"]
         record[f"reward/{name}/std"] = summary["std"]
-    groups = rewards.view(-1, group_size)
     # a group whose images all scored alike carries no gradient (groups of one image are not counted)
-    flat = groups.std(dim=1, unbiased=False) == 0 if group_size > 1 else torch.zeros(len(groups), dtype=torch.bool)
+    flat = flat_groups(rewards, group_size) if group_size > 1 else torch.zeros(len(rewards), dtype=torch.bool)
     record.update(
         adv_mean=adv["mean"], adv_std=adv["std"], adv_min=adv["min"], adv_max=adv["max"],
         zero_std_groups=float(flat.float().mean()),

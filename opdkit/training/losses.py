@@ -157,6 +157,11 @@ def group_advantages(
 ) -> torch.Tensor:
     """Group-normalised advantages ``(R - mean of its group) / (std + eps)``, clipped to +-clip.
 
+    A group whose images all scored alike (:func:`flat_groups`) gets exactly 0: a float32 mean of
+    equal values need not equal them (eight 1/3s average to 1/3 + 3e-8), and with ``std: group`` the
+    eps would blow that residue up to ~3e-4, a gradient from nothing that ``drop_zero_advantage``
+    would keep.
+
     Args:
         rewards: (N,) with the ``group_size`` images of a prompt in consecutive rows.
         group_size: G. With G == 1 the batch mean is subtracted instead (no group to compare to).
@@ -172,7 +177,13 @@ def group_advantages(
     if r.numel() % group_size:
         raise ValueError(f"{r.numel()} rewards are not whole groups of {group_size}")
     groups = r.view(-1, group_size)
-    centred = groups - (groups.mean(dim=1, keepdim=True) if group_size > 1 else r.mean())
+    if group_size > 1:
+        centred = groups - groups.mean(dim=1, keepdim=True)
+        flat = flat_groups(r, group_size).unsqueeze(1)
+    else:  # no group to compare to: the batch is the group
+        centred = groups - r.mean()
+        flat = r.amax() == r.amin()
+    centred = centred.masked_fill(flat, 0.0)
     if std == "group":
         scale = groups.std(dim=1, unbiased=False, keepdim=True)
     elif std == "batch":
@@ -182,6 +193,12 @@ def group_advantages(
     return (centred / (scale + eps)).clamp(-clip, clip).reshape(-1)
 
 
+
+
+def flat_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N / G,) bool: the groups whose ``group_size`` consecutive rewards are all equal (no gradient)."""
+    groups = rewards.detach().reshape(-1, group_size)
+    return groups.amax(dim=1) == groups.amin(dim=1)
 
 
 def kept_sample_weights(advantages: torch.Tensor) -> torch.Tensor:
