@@ -440,6 +440,26 @@ def test_kept_sample_weights_average_over_the_nonzero_advantages() -> None:
     assert torch.equal(kept_sample_weights(torch.zeros(3)), torch.zeros(3))
 
 
+def test_dropped_samples_leave_the_same_update_however_micro_batch_splits_it() -> None:
+    # One update of 8 samples (a flat group of 4, then a group that learns), summed the way
+    # sweep_updates sums it: the mean of each micro-batch's weighted loss, over the update's
+    # micro-batches. It must be the mean over the 4 kept samples at every micro_batch.
+    from types import SimpleNamespace
+
+    from opdkit.methods.grpo import Grpo
+
+    advantages = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, -1.0, 0.5, -0.5])
+    loss = torch.arange(1.0, 9.0)
+    for micro_batch in (8, 4, 2):
+        chunks = [slice(i, i + micro_batch) for i in range(0, 8, micro_batch)]
+        grpo = SimpleNamespace(
+            batch=SimpleNamespace(chunks=lambda chunks=chunks: chunks),
+            ctx=SimpleNamespace(train=SimpleNamespace(grad_accum=len(chunks))), advantages=advantages,
+        )  # fmt: skip
+        update = sum(float((Grpo._kept_weights(grpo, c, rows) * loss[rows]).mean()) for c, rows in enumerate(chunks)) / len(chunks)
+        assert update == float(loss[4:].mean()), micro_batch  # was half of it when a micro-batch held only the flat group
+
+
 def test_detach_uncond_keeps_the_values_and_drops_the_unconditional_gradient() -> None:
     from opdkit.registry import models
     from opdkit.sampling import guided_velocity

@@ -111,8 +111,17 @@ class Grpo:
             extras["kl"] = kl
             total = policy_loss + train.kl_beta * kl
         if train.drop_zero_advantage:
-            total = total * kept_sample_weights(self.advantages[rows])
+            total = total * self._kept_weights(c, rows)
         return total, ratio, extras
+
+    def _kept_weights(self, c: int, rows: slice) -> torch.Tensor:
+        """:func:`kept_sample_weights` of micro-batch ``c``'s ``rows``, counted over its whole update
+        (the ``train.grad_accum`` micro-batches :func:`sweep_updates` sums), so that the update is the
+        mean over its kept samples however ``micro_batch`` splits it."""
+        chunks, accum = self.batch.chunks(), self.ctx.train.grad_accum
+        members = chunks[c - c % accum : min(c - c % accum + accum, len(chunks))]
+        start, stop = members[0].start, members[-1].stop
+        return kept_sample_weights(self.advantages[start:stop])[rows.start - start : rows.stop - start]
 
     def finish(self, ctx: RunContext, optim: Optimization, step: int) -> Path:
         return self.policy.finish(ctx, optim, step)
