@@ -146,7 +146,7 @@ class SamplerSpec(PretrainSamplerSpec):
     """Sampling settings of the on-policy methods. sigma runs from 1 (noise) to 0 (image)."""
 
     steps: int = Field(default=10, ge=1)
-    noise_level: float = Field(default=0.7, ge=0.0)
+    noise_level: float = Field(default=0.7, gt=0.0)  # 0: no noise, no log-prob (the SDE's std is 0)
     cfg: float = Field(default=4.5, ge=0.0)
     shift: float | None = Field(default=None, gt=0.0)  # None: the model's scheduler shift
     # [start, stop) of the steps that are stochastic and trained on; None: every step. flow_grpo
@@ -582,11 +582,17 @@ def check_recipe_plugins(recipe: AnyRecipe, where: Any = None) -> list[str]:
             problems.append(f"{where((*loc, 'params'))}: {key}.params: {exc}")
 
     check(models, recipe.model.type, recipe.model.builder_params(), ("model",))
-    from opdkit.models.loading import resolution_problem
+    from opdkit.models.loading import logprob_pool_problem, resolution_problem
 
     problem = resolution_problem(recipe.model.type, recipe.model.builder_params(), recipe.sampler.resolution)
     if problem is not None:
         problems.append(f"{where(('sampler', 'resolution'))}: sampler.resolution: {problem}")
+    pool = getattr(recipe.sampler, "logprob_pool", 1)
+    problem = None if problem is not None else logprob_pool_problem(
+        recipe.model.type, recipe.model.builder_params(), recipe.sampler.resolution, pool
+    )  # fmt: skip
+    if problem is not None:
+        problems.append(f"{where(('sampler', 'logprob_pool'))}: sampler.logprob_pool: {problem}")
     for i, spec in enumerate(getattr(recipe, "rewards", [])):
         check(rewards, spec.type, spec.params, ("rewards", i))
     for i, spec in enumerate(getattr(recipe, "teachers", [])):

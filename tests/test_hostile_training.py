@@ -131,6 +131,9 @@ CASES = [
     Case("resolution-off-the-patch-grid", "sampler.resolution: 33 is not a multiple of 4", edits=(("resolution: 32", "resolution: 33"),)),
     Case("resolution-too-small", "sampler.resolution: 9 is not a multiple", edits=(("resolution: 32", "resolution: 9"),), command="validate"),
     Case("resolution-beyond-the-model", "above the model's largest side, 32 px", edits=(("resolution: 32", "resolution: 64"),)),
+    Case("logprob-pool-off-the-grid", "sampler.logprob_pool: 3 does not divide the 32x32 grid of the states",
+         edits=(("resolution: 32}", "resolution: 32, logprob_pool: 3}"),)),
+    Case("zero-noise-level", "sampler.noise_level: Input should be greater than 0", edits=(("noise_level: 0.7", "noise_level: 0"),)),
     # plug-ins
     Case("builder-raises", "reward './plugins.py:raises_in_builder': its builder raised ValueError: no weights here",
          edits=(("REWARD", "./plugins.py:raises_in_builder"),)),

@@ -365,9 +365,29 @@ def resolution_problem(model_type: str, params: dict[str, Any], resolution: int)
     fit the transformer's ``pos_embed_max_size``. Lets ``opdkit validate`` refuse what training
     would only find out after building the model.
     """
+    facts = _grid_facts(model_type, params)
+    return None if facts is None else _side_problem(resolution, *facts)
+
+
+def logprob_pool_problem(model_type: str, params: dict[str, Any], resolution: int, pool: int) -> str | None:
+    """What is wrong with ``sampler.logprob_pool`` ``pool`` at ``resolution`` px: it must divide the
+    side of the states' (latent) grid, resolution / the VAE factor. None when it does, or when the
+    model is not one whose configs we can read."""
+    facts = _grid_facts(model_type, params) if pool > 1 else None
+    if facts is None:
+        return None
+    side = resolution // facts[0]
+    if side % pool:
+        return f"{pool} does not divide the {side}x{side} grid of the states at sampler.resolution {resolution} (VAE factor {facts[0]})"
+    return None
+
+
+def _grid_facts(model_type: str, params: dict[str, Any]) -> tuple[int, int, int | None] | None:
+    """(VAE factor, patch side, largest side in patches or None) of a built-in model, from its
+    configs without loading weights; None for a model we cannot read."""
     if model_type == "shapes_new":  # pixel space, built from these params
         patch = int(params.get("patch_size", 2))
-        return _side_problem(resolution, 1, patch, int(params.get("resolution", 32)) // patch)
+        return 1, patch, int(params.get("resolution", 32)) // patch
     if model_type in ("flux", "qwen-image"):  # 2x2 packed latents, no token limit
         given = params.get("path")
         vae_file = Path(str(given)).expanduser() / "vae" / "config.json" if given is not None else None
@@ -378,7 +398,7 @@ def resolution_problem(model_type: str, params: dict[str, Any], resolution: int)
             factor = 2 ** len(vae["temperal_downsample"])
         else:
             factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
-        return _side_problem(resolution, factor, 2, None)
+        return factor, 2, None
     if model_type in ("shapes", "shapes-base", "sd3"):
         from opdkit.checkpoint import COMMITTED_DIR
 
@@ -394,7 +414,7 @@ def resolution_problem(model_type: str, params: dict[str, Any], resolution: int)
         vae = json.loads(vae_file.read_text(encoding="utf-8")) if vae_file.is_file() else None
         factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1) if vae else 1
         limit = transformer.get("pos_embed_max_size")
-        return _side_problem(resolution, factor, int(transformer.get("patch_size", 1)), int(limit) if limit else None)
+        return factor, int(transformer.get("patch_size", 1)), int(limit) if limit else None
     return None
 
 
