@@ -324,6 +324,30 @@ def test_full_teacher_loads_only_its_transformer_and_is_what_the_student_consult
     assert not torch.allclose(as_student, expected, atol=1e-4)  # and the student is back afterwards
 
 
+def test_a_lora_teacher_trained_with_dropout_gives_the_same_targets_every_time(tmp_path: Path) -> None:
+    # OPD computes teacher means while the shared transformer is in training mode; a teacher's
+    # dropout (recorded in its file) would make its targets noise, different at every call.
+    from opdkit.recipe import TeacherSpec
+    from opdkit.training.teachers import acting_as, load_teachers
+    from opdkit.training.trainable import setup_trainable
+
+    source = tiny_model()
+    source.add_lora("t", rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"], dropout=0.5)
+    with torch.no_grad():
+        for p in source.lora_parameters("t"):
+            p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    path = source.save_lora("t", tmp_path / "t.safetensors")
+    model = tiny_model()
+    loaded = load_teachers(model, [TeacherSpec(name="t", type="lora", path=str(path))], "cpu")
+    trainable = setup_trainable(model, _lora())
+    x = torch.randn(2, *model.latent_shape(32), generator=torch.Generator().manual_seed(1))
+    sigma, cond = torch.tensor([0.9, 0.4]), model.encode_prompts(["a photo of a square", "a photo of two circles"])
+    model.transformer.train()
+    with torch.no_grad(), acting_as(model, loaded["t"], trainable):
+        first, second = model.velocity(x, sigma, cond), model.velocity(x, sigma, cond)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
 def test_a_full_fine_tuned_students_base_is_its_frozen_copy(tmp_path: Path) -> None:
     # With train.lora: null there are no adapters to switch off: the base (a 'base' teacher, MAR's
     # default anchor, ref_kl) must be the frozen copy GRPO's KL uses, not the live student.

@@ -174,7 +174,9 @@ class LoraAdapters:
     def load_lora(self, path: str | Path, name: str = "default") -> str:
         """Load a LoRA file (see :meth:`save_lora`) as adapter ``name`` (created if absent).
 
-        Returns the adapter name. The adapter becomes the active one.
+        Returns the adapter name. The adapter becomes the active one. An adapter this creates has no
+        dropout, whatever the file's training used: a loaded adapter is consulted (a teacher, an
+        evaluated run), and OPD computes its teachers inside the student's training-mode forwards.
         """
         from peft.utils import set_peft_model_state_dict
 
@@ -192,7 +194,7 @@ class LoraAdapters:
                 name,
                 rank=lora.rank,
                 alpha=int(lora.alpha),
-                dropout=lora.dropout,
+                dropout=0.0,
                 target_modules=lora.target_modules,
             )
         result = set_peft_model_state_dict(self.transformer, lora.tensors(), adapter_name=name)
