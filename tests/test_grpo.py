@@ -233,6 +233,25 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, one_thread: None,
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_resume_with_lora_dropout_is_bit_identical(tmp_path: Path, one_thread: None) -> None:
+    # LoRA dropout draws from torch's global RNG, which no checkpoint holds: each step reseeds it
+    # from (seed, step), so step 2 after a resume draws the masks it drew in the whole run.
+    recipe = write_recipe(tmp_path, RECIPE.replace("lora: {rank: 4, alpha: 8}", "lora: {rank: 4, alpha: 8, dropout: 0.3}"))
+    settings = ["train.checkpoint_every=1", "train.keep_checkpoints=3", "train.sample_every=0", "train.ema=null"]
+    whole = train(recipe, tmp_path / "whole", settings)
+    killed = tmp_path / "killed"
+    shutil.copytree(tmp_path / "whole", killed)
+    shutil.rmtree(killed / "final")
+    for step in (2, 3):
+        shutil.rmtree(killed / "checkpoints" / f"step_00000{step}")
+    (killed / "checkpoints" / "latest.json").write_text(json.dumps({"step": 1, "dir": "step_000001"}))
+    torch.manual_seed(12345)  # whatever this process drew before
+    again = train(recipe, killed, settings, resume=True)
+    a, b = tensors(whole / "lora.safetensors"), tensors(again / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert without_clock(read_jsonl(killed / "metrics.jsonl")) == without_clock(read_jsonl(tmp_path / "whole" / "metrics.jsonl"))
+
+
 def test_kill_during_the_post_run_eval_then_resume_gives_the_same_results(
     tmp_path: Path, one_thread: None, signal_when: Callable[..., None]
 ) -> None:

@@ -21,7 +21,8 @@ What the loop owns, written once:
 
 A method (:class:`Method`) says what it sets up, what one step does (make a batch, compute a
 loss, call :meth:`Optimization.backward` and :meth:`Optimization.step`) and what it saves. Step
-``k``'s randomness is seeded by ``(train.seed, k)``, so a resumed run repeats exactly what an
+``k``'s randomness is seeded by ``(train.seed, k)`` (its prompts, noises, and torch's global RNG
+for what draws from it, such as LoRA dropout), so a resumed run repeats exactly what an
 uninterrupted one would have done.
 """
 
@@ -265,6 +266,18 @@ def check_weights(
         )
 
 
+def seed_global_rng(seed: int, step: int) -> None:
+    """Seed torch's global RNG (every device) for step ``step`` of a run seeded ``seed``.
+
+    Rollouts draw their noise from their own generators; what still draws from the global RNG
+    (LoRA dropout) would otherwise continue from wherever the process's earlier draws left it,
+    which a resumed run cannot repeat.
+    """
+    import numpy as np
+
+    torch.manual_seed(int(np.random.SeedSequence([seed, step, 0x6C6F6F70]).generate_state(1)[0]))
+
+
 def scheduled_lr(train: Any, step: int) -> float:
     """The learning rate of (1-based) ``step``: a linear warm-up over ``train.warmup_steps``, then
     ``train.lr`` held (``lr_decay: constant``) or falling to 0 at ``train.lr_decay_steps``
@@ -400,6 +413,7 @@ def _train_steps(
             step += 1
             lr = scheduled_lr(train, step)
             optim.set_lr(lr)
+            seed_global_rng(train.seed, step)
             result = method.step(step, ctx, optim)
             elapsed = elapsed_before + time.perf_counter() - t0
             record = {"step": step, **result.record, "lr": lr, "seconds": round(elapsed, 3)}
