@@ -252,6 +252,27 @@ def test_resume_with_lora_dropout_is_bit_identical(tmp_path: Path, one_thread: N
     assert without_clock(read_jsonl(killed / "metrics.jsonl")) == without_clock(read_jsonl(tmp_path / "whole" / "metrics.jsonl"))
 
 
+def test_an_fp16_run_resumes_with_its_loss_scale(tmp_path: Path, one_thread: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The gradient scaler's scale is training state: a resumed fp16 run starts from the checkpoint's,
+    # not from 65536 again (autocast is allowed on the CPU here; the loop allows it only on CUDA).
+    from opdkit.training import loop
+
+    monkeypatch.setattr(loop, "autocast_supported", lambda device, dtype: True)
+    recipe = write_recipe(tmp_path, RECIPE)
+    settings = ["train.precision=fp16", "train.max_steps=2", "train.checkpoint_every=1", "train.sample_every=0"]
+    train(recipe, tmp_path / "run", settings)
+    state_file = tmp_path / "run" / "checkpoints" / "step_000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["grad_scaler"]["scale"] > 0
+    state["grad_scaler"]["scale"] = 1024.0  # as if overflows had lowered it
+    state_file.write_text(json.dumps(state))
+    scales: list[float] = []
+    step = loop.Optimization.step
+    monkeypatch.setattr(loop.Optimization, "step", lambda self: scales.append(self.scaler.get_scale()) or step(self))
+    train(recipe, tmp_path / "run", [*settings[:1], "train.max_steps=3", *settings[2:]], resume=True)
+    assert scales and scales[0] == 1024.0
+
+
 def test_kill_during_the_post_run_eval_then_resume_gives_the_same_results(
     tmp_path: Path, one_thread: None, signal_when: Callable[..., None]
 ) -> None:

@@ -587,3 +587,19 @@ def test_resume_refuses_another_max_steps_where_a_cosine_lr_ends_there(tmp_path:
         resume("cosine", recipe(100, **cosine), recipe(200, **cosine))
     assert recipe_fingerprint(recipe(100)) == recipe_fingerprint(recipe(200))
     assert recipe_fingerprint(recipe(100, **cosine)) != recipe_fingerprint(recipe(200, **cosine))
+
+
+def test_an_fp16_step_the_scaler_skips_moves_neither_the_weights_nor_the_ema() -> None:
+    from opdkit.training.loop import Optimization
+    from opdkit.training.trainable import EMA
+
+    p = torch.nn.Parameter(torch.ones(3))
+    ema = EMA(["p"], [p], decay=0.5, every=1)
+    optim = Optimization([p], torch.optim.AdamW([p], lr=0.1), torch.amp.GradScaler("cpu", enabled=True), ema, None, world=1)
+    optim.backward((p * torch.tensor([1.0, float("inf"), 1.0])).sum())  # an fp16 overflow
+    optim.step()
+    assert torch.equal(p.detach(), torch.ones(3)) and optim.steps == 0 and torch.equal(ema.shadow[0], torch.ones(3))
+    assert optim.scaler.get_scale() < 65536.0
+    optim.backward(p.sum())
+    optim.step()
+    assert optim.steps == 1 and not torch.equal(p.detach(), torch.ones(3)) and not torch.equal(ema.shadow[0], torch.ones(3))

@@ -231,12 +231,16 @@ class Optimization:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         else:
             norm = torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.steps += 1
-        if self.ema is not None:
-            self.ema.update(self.params, self.steps)
+        # fp16: a gradient with inf/nan skips AdamW and lowers the scale; the weights did not move,
+        # so the EMA and its cadence do not either
+        if scale is None or self.scaler.get_scale() >= scale:
+            self.steps += 1
+            if self.ema is not None:
+                self.ema.update(self.params, self.steps)
         return norm.detach().reshape(1).float()
 
     def set_lr(self, lr: float) -> None:
@@ -503,7 +507,8 @@ def save_checkpoint(ctx: RunContext, setup: Setup, optim: Optimization, *, step:
     if ctx.main:
         write_training_state(
             ctx.rundir.checkpoint_dir(step), weights, optimizer_state,
-            {"step": step, "elapsed_s": elapsed, "optimizer_steps": optim.steps},
+            {"step": step, "elapsed_s": elapsed, "optimizer_steps": optim.steps,
+             **({"grad_scaler": optim.scaler.state_dict()} if optim.scaler.is_enabled() else {})},
             extra_tensors={"ema": ema} if ema is not None else None,
         )  # fmt: skip
         ctx.rundir.commit_checkpoint(step, keep=ctx.train.keep_checkpoints)
@@ -529,6 +534,8 @@ def restore(ctx: RunContext, setup: Setup, optim: Optimization, *, resume: bool)
     step = int(state["step"])
     # checkpoints of one optimizer step per training step may predate the counter
     optim.steps = int(state.get("optimizer_steps", step))
+    if optim.scaler.is_enabled() and isinstance(state.get("grad_scaler"), dict):  # fp16's loss scale so far
+        optim.scaler.load_state_dict(state["grad_scaler"])
     if optim.ema is not None:
         ema_file = latest[1] / "ema.safetensors"
         if ema_file.is_file():
