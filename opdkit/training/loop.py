@@ -393,7 +393,9 @@ def _run(
 
         # a run folder with final/ loads as a model (base + adapter); pretraining writes a pipeline
         evaluate_run(rundir.root if is_run_dir(rundir.root) else final, rundir, step, recipe.eval)
-    accelerator.wait_for_everyone()
+    # The other ranks do not wait for rank 0's eval: at SD3.5-M's size it outlasts the process
+    # group's timeout (NCCL's default is 10 minutes), whose watchdog would abort the waiting ranks
+    # and the launcher then rank 0's eval. Nothing after this point is collective.
     return final
 
 
