@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -551,7 +552,26 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_plug
         problems = check_recipe_plugins(recipe, where)
         if problems:
             raise RecipeError("\n".join(problems))
+    given = data.get("train") if isinstance(data.get("train"), dict) else {}
+    for key, why in keys_without_effect(recipe.train, set(given)):
+        warnings.warn(f"{where(('train', key))}: train.{key} has no effect {why}; remove it", stacklevel=1)
     return LoadedRecipe(recipe, path, overrides, where)
+
+
+def keys_without_effect(train: Any, given: set[str]) -> list[tuple[str, str]]:
+    """``(key, why)`` for each key of ``given`` (the ``train`` keys a recipe sets) that OPD's
+    ``train.loss_mode`` never reads: a setting that seems to act and does not."""
+    if not isinstance(train, OpdTrainSpec):
+        return []
+    mode = f"with train.loss_mode {train.loss_mode}"
+    unused = {
+        "direct": {"adv_clip": mode, "kl_advantage": mode, "detach_kl": mode, "adv_std": mode},
+        "kl_only": {"adv_std": f"{mode} (it normalises the task reward of mixed)"},
+        "mixed": {},
+    }[train.loss_mode]
+    if train.loss_mode != "direct" and train.kl_advantage == "sampled":
+        unused["detach_kl"] = "with train.kl_advantage sampled (that advantage carries no gradient to detach)"
+    return [(key, why) for key, why in unused.items() if key in given]
 
 
 def check_recipe_plugins(recipe: AnyRecipe, where: Any = None) -> list[str]:

@@ -432,6 +432,27 @@ COMMITTED_TEACHERS = ("geneval", "ocr", "quality")
 BUDGET_KEYS = {"max_steps", "max_minutes", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every"}
 
 
+def test_keys_a_loss_mode_never_reads_are_named_in_a_warning(tmp_path: Path, teachers: tuple[Path, Path]) -> None:
+    import warnings
+
+    from opdkit.recipe import load_recipe
+
+    text = OPD.replace("TEACHER_A", str(teachers[0])).replace("TEACHER_B", str(teachers[1]))
+    path = write_recipe(tmp_path, text.replace("  loss_mode: kl_only\n", "  loss_mode: direct\n  adv_clip: 3.0\n"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_recipe(path, ["train.detach_kl=false"])
+    said = [str(w.message) for w in caught]
+    assert any(f"{path}:" in m and "train.adv_clip has no effect with train.loss_mode direct" in m for m in said), said
+    assert any("--set train.detach_kl=false: train.detach_kl has no effect" in m for m in said), said
+    with warnings.catch_warnings(record=True) as caught:  # kl_only reads adv_clip; the shipped recipes set nothing unread
+        warnings.simplefilter("always")
+        load_recipe(write_recipe(tmp_path / "b", text + "  adv_clip: 3.0\n"))
+        for name in ("shapes/opd", "sd35m/opd", "flux/opd", "qwen_image/opd"):
+            load_recipe(name, check_plugins=False)
+    assert not [w for w in caught if "no effect" in str(w.message)]
+
+
 def test_shipped_opd_recipe_uses_the_committed_teachers() -> None:
     from opdkit.checkpoint import COMMITTED_DIR
     from opdkit.recipe import load_recipe, resolve_recipe_path
