@@ -216,3 +216,60 @@ def test_several_benchmarks_in_one_command_load_the_model_once(
                      on_result=lambda s: seen.append((s["bench"], (folder / "shapes-ocr.json").is_file(),
                                                       (folder / "shapes-quality.json").is_file())))  # fmt: skip
     assert seen == [("shapes-ocr", True, False), ("shapes-quality", True, True)]
+
+
+# A benchmark plug-in whose scorer and prompt list are parameters, as a preference benchmark's
+# `model=` and `prompts=` are: what it records must change with them.
+PLUGIN_BENCH = '''\
+from opdkit.eval.benchmark import Benchmark
+
+
+def plug(engine: str = "scorer-a", prompts: str = "a red circle|a blue square", samples_per_prompt: int = 1):
+    records = [{"prompt": p, "tag": "t"} for p in prompts.split("|")]
+    return Benchmark(name="plug", world="shapes", prompts=records, samples_per_prompt=samples_per_prompt,
+                     score=lambda images, texts, recs: {"score": images.mean(dim=(1, 2, 3))},
+                     summarize=lambda rows: {"overall": sum(r["score"] for r in rows) / len(rows)},
+                     sampler={"steps": 2, "resolution": 32}, protocol="plug/1", engine=engine)
+'''
+
+
+@pytest.fixture
+def plugin_bench(tmp_path: Path) -> str:
+    """``FILE:plug``, a plug-in benchmark of the shapes world (params ``engine``, ``prompts``)."""
+    path = tmp_path / "plug_bench.py"
+    path.write_text(PLUGIN_BENCH)
+    return f"{path}:plug"
+
+
+@pytest.mark.parametrize(("param", "changed"), [("engine", "scorer-b"), ("prompts", "a blue square|a red circle")])
+def test_another_scorer_or_prompt_list_refuses_to_mix_results(
+    tiny_shapes_dir: Path, tmp_path: Path, plugin_bench: str, param: str, changed: str
+) -> None:
+    out = tmp_path / "res"
+    run_eval(plugin_bench, str(tiny_shapes_dir), out_dir=out, name="m")
+    rows = (out / "m" / "plug.jsonl").read_text()
+    key = {"engine": "engine", "prompts": "prompts_sha256"}[param]
+    with pytest.raises(OpdkitError, match=f"earlier results used other settings \\({key}\\); delete that directory"):
+        run_eval(plugin_bench, str(tiny_shapes_dir), out_dir=out, name="m", bench_params={param: changed})
+    assert (out / "m" / "plug.jsonl").read_text() == rows  # the old rows are kept, not rescored or relabelled
+    assert run_eval(plugin_bench, str(tiny_shapes_dir), out_dir=out, name="m")["n_images"] == 2
+
+
+def test_a_larger_limit_resumes_the_same_prompt_list(tiny_shapes_dir: Path, tmp_path: Path, plugin_bench: str) -> None:
+    """The prompt hash covers the whole list, not the evaluated prefix: a larger --limit resumes."""
+    out = tmp_path / "res"
+    run_eval(plugin_bench, str(tiny_shapes_dir), out_dir=out, name="m", limit=1)
+    assert run_eval(plugin_bench, str(tiny_shapes_dir), out_dir=out, name="m")["n_images"] == 2
+
+
+def test_results_written_before_engine_and_prompts_were_recorded_are_resumed_as_before(
+    tiny_shapes_dir: Path, tmp_path: Path, plugin_bench: str
+) -> None:
+    out = tmp_path / "res"
+    run_eval(plugin_bench, str(tiny_shapes_dir), out_dir=out, name="m", limit=1)
+    settings_path = out / "m" / "plug.settings.json"
+    settings = json.loads(settings_path.read_text())
+    recorded = {key: settings.pop(key) for key in ("engine", "prompts_sha256")}
+    settings_path.write_text(json.dumps(settings))
+    assert run_eval(plugin_bench, str(tiny_shapes_dir), out_dir=out, name="m")["n_images"] == 2
+    assert {key: json.loads(settings_path.read_text())[key] for key in recorded} == recorded

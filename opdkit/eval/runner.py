@@ -239,6 +239,11 @@ def eval_settings(benchmark: Benchmark, model: Any, *, samples: int | None = Non
         "resolution": sampler.get("resolution", 512),
         "shift": sampler.get("shift"),
         "protocol": benchmark.protocol,
+        # a protocol names its prompt set and scorer, not the file or weights a parameter pointed
+        # at: rows scored by another scorer, or of other prompts at the same indices, are not
+        # these results
+        "engine": benchmark.engine,
+        "prompts_sha256": prompts_sha256(benchmark.prompts),
         # results are kept per model *name*: retrained weights under the same name must not
         # resume from, or be mixed with, the images of the old weights. "weights" (rounded to
         # bf16) cannot tell a short LoRA run from its base; "weights_exact" can.
@@ -249,7 +254,19 @@ def eval_settings(benchmark: Benchmark, model: Any, *, samples: int | None = Non
 
 # Settings keys recorded since results folders were first written: a settings file without one
 # predates it and is judged on the others, as it was when it was written.
-RECORDED_SINCE: tuple[str, ...] = ("weights_exact",)
+RECORDED_SINCE: tuple[str, ...] = ("weights_exact", "engine", "prompts_sha256")
+
+
+def prompts_sha256(records: list[dict[str, Any]]) -> str:
+    """SHA-256 of a benchmark's whole prompt list (every record, in order).
+
+    The whole list, not the ``--limit`` prefix evaluated: a larger ``--limit`` resumes the same
+    list, while another file of prompts (even one sharing a prefix) starts its own results.
+    """
+    import hashlib
+
+    text = json.dumps(records, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def changed_settings(previous: dict[str, Any], settings: dict[str, Any]) -> list[str]:
