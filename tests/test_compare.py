@@ -94,3 +94,16 @@ def test_cli_prints_the_difference(tmp_path: Path) -> None:
     assert "+0.750" in row and "1.000" in row and "0.250" in row
     bad = CliRunner().invoke(app, ["compare", "a", "zz", "--results", str(tmp_path)])
     assert bad.exit_code != 0 and "no results for model 'zz'" in bad.output
+
+
+def test_results_of_other_prompt_lists_are_not_paired(tmp_path: Path) -> None:
+    """Rows are paired by prompt index: results of two prompt files hold other prompts there."""
+    scores = {(0, "t"): [1.0], (1, "t"): [0.5]}
+    for model, prompts in (("a", ["a cat", "a dog"]), ("b", ["a cat", "a dog"]), ("c", ["a dog", "a cat"])):
+        write_result(tmp_path, model, "pick", "Preference", scores)
+        path = tmp_path / model / "pick.jsonl"
+        rows = [{**json.loads(line), "prompt": prompts[i]} for i, line in enumerate(path.read_text().splitlines())]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert compare(tmp_path, "a", "b")[0].diff == 0.0
+    with pytest.raises(OpdkitError, match="different prompt lists \\(prompt 0: 'a cat' against 'a dog'\\)"):
+        compare(tmp_path, "a", "c")

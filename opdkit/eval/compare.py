@@ -1,7 +1,7 @@
 """``opdkit compare``: the difference between two models on each benchmark, with its paired error.
 
-Two models evaluated with the same protocol, sampler and seed draw image ``(p, s)`` of prompt ``p``
-from the same starting noise, so their scores are paired. The difference of a headline metric is
+Two models evaluated with the same protocol, prompts, sampler and seed draw image ``(p, s)`` of
+prompt ``p`` from the same starting noise, so their scores are paired. The difference of a headline metric is
 then estimated from per-prompt differences ``d_p`` (the mean over the prompt's samples of
 ``score_A - score_B``), which cancels most of the prompt-to-prompt and noise-to-noise spread that
 each model's own stderr carries:
@@ -49,11 +49,11 @@ class Difference:
         return self.diff - 1.96 * self.stderr, self.diff + 1.96 * self.stderr
 
 
-def _per_prompt(rows: list[dict[str, Any]]) -> dict[int, tuple[str, dict[int, float]]]:
-    """``{prompt_index: (tag, {sample_index: score})}``."""
-    out: dict[int, tuple[str, dict[int, float]]] = {}
+def _per_prompt(rows: list[dict[str, Any]]) -> dict[int, tuple[str, Any, dict[int, float]]]:
+    """``{prompt_index: (tag, prompt, {sample_index: score})}``."""
+    out: dict[int, tuple[str, Any, dict[int, float]]] = {}
     for r in rows:
-        _, samples = out.setdefault(int(r["prompt_index"]), (str(r.get("tag", "")), {}))
+        _, _, samples = out.setdefault(int(r["prompt_index"]), (str(r.get("tag", "")), r.get("prompt"), {}))
         samples[int(r["sample_index"])] = float(r["score"])
     return out
 
@@ -69,16 +69,23 @@ def paired_difference(bench: str, a: dict[str, Any], b: dict[str, Any], rows_a: 
         if a.get(key) != b.get(key):
             raise OpdkitError(f"{bench}: the two results differ in {key} ({a.get(key)!r} against {b.get(key)!r}); rerun one of them to pair them")
     pa, pb = _per_prompt(rows_a), _per_prompt(rows_b)
-    if pa.keys() != pb.keys() or any(pa[p][1].keys() != pb[p][1].keys() for p in pa):
+    if pa.keys() != pb.keys() or any(pa[p][2].keys() != pb[p][2].keys() for p in pa):
         raise OpdkitError(f"{bench}: the two results hold different images (prompt and sample indices); rerun one of them")
     if not pa:
         raise OpdkitError(f"{bench}: no scored images")
+    # rows are paired by prompt index: two prompt files (`-p prompts=`) put other prompts there
+    other = next((p for p in sorted(pa) if pa[p][1] != pb[p][1]), None)
+    if other is not None:
+        raise OpdkitError(
+            f"{bench}: the two results were evaluated on different prompt lists (prompt {other}: "
+            f"{pa[other][1]!r} against {pb[other][1]!r}); evaluate both on the same prompts to pair them"
+        )
     by_tag: dict[str, list[tuple[float, float, float]]] = {}  # tag -> per prompt (mean a, mean b, diff)
     all_a: list[float] = []
     all_b: list[float] = []
     for p in sorted(pa):
-        tag, sa = pa[p]
-        sb = pb[p][1]
+        tag, _, sa = pa[p]
+        sb = pb[p][2]
         all_a.extend(sa.values())
         all_b.extend(sb.values())
         ma, mb = statistics.fmean(list(sa.values())), statistics.fmean(list(sb.values()))
