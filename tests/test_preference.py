@@ -423,6 +423,13 @@ def test_eval_writes_a_preference_result(name: str, tiny: dict[str, Any], tmp_pa
         assert all(r["score"] == pytest.approx(100 * r["cosine"], rel=1e-5) for r in rows)
 
 
+@pytest.mark.parametrize("name", ["hpsv2", "imagereward"])
+def test_a_checkpoint_not_the_default_is_named_in_the_engine(name: str, tiny: dict[str, Any]) -> None:
+    """Results of two checkpoints must not share an engine: a rerun with another one is refused."""
+    params = bench_params(name, tiny)
+    assert benchmarks.build(name, params).engine.endswith(f" from {params['checkpoint']}")
+
+
 def test_opdkit_eval_cli_and_leaderboard_rows(tiny: dict[str, Any], tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

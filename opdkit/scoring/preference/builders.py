@@ -126,6 +126,14 @@ def hps_model_dir(checkpoint: str | None = None, version: str = "v2.1") -> Path:
     return convert_hps_checkpoint(source)
 
 
+def _naming_weights(scorer: Any, spec: str, default: str) -> Any:
+    """``scorer`` with its engine naming ``spec`` when that is not the default checkpoint: results
+    keep an engine's rows apart from another engine's, so two checkpoints must not share a name."""
+    if spec != default:
+        scorer.engine = f"{scorer.engine} from {spec}"
+    return scorer
+
+
 def build_hpsv2(
     checkpoint: str | None = None,
     version: str = "v2.1",
@@ -142,7 +150,8 @@ def build_hpsv2(
         from opdkit.scoring.preference.backends import hpsv2_package_scorer
 
         spec = checkpoint or HPS_CHECKPOINTS.get(version, "")
-        return hpsv2_package_scorer(resolve_file(spec, f"HPSv2 ({version}) checkpoint", "checkpoint"), version)
+        scorer = hpsv2_package_scorer(resolve_file(spec, f"HPSv2 ({version}) checkpoint", "checkpoint"), version)
+        return _naming_weights(scorer, spec, HPS_CHECKPOINTS.get(version, ""))
     from transformers import AutoTokenizer
 
     from opdkit.scoring.preference.scorers import HpsScorer, load_clip
@@ -152,7 +161,7 @@ def build_hpsv2(
 
     tok = load_pretrained(AutoTokenizer.from_pretrained, tokenizer, "HPSv2 tokenizer", "tokenizer")
     size = int(clip.config.vision_config.image_size)
-    return HpsScorer(
+    scorer = HpsScorer(
         clip,
         tok,
         lambda images: tensor_pixel_values(images, size),
@@ -161,6 +170,7 @@ def build_hpsv2(
         dtype=parse_dtype(dtype),
         batch_size=batch_size,
     )
+    return _naming_weights(scorer, checkpoint or HPS_CHECKPOINTS[version], HPS_CHECKPOINTS[version])
 
 
 def build_imagereward(
@@ -186,10 +196,11 @@ def build_imagereward(
     if backend == "package":
         from opdkit.scoring.preference.backends import imagereward_package_scorer
 
-        return imagereward_package_scorer(source, med_config, resolve_device(device))
+        package = imagereward_package_scorer(source, med_config, resolve_device(device))
+        return _naming_weights(package, checkpoint, IMAGEREWARD_CHECKPOINT)
     directory = source if source.is_dir() else convert_imagereward_checkpoint(source)
     model = load_imagereward_dir(directory)
-    return ImageRewardScorer(
+    scorer = ImageRewardScorer(
         model,
         imagereward_tokenizer(tokenizer),
         engine="ImageReward-v1.0 (opdkit conversion) on transformers BLIP",
@@ -197,3 +208,4 @@ def build_imagereward(
         dtype=parse_dtype(dtype),
         batch_size=batch_size,
     )
+    return _naming_weights(scorer, checkpoint, IMAGEREWARD_CHECKPOINT)
