@@ -107,3 +107,19 @@ def test_results_of_other_prompt_lists_are_not_paired(tmp_path: Path) -> None:
     assert compare(tmp_path, "a", "b")[0].diff == 0.0
     with pytest.raises(OpdkitError, match="different prompt lists \\(prompt 0: 'a cat' against 'a dog'\\)"):
         compare(tmp_path, "a", "c")
+
+
+def test_rows_beyond_a_smaller_limit_are_not_compared(tmp_path: Path) -> None:
+    """A full eval, then a --limit 2 rerun: the summary counts two prompts, the file keeps all three."""
+    scores_a = {(0, "t"): [1.0], (1, "t"): [0.5]}
+    scores_b = {(0, "t"): [0.0], (1, "t"): [0.5]}
+    for model, scores in (("a", scores_a), ("b", scores_b)):
+        write_result(tmp_path, model, "ocr", "OCR", scores, limit=2)
+    extra = {"prompt_index": 2, "sample_index": 0, "seed": 0, "tag": "t", "score": 0.25}
+    with (tmp_path / "a" / "ocr.jsonl").open("a") as rows:  # only the first model was evaluated in full
+        rows.write(json.dumps(extra) + "\n")
+    (d,) = compare(tmp_path, "a", "b")
+    assert d.n_prompts == 2 and d.diff == pytest.approx(0.5)
+    with (tmp_path / "b" / "ocr.jsonl").open("a") as rows:
+        rows.write(json.dumps(extra) + "\n")
+    assert compare(tmp_path, "a", "b")[0].n_prompts == 2

@@ -26,7 +26,7 @@ from typing import Any
 
 from opdkit.errors import OpdkitError
 from opdkit.eval.leaderboard import Results, load_results, recorded_models
-from opdkit.rundir import read_jsonl
+from opdkit.eval.runner import summarized_rows
 
 # the summary fields that must agree for two results to be paired image by image
 PAIRED_FIELDS = ("protocol", "engine", "seed", "sampler", "n_prompts", "n_images", "limit")
@@ -141,10 +141,17 @@ def compare(results_dir: str | Path, model_a: str, model_b: str, benches: list[s
     out = []
     for bench in chosen:
         a, b = results[folder_a][bench], results[folder_b][bench]
-        rows_a = read_jsonl(root / a["_dir"] / f"{bench}.jsonl")
-        rows_b = read_jsonl(root / b["_dir"] / f"{bench}.jsonl")
+        rows_a, rows_b = (_summarized(root / s["_dir"] / f"{bench}.jsonl", s) for s in (a, b))
         out.append(paired_difference(bench, a, b, rows_a, rows_b))
     return out
+
+
+def _summarized(path: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of ``path`` that ``summary`` counts, as the runner picked them when it wrote it."""
+    n_prompts = summary.get("n_prompts")
+    if n_prompts is not None and (isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < 0):
+        raise OpdkitError(f"{path.with_suffix('.json')}: n_prompts is {n_prompts!r}, expected a whole number >= 0")
+    return summarized_rows(path, n_prompts)
 
 
 def print_differences(differences: list[Difference], model_a: str, model_b: str) -> None:

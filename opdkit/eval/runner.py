@@ -369,9 +369,7 @@ def _run_locked(root: Path, benchmark: Benchmark, flow_model: FlowModel, model: 
             bar.update(completed)
     seconds = time.perf_counter() - t0
 
-    # one row per image: two writers at once (on a filesystem where flock is not shared between
-    # machines, say) leave duplicate rows, and counting them twice would skew the metrics
-    rows = [r for (i, s), r in _rows_by_image(records_path).items() if i < len(records) and s < n_samples]
+    rows = summarized_rows(records_path, len(records), n_samples)
     metrics = benchmark.summarize(rows)
     main = np.array([r["score"] for r in rows], dtype=np.float64)
     summary = {
@@ -488,6 +486,21 @@ def _rows_by_image(path: Path) -> dict[tuple[int, int], dict[str, Any]]:
             raise OpdkitError(f"{path}: record {n} is not a result row (no prompt_index/sample_index)") from None
         rows.setdefault(key, row)
     return rows
+
+
+def summarized_rows(path: Path, n_prompts: int | None, n_samples: int | None = None) -> list[dict[str, Any]]:
+    """The rows of a results JSONL that its summary counts: one per image, of the first
+    ``n_prompts`` prompts (the summary's ``n_prompts``; None: all) and ``n_samples`` samples.
+
+    Rows of later prompts stay in the file after a smaller ``--limit`` reran, for a larger one to
+    resume. Two writers at once (on a filesystem where flock is not shared between machines, say)
+    leave duplicate rows; the first of an image is counted, once.
+    """
+    return [
+        row
+        for (i, s), row in _rows_by_image(path).items()
+        if (n_prompts is None or i < n_prompts) and (n_samples is None or s < n_samples)
+    ]
 
 
 def _write_grid(root: Path, bench: str, rows: list[dict[str, Any]], count: int = 32) -> None:
