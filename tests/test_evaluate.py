@@ -273,3 +273,12 @@ def test_results_written_before_engine_and_prompts_were_recorded_are_resumed_as_
     settings_path.write_text(json.dumps(settings))
     assert run_eval(plugin_bench, str(tiny_shapes_dir), out_dir=out, name="m")["n_images"] == 2
     assert {key: json.loads(settings_path.read_text())[key] for key in recorded} == recorded
+
+
+def test_a_limit_that_keeps_every_prompt_is_no_limit(tiny_shapes_dir: Path, tmp_path: Path, plugin_bench: str) -> None:
+    """Two prompts: --limit 2 or 5 evaluates them all, so the result is no subset (it pairs with a
+    full eval and the leaderboard marks it as whole)."""
+    for limit in (2, 5):
+        summary = run_eval(plugin_bench, str(tiny_shapes_dir), out_dir=tmp_path / str(limit), name="m", limit=limit)
+        assert summary["limit"] is None and summary["n_prompts"] == 2
+    assert run_eval(plugin_bench, str(tiny_shapes_dir), out_dir=tmp_path / "1", name="m", limit=1)["limit"] == 1

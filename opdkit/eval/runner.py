@@ -210,11 +210,14 @@ def run_evals(
     for bench in benches:
         benchmark: Benchmark = benchmarks.build(bench, bench_params or {})
         check_world(benchmark, flow_model.world, model_name)
-        records = benchmark.prompts[:limit] if limit is not None else benchmark.prompts
+        # a limit that keeps every prompt evaluates the whole set: it is no subset (the leaderboard's
+        # dagger) and pairs with a full eval, whose images it shares
+        subset = limit if limit is not None and limit < len(benchmark.prompts) else None
+        records = benchmark.prompts[:subset] if subset is not None else benchmark.prompts
         settings = eval_settings(benchmark, flow_model, samples=samples, seed=seed, steps=steps, cfg=cfg)
         root.mkdir(parents=True, exist_ok=True)
         with results_lock(root), naming_path(root):
-            summaries.append(_run_locked(root, benchmark, flow_model, source, model_name, records, settings, limit,
+            summaries.append(_run_locked(root, benchmark, flow_model, source, model_name, records, settings, subset,
                                          seed, batch_size))  # fmt: skip
         if on_result is not None:
             on_result(summaries[-1])
