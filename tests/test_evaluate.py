@@ -221,14 +221,40 @@ def test_several_benchmarks_in_one_command_load_the_model_once(
 # A benchmark plug-in whose scorer and prompt list are parameters, as a preference benchmark's
 # `model=` and `prompts=` are: what it records must change with them.
 PLUGIN_BENCH = '''\
+import math
+
+import torch
+
 from opdkit.eval.benchmark import Benchmark
 
 
-def plug(engine: str = "scorer-a", prompts: str = "a red circle|a blue square", samples_per_prompt: int = 1):
+def score(images, texts, records, mode="ok"):
+    if mode == "raises":
+        raise ValueError("scorer blew up")
+    mean = images.mean(dim=(1, 2, 3))
+    if mode == "wrong-count":
+        return {"score": torch.zeros(len(images) + 1)}
+    if mode == "no-score":
+        return {"value": mean}
+    return {"score": mean * math.nan if mode == "nan" else mean}
+
+
+def summarize(rows, mode="ok"):
+    if mode == "summarize-raises":
+        return {"overall": rows[0]["nope"]}
+    if mode == "no-overall":
+        return {"mean": 0.5}
+    return {"overall": math.nan if mode == "nan-overall" else sum(r["score"] for r in rows) / len(rows)}
+
+
+def plug(engine: str = "scorer-a", prompts: str = "a red circle|a blue square", samples_per_prompt: int = 1,
+         mode: str = "ok"):
+    if mode == "not-a-benchmark":
+        return {"name": "plug"}
     records = [{"prompt": p, "tag": "t"} for p in prompts.split("|")]
     return Benchmark(name="plug", world="shapes", prompts=records, samples_per_prompt=samples_per_prompt,
-                     score=lambda images, texts, recs: {"score": images.mean(dim=(1, 2, 3))},
-                     summarize=lambda rows: {"overall": sum(r["score"] for r in rows) / len(rows)},
+                     score=lambda images, texts, recs: score(images, texts, recs, mode),
+                     summarize=lambda rows: summarize(rows, mode),
                      sampler={"steps": 2, "resolution": 32}, protocol="plug/1", engine=engine)
 '''
 
@@ -282,3 +308,30 @@ def test_a_limit_that_keeps_every_prompt_is_no_limit(tiny_shapes_dir: Path, tmp_
         summary = run_eval(plugin_bench, str(tiny_shapes_dir), out_dir=tmp_path / str(limit), name="m", limit=limit)
         assert summary["limit"] is None and summary["n_prompts"] == 2
     assert run_eval(plugin_bench, str(tiny_shapes_dir), out_dir=tmp_path / "1", name="m", limit=1)["limit"] == 1
+
+
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [
+        ("raises", "benchmark 'plug': scoring raised ValueError: scorer blew up"),
+        ("wrong-count", "benchmark 'plug': 'score' has 2 values for 1 images"),
+        ("no-score", "benchmark 'plug' must return a dict with a 'score' tensor"),
+        ("nan", "benchmark 'plug' returned a non-finite score"),
+        ("summarize-raises", "benchmark 'plug': summarize raised KeyError: 'nope'; its 2 scored rows are kept in "),
+        ("no-overall", "benchmark 'plug': summarize returned no finite 'overall' (the headline metric): None"),
+        ("nan-overall", "benchmark 'plug': summarize returned no finite 'overall' (the headline metric): nan"),
+        ("not-a-benchmark", "its builder returned dict, not a Benchmark"),
+    ],
+)
+def test_a_failing_benchmark_plugin_is_one_line_and_keeps_earlier_results(
+    tiny_shapes_dir: Path, tmp_path: Path, plugin_bench: str, mode: str, message: str
+) -> None:
+    out = tmp_path / "res"
+    run_eval(plugin_bench, str(tiny_shapes_dir), out_dir=out, name="m", limit=1)
+    rows, summary = (out / "m" / "plug.jsonl").read_text(), (out / "m" / "plug.json").read_text()
+    with pytest.raises(OpdkitError) as info:
+        run_eval(plugin_bench, str(tiny_shapes_dir), out_dir=out, name="m", bench_params={"mode": mode})
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert (out / "m" / "plug.jsonl").read_text().startswith(rows)  # no row lost, none written half
+    assert len(read_jsonl(out / "m" / "plug.jsonl")) in (1, 2)
+    assert (out / "m" / "plug.json").read_text() == summary  # no summary of a failed scoring

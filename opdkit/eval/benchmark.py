@@ -31,8 +31,10 @@ class Benchmark:
         samples_per_prompt: images generated per prompt (GenEval: 4).
         score: scores a batch: ``(images (B, 3, H, W) in [0, 1], prompts, prompt records) ->
             {"score": (B,), other name: (B,)}``; every returned name becomes a column of the
-            per-image records, in the returned order.
-        summarize: turns all per-image records into metrics; key ``"overall"`` is the headline.
+            per-image records, in the returned order. A batch whose ``score`` is not finite, or
+            that has a value too many or too few, is refused before any of its rows is written.
+        summarize: turns all per-image records into metrics (numbers); key ``"overall"`` is the
+            headline, and a summary without a finite one is refused, not written.
         sampler: default sampler settings for this benchmark (steps, cfg, resolution ...).
         protocol: protocol name and version, e.g. ``"geneval-official/1"``.
         engine: detector or scoring engine used, e.g. ``"shapes-detector"``.

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from opdkit.errors import OpdkitError
+from opdkit.errors import OpdkitError, first_line
 from opdkit.options import check_count, check_float, check_folder_name
 from opdkit.registry import benchmarks, models
 from opdkit.rundir import (
@@ -208,7 +208,7 @@ def run_evals(
     source = model if step is None else f"{model} --checkpoint {step}"
     summaries = []
     for bench in benches:
-        benchmark: Benchmark = benchmarks.build(bench, bench_params or {})
+        benchmark = check_benchmark(bench, benchmarks.build(bench, bench_params or {}))
         check_world(benchmark, flow_model.world, model_name)
         # a limit that keeps every prompt evaluates the whole set: it is no subset (the leaderboard's
         # dagger) and pairs with a full eval, whose images it shares
@@ -222,6 +222,15 @@ def run_evals(
         if on_result is not None:
             on_result(summaries[-1])
     return summaries
+
+
+def check_benchmark(spec: str, built: Any) -> Benchmark:
+    """What a benchmark builder returned, refused in one line unless it is a :class:`Benchmark`."""
+    from opdkit.eval.benchmark import Benchmark
+
+    if not isinstance(built, Benchmark):
+        raise OpdkitError(f"benchmark {spec!r}: its builder returned {type(built).__name__}, not a Benchmark (opdkit.eval.benchmark)")
+    return built
 
 
 def eval_settings(benchmark: Benchmark, model: Any, *, samples: int | None = None, seed: int = 0,
@@ -353,7 +362,7 @@ def _run_locked(root: Path, benchmark: Benchmark, flow_model: FlowModel, model: 
                     resolution=settings["resolution"],
                     shift=settings["shift"],
                 )
-            scores = benchmark.score(images, [r["prompt"] for r in chunk_records], chunk_records)
+            scores = _score_batch(benchmark, images, chunk_records)
             pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
             image_dir.mkdir(parents=True, exist_ok=True)
             for j, ((i, s), record) in enumerate(zip(chunk, chunk_records, strict=True)):
@@ -365,7 +374,7 @@ def _run_locked(root: Path, benchmark: Benchmark, flow_model: FlowModel, model: 
                     "seed": seeds[j],
                     "image": str(file.relative_to(root)),
                     **{k: v for k, v in record.items()},
-                    **{k: float(v[j]) for k, v in scores.items()},
+                    **{k: v[j] for k, v in scores.items()},
                 }
                 append_jsonl(records_path, row)
             completed += len(chunk)
@@ -373,7 +382,7 @@ def _run_locked(root: Path, benchmark: Benchmark, flow_model: FlowModel, model: 
     seconds = time.perf_counter() - t0
 
     rows = summarized_rows(records_path, len(records), n_samples)
-    metrics = benchmark.summarize(rows)
+    metrics = _summarize(benchmark, rows, records_path)
     main = np.array([r["score"] for r in rows], dtype=np.float64)
     summary = {
         "model": model_name,
@@ -397,6 +406,63 @@ def _run_locked(root: Path, benchmark: Benchmark, flow_model: FlowModel, model: 
     atomic_write_json(root / f"{benchmark.name}.json", summary)
     _write_grid(root, benchmark.name, rows)
     return summary
+
+
+def _score_batch(benchmark: Benchmark, images: torch.Tensor, records: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """``benchmark.score`` of one batch as ``{name: one float per image}``, checked before any row
+    of the batch is written, so a plug-in's failure leaves the rows of earlier batches whole."""
+    import numpy as np
+    import torch
+
+    what = f"benchmark {benchmark.name!r}"
+    try:
+        out = benchmark.score(images, [r["prompt"] for r in records], records)
+    except OpdkitError:
+        raise
+    except Exception as exc:  # the plug-in's own failure, named, in one line
+        raise OpdkitError(f"{what}: scoring raised {first_line(exc)}") from exc
+    if not isinstance(out, dict) or "score" not in out:
+        raise OpdkitError(f"{what} must return a dict with a 'score' tensor")
+    columns: dict[str, list[float]] = {}
+    for key, value in out.items():
+        try:
+            # float64 holds every float32/bf16 value exactly: the rows keep what the scorer returned
+            flat = value.detach().cpu().double() if isinstance(value, torch.Tensor) else np.asarray(value, dtype=np.float64)
+            values = [float(v) for v in flat.reshape(-1).tolist()]
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise OpdkitError(f"{what}: {key!r} is not numbers ({first_line(exc)})") from None
+        if len(values) != len(records):
+            raise OpdkitError(f"{what}: {key!r} has {len(values)} values for {len(records)} images")
+        columns[str(key)] = values
+    if not all(math.isfinite(v) for v in columns["score"]):
+        raise OpdkitError(f"{what} returned a non-finite score")
+    return columns
+
+
+def _summarize(benchmark: Benchmark, rows: list[dict[str, Any]], records_path: Path) -> dict[str, Any]:
+    """``benchmark.summarize(rows)``, refused in one line unless it gives numbers and a finite
+    ``overall``: a summary is what the leaderboard and compare trust as finished."""
+    import numbers
+
+    what = f"benchmark {benchmark.name!r}"
+    kept = f"its {len(rows)} scored rows are kept in {records_path}"
+    try:
+        metrics = benchmark.summarize(rows)
+    except OpdkitError:
+        raise
+    except Exception as exc:  # the plug-in's own failure, named, in one line
+        raise OpdkitError(f"{what}: summarize raised {first_line(exc)}; {kept}") from exc
+    if not isinstance(metrics, dict):
+        raise OpdkitError(f"{what}: summarize returned {type(metrics).__name__}, not a dict of metrics; {kept}")
+    clean: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise OpdkitError(f"{what}: summarize returned {key!r}: {value!r}, not a number; {kept}")
+        clean[str(key)] = value if isinstance(value, (int, float)) else float(value)  # numpy scalars -> JSON
+    overall = clean.get("overall")
+    if overall is None or not math.isfinite(overall):
+        raise OpdkitError(f"{what}: summarize returned no finite 'overall' (the headline metric): {overall!r}; {kept}")
+    return clean
 
 
 SAME_GENERATION = ("steps", "cfg", "resolution", "shift", "weights", "weights_exact")
