@@ -41,16 +41,21 @@ def check_folder_name(option: str, name: str) -> None:
     Refused: empty, ``.`` and ``..``, a path separator, a leading dot (a hidden folder, and the
     results folder's own ``.lock``), and control characters (a name must print on one line).
     """
+    problem = plain_name_problem(name)
+    if problem is not None:
+        raise OpdkitError(f"{option} {name!r}: results go to --out/NAME, and NAME must be one plain folder name ({problem})")
+
+
+def plain_name_problem(name: str) -> str | None:
+    """Why ``name`` is not one plain file or folder name (see :func:`check_folder_name`), or None."""
     if not name.strip():
-        problem = "it is empty"
-    elif name in (".", ".."):
-        problem = f"{name!r} is not a folder of its own"
-    elif "/" in name or "\\" in name or os.sep in name:
-        problem = "it contains '/'"
-    elif name.startswith("."):
-        problem = "it starts with '.', which hides the folder"
-    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
-        problem = "it contains a control character"
-    else:
-        return
-    raise OpdkitError(f"{option} {name!r}: results go to --out/NAME, and NAME must be one plain folder name ({problem})")
+        return "it is empty"
+    if name in (".", ".."):
+        return f"{name!r} is not a folder of its own"
+    if "/" in name or "\\" in name or os.sep in name:
+        return "it contains '/'"
+    if name.startswith("."):
+        return "it starts with '.', which hides the folder"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "it contains a control character"
+    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -248,11 +249,11 @@ def summarize(rows, mode="ok"):
 
 
 def plug(engine: str = "scorer-a", prompts: str = "a red circle|a blue square", samples_per_prompt: int = 1,
-         mode: str = "ok"):
+         mode: str = "ok", name: str = "plug"):
     if mode == "not-a-benchmark":
         return {"name": "plug"}
     records = [{"prompt": p, "tag": "t"} for p in prompts.split("|")]
-    return Benchmark(name="plug", world="shapes", prompts=records, samples_per_prompt=samples_per_prompt,
+    return Benchmark(name=name, world="shapes", prompts=records, samples_per_prompt=samples_per_prompt,
                      score=lambda images, texts, recs: score(images, texts, recs, mode),
                      summarize=lambda rows: summarize(rows, mode),
                      sampler={"steps": 2, "resolution": 32}, protocol="plug/1", engine=engine)
@@ -335,3 +336,14 @@ def test_a_failing_benchmark_plugin_is_one_line_and_keeps_earlier_results(
     assert (out / "m" / "plug.jsonl").read_text().startswith(rows)  # no row lost, none written half
     assert len(read_jsonl(out / "m" / "plug.jsonl")) in (1, 2)
     assert (out / "m" / "plug.json").read_text() == summary  # no summary of a failed scoring
+
+
+@pytest.mark.parametrize("name", ["../escaped", "a/b", "..", "", ".hidden"])
+def test_a_benchmark_name_that_is_not_a_plain_file_name_is_refused(
+    tiny_shapes_dir: Path, tmp_path: Path, plugin_bench: str, name: str
+) -> None:
+    out = tmp_path / "deep" / "res"
+    with pytest.raises(OpdkitError, match=f"its name {re.escape(repr(name))} is not one plain file name") as info:
+        run_eval(plugin_bench, str(tiny_shapes_dir), out_dir=out, name="m", bench_params={"name": name})
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "deep" / "escaped").exists() and not list(out.rglob("*.json*"))

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from opdkit.errors import OpdkitError, first_line
-from opdkit.options import check_count, check_float, check_folder_name
+from opdkit.options import check_count, check_float, check_folder_name, plain_name_problem
 from opdkit.registry import benchmarks, models
 from opdkit.rundir import (
     append_jsonl,
@@ -230,6 +230,13 @@ def check_benchmark(spec: str, built: Any) -> Benchmark:
 
     if not isinstance(built, Benchmark):
         raise OpdkitError(f"benchmark {spec!r}: its builder returned {type(built).__name__}, not a Benchmark (opdkit.eval.benchmark)")
+    # the name is a file name in the results folder: '../x' would write beside it, or anywhere
+    problem = plain_name_problem(built.name) if isinstance(built.name, str) else "it is not a string"
+    if problem is not None:
+        raise OpdkitError(
+            f"benchmark {spec!r}: its name {built.name!r} is not one plain file name ({problem}); "
+            "results go to --out/MODEL/NAME.json"
+        )
     return built
 
 
