@@ -212,7 +212,13 @@ def _parse_params(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise OpdkitError(f"--param {item}: expected KEY=VALUE")
-        params[key] = yaml.safe_load(raw) if raw else None
+        try:
+            params[key] = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise OpdkitError(
+                f"--param {item}: VALUE is read as YAML and is not valid YAML ({problem}); put a text value in quotes"
+            ) from None
     return params
 
 

@@ -228,6 +228,17 @@ def test_a_malformed_command_line_is_one_line(args: list[str], expected: str) ->
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("value", ["[test", "{a: 1", "a: b: c"])
+def test_a_param_value_that_is_not_yaml_is_one_line(value: str, tmp_path: Path) -> None:
+    result = RUNNER.invoke(app, ["eval", "-b", "shapes-ocr", "-m", "shapes-base", "-p", f"split={value}", "--out",
+                                 str(tmp_path / "res")])  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: --param split={value}: VALUE is read as YAML and is not valid YAML")
+    assert not (tmp_path / "res").exists()
+
+
 def test_own_warnings_are_one_line_and_other_libraries_keep_theirs(monkeypatch: pytest.MonkeyPatch) -> None:
     """The console script prints opdkit's warnings as ``warning: MESSAGE`` (as its errors), not
     Python's ``FILE:LINE: UserWarning: MESSAGE`` naming opdkit's source."""
