@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -123,3 +124,28 @@ def test_rows_beyond_a_smaller_limit_are_not_compared(tmp_path: Path) -> None:
     with (tmp_path / "b" / "ocr.jsonl").open("a") as rows:
         rows.write(json.dumps(extra) + "\n")
     assert compare(tmp_path, "a", "b")[0].n_prompts == 2
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (lambda s, rows: (s, rows.replace('"score": 0.5', '"scor": 0.5', 1)), "ocr.jsonl: record 2 has no numeric 'score' (got None)"),
+        (lambda s, rows: (s, "[1, 2]\n"), "ocr.jsonl: record 1 is not a result row"),
+        (lambda s, rows: ({**s, "metrics": None}, rows), "ocr.json: 'metrics' is None, expected an object of metric values"),
+        (lambda s, rows: ({**s, "metrics": {"overall": "high"}}, rows), "the first model's overall (high) is not the mean"),
+        (lambda s, rows: ({**s, "n_prompts": "two"}, rows), "ocr.json: n_prompts is 'two', expected a whole number >= 0"),
+    ],
+    ids=["row-without-score", "rows-not-objects", "metrics-null", "overall-not-a-number", "n-prompts-not-a-number"],
+)
+def test_a_damaged_result_file_is_one_line_naming_it(tmp_path: Path, damage: Any, expected: str) -> None:
+    scores = {(0, "ocr"): [1.0], (1, "ocr"): [0.5]}
+    write_result(tmp_path, "a", "ocr", "OCR", scores)
+    write_result(tmp_path, "b", "ocr", "OCR", scores)
+    summary, rows = damage(json.loads((tmp_path / "a" / "ocr.json").read_text()), (tmp_path / "a" / "ocr.jsonl").read_text())
+    (tmp_path / "a" / "ocr.json").write_text(json.dumps(summary))
+    (tmp_path / "a" / "ocr.jsonl").write_text(rows)
+    result = CliRunner().invoke(app, ["compare", "a", "b", "--results", str(tmp_path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.stderr

@@ -203,6 +203,18 @@ def test_duplicate_rows_count_once(tiny: Path, tmp_path: Path) -> None:
     assert again["n_images"] == 6 and again["metrics"] == reference["metrics"]
 
 
+def test_a_row_without_a_score_is_named_and_nothing_is_written(tiny: Path, tmp_path: Path) -> None:
+    evaluate(tiny, tmp_path / "res", limit=2)
+    path = tmp_path / "res" / "m" / f"{BENCH}.jsonl"
+    rows = read_jsonl(path)
+    del rows[1]["score"]  # a hand-edited file
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = {p: p.read_bytes() for p in (tmp_path / "res").rglob("*") if p.is_file()}
+    with pytest.raises(OpdkitError, match=f"^{re.escape(str(path))}: record 2 has no numeric 'score' \\(got None\\)"):
+        evaluate(tiny, tmp_path / "res")
+    assert {p: p.read_bytes() for p in (tmp_path / "res").rglob("*") if p.is_file()} == before
+
+
 def test_leftover_tmp_files_are_removed_when_an_eval_starts(tiny: Path, tmp_path: Path) -> None:
     folder = tmp_path / "res" / "m"
     folder.mkdir(parents=True)

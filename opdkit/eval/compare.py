@@ -18,7 +18,9 @@ benchmark whose headline is some other function of its rows is refused, not misr
 
 from __future__ import annotations
 
+import json
 import math
+import numbers
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ from typing import Any
 from opdkit.errors import OpdkitError
 from opdkit.eval.leaderboard import Results, load_results, recorded_models
 from opdkit.eval.runner import summarized_rows
+from opdkit.options import plain_name_problem
 
 # the summary fields that must agree for two results to be paired image by image
 PAIRED_FIELDS = ("protocol", "engine", "seed", "sampler", "n_prompts", "n_images", "limit")
@@ -101,7 +104,7 @@ def paired_difference(bench: str, a: dict[str, Any], b: dict[str, Any], rows_a: 
         stderr = math.sqrt(_var(diffs) / len(diffs))
     for value, summary, name in ((value_a, a, "first"), (value_b, b, "second")):
         reported = summary.get("metrics", {}).get("overall")
-        if reported is None or abs(value - float(reported)) > 1e-6:
+        if isinstance(reported, bool) or not isinstance(reported, numbers.Real) or abs(value - float(reported)) > 1e-6:
             raise OpdkitError(
                 f"{bench}: the {name} model's overall ({reported}) is not the mean of its rows ({value:.6f}); "
                 "compare knows image means and GenEval's mean over tags only"
@@ -132,7 +135,11 @@ def compare(results_dir: str | Path, model_a: str, model_b: str, benches: list[s
     """
     root = Path(results_dir)
     results = load_results(root)
+    for folder in (model_a, model_b):  # before a folder with no other summary is "no results"
+        _refuse_passed_over_summaries(root, folder, benches or None)
     folder_a, folder_b = results_folder(results, root, model_a), results_folder(results, root, model_b)
+    for folder in (folder_a, folder_b):
+        _refuse_passed_over_summaries(root, folder, benches or None)
     shared = [x for x in results[folder_a] if x in results[folder_b]]
     chosen = benches or shared
     missing = [x for x in chosen if x not in shared]
@@ -144,6 +151,26 @@ def compare(results_dir: str | Path, model_a: str, model_b: str, benches: list[s
         rows_a, rows_b = (_summarized(root / s["_dir"] / f"{bench}.jsonl", s) for s in (a, b))
         out.append(paired_difference(bench, a, b, rows_a, rows_b))
     return out
+
+
+def _refuse_passed_over_summaries(root: Path, folder: str, benches: list[str] | None) -> None:
+    """Name a summary of ``root/folder`` (of ``benches``, or any) that :func:`load_results` passes
+    over because its ``metrics`` are not an object: compare would otherwise say the model has no
+    results for that benchmark, or leave it out of the table without a word."""
+    if plain_name_problem(folder) is not None or not (root / folder).is_dir():  # a model name, not a folder
+        return
+    for path in sorted((root / folder).glob("*.json")):
+        if path.name.endswith(".settings.json") or (benches is not None and path.stem not in benches):
+            continue
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue  # load_results refused it already, naming it
+        if isinstance(summary, dict) and "bench" in summary and not isinstance(summary.get("metrics"), dict):
+            raise OpdkitError(
+                f"{path}: 'metrics' is {summary.get('metrics')!r}, expected an object of metric values; "
+                "evaluate this benchmark again"
+            )
 
 
 def _summarized(path: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:

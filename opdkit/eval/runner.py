@@ -554,12 +554,18 @@ def _read_json(path: Path, what: str) -> Any:
 
 def _rows_by_image(path: Path) -> dict[tuple[int, int], dict[str, Any]]:
     """``{(prompt index, sample index): row}`` of a results JSONL, the first row of each image."""
+    import numbers
+
     rows: dict[tuple[int, int], dict[str, Any]] = {}
     for n, row in enumerate(read_jsonl(path), start=1):
         try:
             key = (int(row["prompt_index"]), int(row["sample_index"]))
         except (TypeError, KeyError, ValueError):
             raise OpdkitError(f"{path}: record {n} is not a result row (no prompt_index/sample_index)") from None
+        # every reader sums or prints the scores: a hand-edited row is named here, not a KeyError there
+        score = row.get("score")
+        if isinstance(score, bool) or not isinstance(score, numbers.Real):
+            raise OpdkitError(f"{path}: record {n} has no numeric 'score' (got {score!r}); delete that line or evaluate again")
         rows.setdefault(key, row)
     return rows
 
