@@ -543,22 +543,36 @@ def results_state(study: LoadedStudy, row: Row, bench: str) -> str:
     weights), ``missing``, ``partial`` (resumable: same settings, summary absent or of another
     limit) or ``stale`` (other settings or other weights: to be deleted and made again)."""
     from opdkit.eval.runner import changed_settings, eval_settings
-    from opdkit.registry import benchmarks
 
     ev = study.spec.eval
     root = study.results_dir / row.name
-    settings = read_json_object(root / f"{bench}.settings.json")
+    filed = filed_bench(study, bench)
+    settings = read_json_object(root / f"{filed}.settings.json")
     if settings is None:
         return "missing"
-    key = f"bench:{bench}"
-    if key not in study.cache:
-        study.cache[key] = benchmarks.build(bench, dict(ev.params))
-    expected = eval_settings(study.cache[key], _eval_model(study, row), samples=ev.samples_per_prompt,
+    expected = eval_settings(_benchmark(study, bench), _eval_model(study, row), samples=ev.samples_per_prompt,
                              seed=ev.seed, steps=ev.steps)  # fmt: skip
     if changed_settings(settings, expected):
         return "stale"
-    summary = read_json_object(root / f"{bench}.json")
+    summary = read_json_object(root / f"{filed}.json")
     return "current" if summary is not None and summary.get("limit") == ev.limit else "partial"
+
+
+def _benchmark(study: LoadedStudy, bench: str) -> Any:
+    """The benchmark ``bench`` of the study's file builds with its ``eval.params``, built once."""
+    from opdkit.registry import benchmarks
+
+    key = f"bench:{bench}"
+    if key not in study.cache:
+        study.cache[key] = benchmarks.build(bench, dict(study.spec.eval.params))
+    return study.cache[key]
+
+
+def filed_bench(study: LoadedStudy, bench: str) -> str:
+    """The name the eval runner files ``bench``'s results under (``OUT/results/ROW/NAME.json``):
+    the built benchmark's own name, which for a plug-in named by path (``./plug.py:build``) is
+    whatever the plug-in calls itself, not the spec the study file gives."""
+    return str(_benchmark(study, bench).name)
 
 
 def read_json_object(path: Path) -> dict[str, Any] | None:
@@ -713,7 +727,7 @@ def _evaluate_row(study: LoadedStudy, row: Row, echo: Callable[[str], None], lab
             continue
         if state == "stale":
             echo(f"{label}: {bench} results were made with other settings or weights; evaluating again")
-            remove_results(study.results_dir / row.name, bench)
+            remove_results(study.results_dir / row.name, filed_bench(study, bench))
         todo.append(bench)
     if todo:  # one model load for all of them
         run_evals(todo, row.model, out_dir=study.results_dir, samples=ev.samples_per_prompt, limit=ev.limit,
@@ -733,10 +747,11 @@ def build_table(study: LoadedStudy) -> dict[str, Any]:
     for row in study.rows:
         cells = {}
         for bench in study.spec.benchmarks:
-            summary = results.get(row.name, {}).get(bench)
+            filed = filed_bench(study, bench)
+            summary = results.get(row.name, {}).get(filed)
             if summary is None:
                 raise OpdkitError(
-                    f"{study.results_dir / row.name / (bench + '.json')}: missing after the eval"
+                    f"{study.results_dir / row.name / (filed + '.json')}: missing after the eval"
                 )
             cells[bench] = {"value": summary["metrics"].get("overall"), "stderr": summary.get("stderr"),
                             "n_prompts": summary.get("n_prompts"), "n_images": summary.get("n_images")}  # fmt: skip
@@ -745,9 +760,10 @@ def build_table(study: LoadedStudy) -> dict[str, Any]:
                      "train_seconds": _run_seconds(row), "results": cells})  # fmt: skip
     comparisons = []
     for c in study.spec.comparisons:
-        for d in compare(study.results_dir, c.a, c.b, c.benches):
+        differences = compare(study.results_dir, c.a, c.b, [filed_bench(study, b) for b in c.benches])
+        for bench, d in zip(c.benches, differences, strict=True):
             z = d.diff / d.stderr if d.stderr > 0 else None
-            comparisons.append({"a": c.a, "b": c.b, "bench": d.bench, "label": c.label, "a_value": d.a, "b_value": d.b,
+            comparisons.append({"a": c.a, "b": c.b, "bench": bench, "label": c.label, "a_value": d.a, "b_value": d.b,
                                 "diff": d.diff, "stderr": d.stderr, "z": z, "ci95": list(d.interval), "n_prompts": d.n_prompts})  # fmt: skip
     ev = study.spec.eval
     return {"study": str(study.path), "description": study.spec.description, "out": str(study.out),

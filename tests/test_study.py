@@ -432,6 +432,44 @@ def test_a_row_trained_past_its_max_steps_is_refused_not_reported(first_run: dic
         run_study(study, echo=lambda line: None)
 
 
+# A benchmark plug-in named by its file: it calls itself `mybench`, which is where the eval
+# runner files its results, whatever the study file calls it.
+PLUGIN_BENCHMARK = """\
+from opdkit.eval.benchmark import Benchmark
+
+def build(samples_per_prompt: int = 1):
+    prompts = [{"prompt": "a red circle", "tag": "colors"}, {"prompt": "a blue square", "tag": "colors"}]
+    return Benchmark(name="mybench", world="shapes", prompts=prompts, samples_per_prompt=samples_per_prompt,
+                     score=lambda images, texts, records: {"score": images.mean(dim=(1, 2, 3))},
+                     summarize=lambda rows: {"overall": sum(r["score"] for r in rows) / len(rows)},
+                     sampler={"steps": 2, "cfg": 3.0, "resolution": 32})
+"""
+
+
+def test_a_plugin_benchmark_named_by_path_is_found_under_its_own_name(
+    tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opdkit.study import load_study, plan_lines, run_study
+
+    (tmp_path / "plug.py").write_text(PLUGIN_BENCHMARK, encoding="utf-8")
+    spec = f"{tmp_path / 'plug.py'}:build"
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump({
+        "benchmarks": [spec], "eval": {"samples_per_prompt": 2, "batch_size": 8},
+        "rows": [{"name": "a", "model": str(tiny_base)}, {"name": "b", "model": str(tiny_base)}],
+        "comparisons": [{"a": "a", "b": "b", "bench": spec}],
+    }), encoding="utf-8")  # fmt: skip
+    out = tmp_path / "out"
+    table = run_study(load_study(study_file, out=out), echo=lambda line: None)
+    assert (out / "results" / "a" / "mybench.json").is_file()
+    assert [row["results"][spec]["n_images"] for row in table["rows"]] == [4, 4]
+    assert [(c["bench"], c["diff"]) for c in table["comparisons"]] == [(spec, 0.0)]
+    study = load_study(study_file, out=out)  # a second invocation finds the results it made
+    assert all("no eval" in line for line in plan_lines(study)[:-1]), plan_lines(study)
+    _forbid(monkeypatch)
+    run_study(study, echo=lambda line: None)
+
+
 def test_dry_run_plans_without_running(tiny_base: Path, tmp_path: Path) -> None:
     study = tiny_study(tmp_path, tiny_base)
     result = RUNNER.invoke(app, ["study", str(study), "--out", str(tmp_path / "out"), "--dry-run"], env=WIDE)
