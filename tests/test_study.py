@@ -525,6 +525,18 @@ def test_the_shipped_study_validates() -> None:
             r"comparisons.1.bench: Input should be a valid string or list \(got 5\)",
         ),
         (lambda d: d["rows"].append(dict(d["rows"][0])), r"study.yaml:\d+: rows.7.name: 'base' is repeated"),
+        (  # a model row's model is resolved at load, as `opdkit eval -m` resolves it, not after rows above it ran
+            lambda d: d["rows"][0].update(model="shapes-teachers/ocrr"),
+            r"study.yaml:\d+: rows.0.model \(base\): 'shapes-teachers/ocrr': no such directory \(did you mean 'shapes-teachers/ocr'\?\)$",
+        ),
+        (
+            lambda d: d["rows"][0].update(model="shapes-bse"),
+            r"study.yaml:\d+: rows.0.model \(base\): 'shapes-bse': unknown model 'shapes-bse'; did you mean 'shapes-base'",
+        ),
+        (
+            lambda d: d["rows"][0].update(model="/"),
+            r"study.yaml:\d+: rows.0.model \(base\): '/': / is not a pipeline or run directory",
+        ),
         (lambda d: d.update(benchmarks=["nope-bench"]), r"study.yaml:\d+: benchmarks.0: "),
         (
             lambda d: d["eval"].update(params={"split": "heldot"}),
