@@ -18,8 +18,8 @@ columns, how every row is evaluated and which differences to report::
 Under ``--out OUT`` a recipe row trains into ``OUT/runs/NAME`` through the function behind
 ``opdkit train`` (a finished run is skipped, a partial one resumed; a folder holding another
 recipe is refused), every row is evaluated with the eval runner into
-``OUT/results/NAME/BENCH.json`` (skipped where that file exists with the study's settings), and
-every comparison is the paired difference of ``opdkit compare``. The table is printed and written
+``OUT/results/NAME/BENCH.json`` (skipped where that file and its rows, ``BENCH.jsonl``, exist
+with the study's settings), and every comparison is the paired difference of ``opdkit compare``. The table is printed and written
 as ``OUT/table.md`` and ``OUT/table.json``; ``opdkit leaderboard OUT/results`` shows the same rows.
 
 Rows are trained in file order, and a row's ``teachers`` may only name rows above it, so every
@@ -578,8 +578,9 @@ def _eval_key(row: Row) -> str:
 
 def results_state(study: LoadedStudy, row: Row, bench: str) -> str:
     """``current`` (``OUT/results/ROW/BENCH.json`` made with the study's settings from the row's
-    weights), ``missing``, ``partial`` (resumable: same settings, summary absent or of another
-    limit) or ``stale`` (other settings or other weights: to be deleted and made again)."""
+    weights, with its rows in ``BENCH.jsonl``), ``missing``, ``partial`` (resumable: same settings,
+    summary absent or of another limit, rows file absent or shorter than the summary says) or
+    ``stale`` (other settings or other weights: to be deleted and made again)."""
     from opdkit.eval.runner import changed_settings, eval_settings
 
     ev = study.spec.eval
@@ -593,7 +594,23 @@ def results_state(study: LoadedStudy, row: Row, bench: str) -> str:
     if changed_settings(settings, expected):
         return "stale"
     summary = read_json_object(root / f"{filed}.json")
-    return "current" if summary is not None and summary.get("limit") == ev.limit else "partial"
+    if summary is None or summary.get("limit") != ev.limit:
+        return "partial"
+    # the comparisons pair the rows, not the summary: a summary whose rows are gone or cut short
+    # is made again (the runner resumes from the rows that are left)
+    return "current" if _holds_rows(root / f"{filed}.jsonl", summary.get("n_images")) else "partial"
+
+
+def _holds_rows(path: Path, n_images: Any) -> bool:
+    """Whether a results JSONL has at least ``n_images`` rows (lines are counted, not parsed: a
+    finished study checks every row's results each time it is run)."""
+    if isinstance(n_images, bool) or not isinstance(n_images, int):
+        return False
+    try:
+        with path.open("rb") as fh:
+            return sum(1 for line in fh if line.strip()) >= n_images
+    except OSError:
+        return False
 
 
 def _benchmark(study: LoadedStudy, bench: str) -> Any:

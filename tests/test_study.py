@@ -326,13 +326,26 @@ def test_only_the_built_in_model_plugins_vouch_for_their_files(tiny_base: Path) 
     assert pipeline_sources("hf:owner/name") is None  # a later download may bring other files
 
 
+def _cut_to_one_row(path: Path) -> None:
+    path.write_text(path.read_text().splitlines()[0] + "\n")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda root: (root / "shapes-quality.json").unlink(),
+        lambda root: (root / "shapes-quality.jsonl").unlink(),  # the rows the comparisons pair
+        lambda root: _cut_to_one_row(root / "shapes-quality.jsonl"),
+    ],
+    ids=["summary", "rows", "rows-cut-short"],
+)
 def test_a_deleted_results_file_is_evaluated_again_for_that_row_only(
-    first_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    first_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch, damage: Callable[[Path], None]
 ) -> None:
     from opdkit.study import load_study, plan_lines, run_study
 
     out = first_run["out"]
-    (out / "results" / "grpo_ocr" / "shapes-quality.json").unlink()
+    damage(out / "results" / "grpo_ocr")
     study = load_study(first_run["study"], out=out)
     plan = plan_lines(study)
     assert [line for line in plan if "evaluate" in line] == [
@@ -341,8 +354,9 @@ def test_a_deleted_results_file_is_evaluated_again_for_that_row_only(
     ]
     calls: list[tuple[str, str]] = []
     _forbid(monkeypatch, calls)
-    run_study(study, echo=lambda line: None)
+    table = run_study(study, echo=lambda line: None)
     assert calls == [("grpo_ocr", "shapes-quality")]
+    assert table["comparisons"] == first_run["table"]["comparisons"]
 
 
 def test_a_partial_run_is_resumed_and_its_old_results_go(
