@@ -169,6 +169,23 @@ def test_mixed_engines_are_named_per_model(results: Path) -> None:
     assert "(models: shapes-base, shapes-grpo-geneval, shapes-grpo-mix, shapes-grpo-ocr, shapes-opd)" in text
 
 
+def test_a_copy_of_a_summary_beside_it_is_skipped_with_a_warning(results: Path) -> None:
+    live = results / "shapes-base" / "shapes-ocr.json"
+    backup = json.loads(live.read_text())
+    backup["metrics"]["overall"] = 0.99
+    # sorted after the live file, so a last-read-wins loader would show the copy's value
+    (results / "shapes-base" / "shapes-ocr.old.json").write_text(json.dumps(backup))
+    assert load_results(results)["shapes-base"]["shapes-ocr"]["metrics"]["overall"] == 0.3
+    result = RUNNER.invoke(app, ["leaderboard", str(results)], env=WIDE)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert warnings == [
+        "warning: skipped 1 file not named after the benchmark they record (a copy?): "
+        f"{results / 'shapes-base' / 'shapes-ocr.old.json'}"
+    ]
+    assert "0.990" not in result.stdout
+
+
 def test_curve_series_picks_reward_and_kl_or_loss(results: Path) -> None:
     from opdkit.rundir import read_jsonl
 

@@ -62,12 +62,16 @@ class Column:
         return "↑" if self.higher_is_better else "↓"
 
 
-def load_results(results_dir: str | Path) -> Results:
+def load_results(results_dir: str | Path, skipped: list[Path] | None = None) -> Results:
     """``{folder: {bench: summary}}`` from every ``<folder>/<bench>.json`` under ``results_dir``.
 
     Rows are keyed by folder, not by the model name a summary records: two folders holding the
     same model (a copied or renamed folder) are two rows, never one hiding the other. Each
     summary gets ``_dir``, the folder its rows and grid live in.
+
+    Only a file named after the benchmark it records is read: a copy kept beside the live one
+    (``shapes-ocr.old.json``, still recording ``"bench": "shapes-ocr"``) would otherwise replace
+    it, and its rows file is not the copy's. Such files are appended to ``skipped``.
     """
     root = Path(results_dir)
     if not root.is_dir():
@@ -81,6 +85,10 @@ def load_results(results_dir: str | Path) -> Results:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise OpdkitError(f"{path}: not a valid result file: {getattr(exc, 'msg', exc)}") from None
         if not isinstance(summary, dict) or "bench" not in summary or not isinstance(summary.get("metrics"), dict):
+            continue
+        if path.name != f"{summary['bench']}.json":
+            if skipped is not None:
+                skipped.append(path)
             continue
         folder = path.parent.name
         summary = {**summary, "_dir": folder}
@@ -419,8 +427,12 @@ def run_leaderboard(results_dir: str | Path, out: str | Path | None = None, runs
         raise OpdkitError(f"--out {out}: expected a .md or .html file name")
     if runs_dir is not None and not Path(runs_dir).is_dir():
         raise OpdkitError(f"--runs {runs_dir}: no such directory")
-    results = load_results(results_dir)
+    skipped: list[Path] = []
+    results = load_results(results_dir, skipped)
     warn = Console(stderr=True, highlight=False, soft_wrap=True)
+    if skipped:
+        warn.print(f"warning: skipped {len(skipped)} file{'s' if len(skipped) > 1 else ''} not named after the benchmark "
+                   f"they record (a copy?): {', '.join(str(p) for p in skipped)}", markup=False)  # fmt: skip
     for name, folders in model_collisions(results).items():
         shown = ", ".join(str(results_dir / f) for f in folders)
         warn.print(f"warning: model {name!r} has results in {len(folders)} folders ({shown}); each is its own row, "
