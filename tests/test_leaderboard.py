@@ -249,6 +249,17 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     (tmp_path / "r" / "m" / "b.json").write_text("{broken")
     with pytest.raises(OpdkitError, match="not a valid result file"):
         load_results(tmp_path / "r")
+    # hand-edited fields the table reads: one line naming the file and key, before any output
+    for edit, expected in (
+        ({"metrics": None}, "metrics: expected an object of metric values (got null)"),
+        ({"stderr": "n/a"}, 'stderr: expected a number or null (got "n/a")'),
+        ({"sampler": "fast"}, 'sampler: expected an object or null (got "fast")'),
+    ):
+        (tmp_path / "r" / "m" / "b.json").write_text(json.dumps({"bench": "b", "metrics": {"overall": 1.0}, **edit}))
+        with pytest.raises(OpdkitError, match=f"^{re.escape(str(tmp_path / 'r' / 'm' / 'b.json') + ': ' + expected)}$"):
+            load_results(tmp_path / "r")
+        result = RUNNER.invoke(app, ["leaderboard", str(tmp_path / "r"), "--out", str(tmp_path / "x.html")], env=WIDE)
+        assert result.exit_code == 1 and result.output.strip().splitlines() == [f"error: {tmp_path / 'r' / 'm' / 'b.json'}: {expected}"], result.output
     (tmp_path / "r" / "m" / "b.json").write_text(json.dumps({"bench": "b", "metrics": {"overall": 1.0}}))
     with pytest.raises(OpdkitError, match=r"expected a \.md or \.html"):
         run_leaderboard(tmp_path / "r", tmp_path / "x.txt")

@@ -84,18 +84,32 @@ def load_results(results_dir: str | Path, skipped: list[Path] | None = None) -> 
             summary = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise OpdkitError(f"{path}: not a valid result file: {getattr(exc, 'msg', exc)}") from None
-        if not isinstance(summary, dict) or "bench" not in summary or not isinstance(summary.get("metrics"), dict):
+        if not isinstance(summary, dict) or "bench" not in summary:
             continue
         if path.name != f"{summary['bench']}.json":
             if skipped is not None:
                 skipped.append(path)
             continue
+        _check_summary(path, summary)
         folder = path.parent.name
         summary = {**summary, "_dir": folder}
         table.setdefault(folder, {})[str(summary["bench"])] = summary
     if not table:
         raise OpdkitError(f"{root}: holds no result files (<model>/<bench>.json)")
     return table
+
+
+def _check_summary(path: Path, summary: dict[str, Any]) -> None:
+    """Refuse, in one line naming the file and key, a hand-edited summary field the table reads
+    as a type it is not: a result whose metrics are gone is not dropped from the table unsaid,
+    and a stderr that is no number does not fail the HTML page after the table was printed."""
+    optional = (int, float, type(None))
+    expected = {"metrics": (dict, "an object of metric values"), "stderr": (optional, "a number or null"),
+                "sampler": ((dict, type(None)), "an object or null")}  # fmt: skip
+    for key, (types, what) in expected.items():
+        value = summary.get(key)  # an absent stderr or sampler is None, as the table reads it
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise OpdkitError(f"{path}: {key}: expected {what} (got {json.dumps(value)})")
 
 
 def recorded_models(per_model: dict[str, dict[str, Any]], folder: str) -> list[str]:
