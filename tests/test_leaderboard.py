@@ -169,6 +169,33 @@ def test_mixed_engines_are_named_per_model(results: Path) -> None:
     assert "(models: shapes-base, shapes-grpo-geneval, shapes-grpo-mix, shapes-grpo-ocr, shapes-opd)" in text
 
 
+def test_results_of_other_settings_are_ranked_in_columns_of_their_own(results: Path) -> None:
+    fast = {"sampler": {"steps": 2, "cfg": 3.0, "resolution": 32, "shift": None}}
+    write_result(results, "fast-a", "shapes-ocr", {"overall": 0.95}, **fast)
+    write_result(results, "fast-b", "shapes-ocr", {"overall": 0.96}, **fast)
+    write_result(results, "fast-b", "shapes-geneval", geneval_metrics(0.95), **fast)
+    write_result(results, "seed5", "shapes-ocr", {"overall": 0.97}, seed=5)
+    write_result(results, "trainsplit", "shapes-ocr", {"overall": 0.99}, protocol="shapes-ocr-protocol/train")
+    loaded = load_results(results)
+    shapes = markdown_tables(to_markdown(loaded))["Shapes world"]
+    header = shapes[0]
+    ocr = [title for title in header if title.startswith("shapes-ocr")]
+    assert ocr == ["shapes-ocr ↑", "shapes-ocr (protocol shapes-ocr-protocol/train) ↑", "shapes-ocr (seed=5) ↑",
+                   "shapes-ocr (steps=2) ↑"]  # fmt: skip
+    rows = {r[0]: dict(zip(header, r, strict=True)) for r in shapes[2:]}
+    # the usual settings' best is still the best of the results made with them
+    assert rows["shapes-grpo-ocr"]["shapes-ocr ↑"] == "**0.900**" and rows["fast-b"]["shapes-ocr ↑"] == "-"
+    assert rows["fast-b"]["shapes-ocr (steps=2) ↑"] == "**0.960**" and rows["fast-a"]["shapes-ocr (steps=2) ↑"] == "0.950"
+    assert rows["trainsplit"]["shapes-ocr (protocol shapes-ocr-protocol/train) ↑"] == "0.990"  # alone: no best
+    assert rows["seed5"]["shapes-ocr (seed=5) ↑"] == "0.970"
+    assert "shapes-geneval (steps=2) Overall ↑" in header and rows["fast-b"]["shapes-geneval Overall ↑"] == "-"
+    page = to_html(loaded, results)
+    assert '<th colspan="1">OCR · shapes-ocr (steps=2)</th>' in page
+    assert '<th colspan="7">GenEval · shapes-geneval (steps=2)</th>' in page
+    bold = [cell for table in markdown_tables(to_markdown(loaded)).values() for row in table for cell in row if cell.startswith("**")]
+    assert page.count('class="best"') == len(bold)  # the page bolds what the Markdown does
+
+
 def test_a_copy_of_a_summary_beside_it_is_skipped_with_a_warning(results: Path) -> None:
     live = results / "shapes-base" / "shapes-ocr.json"
     backup = json.loads(live.read_text())

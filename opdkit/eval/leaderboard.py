@@ -4,9 +4,11 @@ Reads ``<results>/<model>/<bench>.json`` summaries written by ``opdkit eval``. O
 (SD3, shapes: a model is only ever scored on its own world's benchmarks), one row per model;
 wide columns grouped by benchmark family: each GenEval-family benchmark gets Overall, Single,
 Two, Counting, Colors, Position and Attr. binding; then OCR-family benchmarks; then every other
-benchmark's headline metric. The best value of each column is bold (when two or more models
-have one); arrows give each column's direction; the detector/engine and protocol of every
-benchmark are listed under the table; a value computed on a subset (``--limit``) carries a ``†``.
+benchmark's headline metric. Results of a benchmark made with other settings than most (another
+split, sampler, seed, ``--limit``: see :func:`columns_for`) get columns of their own, titled by
+what differs. The best value of each column is bold (when two or more models have one); arrows
+give each column's direction; the detector/engine and protocol of every benchmark are listed
+under the table; a value computed on a subset (``--limit``) carries a ``†``.
 
 The HTML page is self-contained (inline CSS, images as data URIs): the table, the engines, the
 sample grid of every (model, benchmark), and reward/KL curves of the training runs found beside
@@ -21,6 +23,7 @@ import base64
 import html
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,17 +52,32 @@ SUBSET_MARK = "†"
 
 @dataclass(frozen=True)
 class Column:
-    """One leaderboard column: a metric of a benchmark."""
+    """One leaderboard column: a metric of a benchmark, over the results made with one set of
+    settings (:func:`settings_key`)."""
 
     bench: str
     metric: str
-    title: str
+    metric_title: str  # a GenEval tag's title ("Counting"); "" for a benchmark's one column
     higher_is_better: bool
     family: str = ""
+    settings: str = ""  # the settings_key of the results this column ranks; "" for all of the benchmark's
+    variant: str = ""  # how those settings differ from the benchmark's usual ones; "" for the usual
 
     @property
     def arrow(self) -> str:
         return "↑" if self.higher_is_better else "↓"
+
+    @property
+    def label(self) -> str:
+        """The benchmark, with what differs for a column of other settings: ``shapes-ocr (steps=2)``."""
+        return f"{self.bench} ({self.variant})" if self.variant else self.bench
+
+    @property
+    def title(self) -> str:
+        """``shapes-ocr``, ``shapes-geneval Overall``, ``Counting`` (a tag: its benchmark heads the overall)."""
+        if not self.metric_title:
+            return self.label
+        return f"{self.label} {self.metric_title}" if self.metric == "overall" else self.metric_title
 
 
 def load_results(results_dir: str | Path, skipped: list[Path] | None = None) -> Results:
@@ -136,32 +154,93 @@ def model_collisions(results: Results) -> dict[str, list[str]]:
     return {name: found for name, found in folders.items() if len(found) > 1}
 
 
-def columns_for(results: Results) -> list[Column]:
-    """GenEval-family benchmarks get per-tag columns; every other benchmark its ``overall``."""
-    benches: dict[str, dict[str, Any]] = {}
-    for per_model in results.values():
-        for bench, summary in per_model.items():
-            benches.setdefault(bench, summary)
+def settings_of(summary: dict[str, Any]) -> dict[str, Any]:
+    """What results of a benchmark must share to be ranked in one column: the fields ``opdkit
+    compare`` pairs two results on (another split is another protocol; other sampler steps, seed,
+    ``--limit`` or samples per prompt are other images)."""
+    from opdkit.eval.compare import PAIRED_FIELDS  # imported here: compare reads results through this module
 
-    def order(item: tuple[str, dict[str, Any]]) -> tuple[int, str]:
-        return (FAMILY_ORDER.get(str(item[1].get("family", "")), 2), item[0])
+    return {key: summary.get(key) for key in PAIRED_FIELDS}
+
+
+def settings_key(summary: dict[str, Any]) -> str:
+    """:func:`settings_of` as one string: equal for results ranked in one column."""
+    return json.dumps(settings_of(summary), sort_keys=True, default=str)
+
+
+def _variant(settings: dict[str, Any], usual: dict[str, Any]) -> str:
+    """What ``settings`` (:func:`settings_of`) has that ``usual`` has otherwise, short:
+    ``steps=2``, ``seed=5``, ``protocol flow_grpo-ocr/shapes-train/3``; "" where nothing differs."""
+    parts = []
+    for key, value in settings.items():
+        if value == usual.get(key):
+            continue
+        if key == "n_prompts" and settings.get("limit") != usual.get("limit"):
+            continue  # the number of prompts follows from the limit
+        if key == "n_images" and settings.get("n_prompts") != usual.get("n_prompts"):
+            continue  # and the number of images from the number of prompts
+        if key == "sampler" and isinstance(value, dict) and isinstance(usual.get(key), dict):
+            parts += [f"{k}={value.get(k)}" for k in {**usual[key], **value} if value.get(k) != usual[key].get(k)]
+        elif key in ("protocol", "engine"):
+            parts.append(f"{key} {value}")
+        elif key == "limit" and value is None:
+            parts.append("all prompts")
+        else:
+            parts.append(f"{key}={value}")
+    return ", ".join(parts)
+
+
+def _usual(settings: list[dict[str, Any]]) -> dict[str, Any]:
+    """Field by field, the value most of ``settings`` have (on a tie, the first one's)."""
+    usual = {}
+    for key in settings[0]:
+        counts = Counter(json.dumps(s[key], sort_keys=True, default=str) for s in settings)
+        usual[key] = json.loads(counts.most_common(1)[0][0])
+    return usual
+
+
+def columns_for(results: Results) -> list[Column]:
+    """GenEval-family benchmarks get per-tag columns; every other benchmark its ``overall``.
+
+    Results of one benchmark made with other settings (:func:`settings_of`) get columns of their
+    own, so that a best value is only picked among numbers that measure the same thing. Results
+    with the benchmark's usual settings (field by field, what most folders have) keep the plain
+    title; others are titled by what differs from them, ``shapes-ocr (steps=2)``.
+    """
+    groups: dict[str, dict[str, dict[str, Any]]] = {}  # bench -> settings_key -> settings
+    every: dict[str, list[dict[str, Any]]] = {}  # bench -> each folder's settings
+    first: dict[str, dict[str, Any]] = {}
+    for _, per_model in sorted(results.items()):
+        for bench, summary in per_model.items():
+            groups.setdefault(bench, {})[settings_key(summary)] = settings_of(summary)
+            every.setdefault(bench, []).append(settings_of(summary))
+            first.setdefault(bench, summary)
+
+    def order(bench: str) -> tuple[int, str]:
+        return (FAMILY_ORDER.get(str(first[bench].get("family", "")), 2), bench)
 
     cols: list[Column] = []
-    for bench, summary in sorted(benches.items(), key=order):
+    for bench in sorted(groups, key=order):
+        summary = first[bench]
         hib = bool(summary.get("higher_is_better", True))
         family = str(summary.get("family", ""))
-        if family == "GenEval":
-            cols += [
-                Column(bench, key, f"{bench} {title}" if key == "overall" else title, hib, family)
-                for key, title in GENEVAL_COLUMNS
-            ]
-        else:
-            cols.append(Column(bench, "overall", bench, hib, family))
+        usual = _usual(every[bench])
+        for variant, found in sorted((_variant(settings, usual), key) for key, settings in groups[bench].items()):
+            key = found if len(groups[bench]) > 1 else ""  # one column takes every result: no check per cell
+            if family == "GenEval":
+                cols += [
+                    Column(bench, metric, title, hib, family, key, variant) for metric, title in GENEVAL_COLUMNS
+                ]
+            else:
+                cols.append(Column(bench, "overall", "", hib, family, key, variant))
     return cols
 
 
 def _cell(results: Results, model: str, col: Column) -> float | None:
-    value = results.get(model, {}).get(col.bench, {}).get("metrics", {}).get(col.metric)
+    summary = results.get(model, {}).get(col.bench)
+    if summary is None or (col.settings and settings_key(summary) != col.settings):
+        return None  # in the column of the settings it was made with
+    value = summary["metrics"].get(col.metric)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return None
     return float(value)
@@ -300,7 +379,7 @@ def _print_world(console: Any, results: Results, title: str) -> None:
     if needed <= console.width:
         parts = [cols]
     else:
-        parts = [[c for c in cols if c.bench == b] for b in dict.fromkeys(c.bench for c in cols if c.family == "GenEval")]
+        parts = [[c for c in cols if c.label == b] for b in dict.fromkeys(c.label for c in cols if c.family == "GenEval")]
         parts.append([c for c in cols if c.family != "GenEval"])
     for i, part in enumerate(p for p in parts if p):
         table = Table(title=title if i == 0 else None)
@@ -353,8 +432,8 @@ def _html_table(results: Results) -> str:
     cols = columns_for(results)
     groups: list[tuple[str, int]] = []
     for col in cols:
-        same = col.family.lower() == col.bench.lower()
-        label = col.family if same else (f"{col.family} · {col.bench}" if col.family else col.bench)
+        same = col.family.lower() == col.label.lower()
+        label = col.family if same else (f"{col.family} · {col.label}" if col.family else col.label)
         if groups and groups[-1][0] == label:
             groups[-1] = (label, groups[-1][1] + 1)
         else:
@@ -362,7 +441,7 @@ def _html_table(results: Results) -> str:
     group_row = "".join(f'<th colspan="{n}">{html.escape(label)}</th>' for label, n in groups)
     title_row = "".join(
         f'<th title="{"higher" if c.higher_is_better else "lower"} is better">'
-        f"{html.escape(c.title.removeprefix(c.bench + ' ') if c.family == 'GenEval' else 'Score')} {c.arrow}</th>"
+        f"{html.escape(c.title.removeprefix(c.label + ' ') if c.family == 'GenEval' else 'Score')} {c.arrow}</th>"
         for c in cols
     )
     body = []
