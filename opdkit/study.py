@@ -581,7 +581,7 @@ def results_state(study: LoadedStudy, row: Row, bench: str) -> str:
     weights, with its rows in ``BENCH.jsonl``), ``missing``, ``partial`` (resumable: same settings,
     summary absent or of another limit, rows file absent or shorter than the summary says) or
     ``stale`` (other settings or other weights: to be deleted and made again)."""
-    from opdkit.eval.runner import changed_settings, eval_settings
+    from opdkit.eval.runner import changed_settings, eval_settings, recorded_limit
 
     ev = study.spec.eval
     root = study.results_dir / row.name
@@ -589,12 +589,13 @@ def results_state(study: LoadedStudy, row: Row, bench: str) -> str:
     settings = read_json_object(root / f"{filed}.settings.json")
     if settings is None:
         return "missing"
-    expected = eval_settings(_benchmark(study, bench), _eval_model(study, row), samples=ev.samples_per_prompt,
+    benchmark = _benchmark(study, bench)
+    expected = eval_settings(benchmark, _eval_model(study, row), samples=ev.samples_per_prompt,
                              seed=ev.seed, steps=ev.steps)  # fmt: skip
     if changed_settings(settings, expected):
         return "stale"
     summary = read_json_object(root / f"{filed}.json")
-    if summary is None or summary.get("limit") != ev.limit:
+    if summary is None or summary.get("limit") != recorded_limit(ev.limit, len(benchmark.prompts)):
         return "partial"
     # the comparisons pair the rows, not the summary: a summary whose rows are gone or cut short
     # is made again (the runner resumes from the rows that are left)

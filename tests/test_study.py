@@ -359,6 +359,27 @@ def test_a_deleted_results_file_is_evaluated_again_for_that_row_only(
     assert table["comparisons"] == first_run["table"]["comparisons"]
 
 
+def test_a_limit_that_keeps_every_prompt_finds_the_results_it_recorded(first_run: dict[str, Any], tmp_path: Path) -> None:
+    # The runner records a --limit at or above the prompt count as no limit (the whole set): a study
+    # whose eval.limit is that large must find those results current, not evaluate them on every run.
+    import shutil
+
+    from opdkit.study import load_study, plan_lines
+
+    out = tmp_path / "out"
+    shutil.copytree(first_run["out"], out)
+    for summary in (out / "results").glob("*/*.json"):
+        if not summary.name.endswith(".settings.json"):
+            data = json.loads(summary.read_text())
+            if "limit" in data:
+                summary.write_text(json.dumps({**data, "limit": None}))  # as a whole-set eval records it
+    study = yaml.safe_load(first_run["study"].read_text())
+    study["eval"] = {**study["eval"], "limit": 100_000}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    assert not [line for line in plan_lines(load_study(path, out=out)) if "evaluate" in line]
+
+
 def test_a_partial_run_is_resumed_and_its_old_results_go(
     first_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -210,9 +210,7 @@ def run_evals(
     for bench in benches:
         benchmark = check_benchmark(bench, benchmarks.build(bench, bench_params or {}))
         check_world(benchmark, flow_model.world, model_name)
-        # a limit that keeps every prompt evaluates the whole set: it is no subset (the leaderboard's
-        # dagger) and pairs with a full eval, whose images it shares
-        subset = limit if limit is not None and limit < len(benchmark.prompts) else None
+        subset = recorded_limit(limit, len(benchmark.prompts))
         records = benchmark.prompts[:subset] if subset is not None else benchmark.prompts
         settings = eval_settings(benchmark, flow_model, samples=samples, seed=seed, steps=steps, cfg=cfg)
         root.mkdir(parents=True, exist_ok=True)
@@ -518,6 +516,12 @@ def benchmark_cfg(model: Any, sampler: dict[str, Any]) -> float:
     if getattr(model, "embedded_guidance", False):
         return 1.0
     return float(sampler.get("cfg", 4.5))
+
+
+def recorded_limit(limit: int | None, n_prompts: int) -> int | None:
+    """The ``--limit`` a summary records: None where it keeps every prompt, since that evaluates the
+    whole set (no subset, no leaderboard dagger) and pairs with a full eval, whose images it shares."""
+    return limit if limit is not None and limit < n_prompts else None
 
 
 def check_eval_options(*, samples: int | None = None, limit: int | None = None, steps: int | None = None,
