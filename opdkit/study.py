@@ -219,11 +219,13 @@ def load_study(
         spec = Study.model_validate(data)
     except ValidationError as exc:
         raise RecipeError("\n".join(_problems(exc, where))) from None
+    from opdkit.eval.runner import model_spec_problem
+
     problems = _check_benchmarks(spec, where)
     problems += [
         f"{where(('rows', i, 'model'))}: rows.{i}.model ({row.name}): {row.model!r}: {problem}"
         for i, row in enumerate(spec.rows)
-        if row.model is not None and (problem := model_problem(row.model)) is not None
+        if row.model is not None and (problem := model_spec_problem(row.model)) is not None
     ]
     if problems:
         raise RecipeError("\n".join(problems))
@@ -286,39 +288,6 @@ def _check_benchmarks(spec: Study, where: Callable[[tuple[str | int, ...]], str]
     if refused is not None:  # before any row trains: a misspelt split would fail at the first evaluation
         problems.append(f"{where(('eval', 'params'))}: eval.params: {refused}")
     return problems
-
-
-def model_problem(spec: str) -> str | None:
-    """Why ``opdkit eval --model SPEC`` would refuse ``spec``, or None where it resolves: the
-    checks of :func:`opdkit.eval.runner.resolve_model`, on names and files only, so that a
-    misspelt model row fails when the study loads (no weights are read), not after the rows
-    above it were trained and evaluated."""
-    import difflib
-
-    from opdkit.checkpoint import COMMITTED_DIR, resolve_weights_path
-    from opdkit.registry import models
-    from opdkit.runs import is_run_dir
-
-    registered = spec in models.names()
-    path = Path(spec).expanduser() if registered else resolve_weights_path(spec)
-    if path.is_dir():
-        if (path / "model_index.json").is_file() or (path / "model" / "model_index.json").is_file():
-            return None
-        if (path / "recipe.yaml").is_file():
-            return None if is_run_dir(path) else f"the run in {path} has no final weights yet (final/final.json)"
-        return f"{path} is not a pipeline or run directory (no model_index.json, no recipe.yaml)"
-    if registered:
-        return None
-    committed = [
-        d.relative_to(COMMITTED_DIR).as_posix()
-        for d in sorted(COMMITTED_DIR.glob("*/**/"))
-        if (d / "model_index.json").is_file() or is_run_dir(d)
-    ]
-    close = difflib.get_close_matches(spec, committed, n=3, cutoff=0.8)
-    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-    if "/" in spec or spec.startswith("."):
-        return f"no such directory{hint}"
-    return f"{models.unknown_message(spec)}; or give a pipeline/run directory"
 
 
 def _problems(exc: ValidationError, where: Callable[[tuple[str | int, ...]], str]) -> list[str]:

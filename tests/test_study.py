@@ -570,7 +570,7 @@ def test_the_shipped_study_validates() -> None:
         ),
         (
             lambda d: d["rows"][0].update(model="/"),
-            r"study.yaml:\d+: rows.0.model \(base\): '/': / is not a pipeline or run directory",
+            r"study.yaml:\d+: rows.0.model \(base\): '/': '/' is not a pipeline or run directory",
         ),
         (lambda d: d.update(benchmarks=["nope-bench"]), r"study.yaml:\d+: benchmarks.0: "),
         (

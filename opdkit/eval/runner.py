@@ -77,36 +77,63 @@ def resolve_model(spec: str, step: int | None = None) -> tuple[FlowModel, str]:
         from opdkit.runs import load_run_checkpoint
 
         return load_run_checkpoint(path, step), f"{path.resolve().name}-step{step}"
-    if path.is_dir():
-        if (path / "model" / "model_index.json").is_file():  # a pretrain run directory
-            # scoring weights a training is about to replace would file results the next eval refuses
-            refuse_a_run_in_training(path, f"--model {spec}", "evaluate it when that training ends")
-            path = path / "model"
-        # names come from the resolved folder: `--model .` or `--model ..` is filed under the
-        # folder's own name, never under "." or ".." (which would leave --out)
-        full = path.resolve()
-        if (path / "model_index.json").is_file():
-            from opdkit.models.loading import load_flow_model, pipeline_sources
-
-            name = full.parent.name if full.name == "model" else full.name
-            loaded = load_flow_model(path)
-            loaded.sources = pipeline_sources(path)
-            return loaded, name
-        if (path / "recipe.yaml").is_file():  # a GRPO/OPD run directory: base + final weights
-            from opdkit.runs import is_run_dir, load_run_model
-
-            if not is_run_dir(path):
-                raise OpdkitError(f"--model {spec}: the run in {str(path)!r} has no final weights yet (final/final.json)")
-            refuse_a_run_in_training(path, f"--model {spec}", "evaluate it when that training ends")
-            # a committed run is filed under its whole name: shapes-teachers/ocr -> shapes-teachers-ocr
-            name = spec.strip("/").replace("/", "-") if path.is_relative_to(COMMITTED_DIR) else full.name
-            return load_run_model(path), name
-        raise OpdkitError(f"--model {spec}: {str(path)!r} is not a pipeline or run directory (no model_index.json, no recipe.yaml)")
-    if spec in models.names():
+    problem = model_spec_problem(spec)
+    if problem is not None:
+        raise OpdkitError(f"--model {spec}: {problem}")
+    if not path.is_dir():
         return models.build(spec), spec
+    if (path / "model" / "model_index.json").is_file():  # a pretrain run directory
+        # scoring weights a training is about to replace would file results the next eval refuses
+        refuse_a_run_in_training(path, f"--model {spec}", "evaluate it when that training ends")
+        path = path / "model"
+    # names come from the resolved folder: `--model .` or `--model ..` is filed under the
+    # folder's own name, never under "." or ".." (which would leave --out)
+    full = path.resolve()
+    if (path / "model_index.json").is_file():
+        from opdkit.models.loading import load_flow_model, pipeline_sources
+
+        name = full.parent.name if full.name == "model" else full.name
+        loaded = load_flow_model(path)
+        loaded.sources = pipeline_sources(path)
+        return loaded, name
+    from opdkit.runs import load_run_model  # a GRPO/OPD run directory: base + final weights
+
+    refuse_a_run_in_training(path, f"--model {spec}", "evaluate it when that training ends")
+    # a committed run is filed under its whole name: shapes-teachers/ocr -> shapes-teachers-ocr
+    name = spec.strip("/").replace("/", "-") if path.is_relative_to(COMMITTED_DIR) else full.name
+    return load_run_model(path), name
+
+
+def model_spec_problem(spec: str) -> str | None:
+    """Why ``--model SPEC`` cannot be evaluated, from names and files alone (no weights are read),
+    or None where it resolves: a registered name, a pipeline folder, a pretrain run's folder, a
+    GRPO/OPD run with final weights, or a committed run (``shapes-teachers/ocr``). A study checks
+    its model rows with it when it loads, before any row is trained."""
+    import difflib
+
+    from opdkit.checkpoint import COMMITTED_DIR, resolve_weights_path
+    from opdkit.runs import is_run_dir
+
+    registered = spec in models.names()
+    path = Path(spec).expanduser() if registered else resolve_weights_path(spec)
+    if path.is_dir():
+        if (path / "model_index.json").is_file() or (path / "model" / "model_index.json").is_file():
+            return None
+        if (path / "recipe.yaml").is_file():
+            return None if is_run_dir(path) else f"the run in {str(path)!r} has no final weights yet (final/final.json)"
+        return f"{str(path)!r} is not a pipeline or run directory (no model_index.json, no recipe.yaml)"
+    if registered:
+        return None
+    committed = [
+        d.relative_to(COMMITTED_DIR).as_posix()
+        for d in sorted(COMMITTED_DIR.glob("*/**/"))
+        if (d / "model_index.json").is_file() or is_run_dir(d)
+    ]
+    close = difflib.get_close_matches(spec, committed, n=3, cutoff=0.8)
+    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
     if "/" in spec or spec.startswith("."):
-        raise OpdkitError(f"--model {spec}: no such directory")
-    raise OpdkitError(f"--model {spec}: {models.unknown_message(spec)}; or give a pipeline/run directory")
+        return f"no such directory{hint}"
+    return f"{models.unknown_message(spec)}; or give a pipeline/run directory"
 
 
 def check_world(bench: Benchmark, model_world: str, model_name: str) -> None:
