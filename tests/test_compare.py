@@ -131,7 +131,7 @@ def test_rows_beyond_a_smaller_limit_are_not_compared(tmp_path: Path) -> None:
     [
         (lambda s, rows: (s, rows.replace('"score": 0.5', '"scor": 0.5', 1)), "ocr.jsonl: record 2 has no numeric 'score' (got None)"),
         (lambda s, rows: (s, "[1, 2]\n"), "ocr.jsonl: record 1 is not a result row"),
-        (lambda s, rows: ({**s, "metrics": None}, rows), "ocr.json: 'metrics' is None, expected an object of metric values"),
+        (lambda s, rows: ({**s, "metrics": None}, rows), "ocr.json: metrics: expected an object of metric values (got null)"),
         (lambda s, rows: ({**s, "metrics": {"overall": "high"}}, rows), "the first model's overall (high) is not the mean"),
         (lambda s, rows: ({**s, "n_prompts": "two"}, rows), "ocr.json: n_prompts is 'two', expected a whole number >= 0"),
     ],

@@ -18,7 +18,6 @@ benchmark whose headline is some other function of its rows is refused, not misr
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import statistics
@@ -29,7 +28,6 @@ from typing import Any
 from opdkit.errors import OpdkitError
 from opdkit.eval.leaderboard import Results, load_results, recorded_models
 from opdkit.eval.runner import summarized_rows
-from opdkit.options import plain_name_problem
 
 # the summary fields that must agree for two results to be paired image by image
 PAIRED_FIELDS = ("protocol", "engine", "seed", "sampler", "n_prompts", "n_images", "limit")
@@ -134,12 +132,8 @@ def compare(results_dir: str | Path, model_a: str, model_b: str, benches: list[s
     name its results record when exactly one folder holds it.
     """
     root = Path(results_dir)
-    results = load_results(root)
-    for folder in (model_a, model_b):  # before a folder with no other summary is "no results"
-        _refuse_passed_over_summaries(root, folder, benches or None)
+    results = load_results(root)  # refuses a summary whose metrics are no object, naming it
     folder_a, folder_b = results_folder(results, root, model_a), results_folder(results, root, model_b)
-    for folder in (folder_a, folder_b):
-        _refuse_passed_over_summaries(root, folder, benches or None)
     shared = [x for x in results[folder_a] if x in results[folder_b]]
     chosen = benches or shared
     missing = [x for x in chosen if x not in shared]
@@ -151,26 +145,6 @@ def compare(results_dir: str | Path, model_a: str, model_b: str, benches: list[s
         rows_a, rows_b = (_summarized(root / s["_dir"] / f"{bench}.jsonl", s) for s in (a, b))
         out.append(paired_difference(bench, a, b, rows_a, rows_b))
     return out
-
-
-def _refuse_passed_over_summaries(root: Path, folder: str, benches: list[str] | None) -> None:
-    """Name a summary of ``root/folder`` (of ``benches``, or any) that :func:`load_results` passes
-    over because its ``metrics`` are not an object: compare would otherwise say the model has no
-    results for that benchmark, or leave it out of the table without a word."""
-    if plain_name_problem(folder) is not None or not (root / folder).is_dir():  # a model name, not a folder
-        return
-    for path in sorted((root / folder).glob("*.json")):
-        if path.name.endswith(".settings.json") or (benches is not None and path.stem not in benches):
-            continue
-        try:
-            summary = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            continue  # load_results refused it already, naming it
-        if isinstance(summary, dict) and "bench" in summary and not isinstance(summary.get("metrics"), dict):
-            raise OpdkitError(
-                f"{path}: 'metrics' is {summary.get('metrics')!r}, expected an object of metric values; "
-                "evaluate this benchmark again"
-            )
 
 
 def _summarized(path: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:
