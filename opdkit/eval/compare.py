@@ -26,11 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from opdkit.errors import OpdkitError
-from opdkit.eval.leaderboard import Results, load_results, recorded_models
+from opdkit.eval.leaderboard import PAIRED_FIELDS, Results, load_results, recorded_models
 from opdkit.eval.runner import summarized_rows
-
-# the summary fields that must agree for two results to be paired image by image
-PAIRED_FIELDS = ("protocol", "engine", "seed", "sampler", "n_prompts", "n_images", "limit")
 
 
 @dataclass(frozen=True)

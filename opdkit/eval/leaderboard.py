@@ -48,6 +48,9 @@ GENEVAL_COLUMNS: tuple[tuple[str, str], ...] = (
 
 FAMILY_ORDER = {"GenEval": 0, "OCR": 1}
 SUBSET_MARK = "†"
+# the summary fields that must agree for two results to be paired image by image (opdkit compare)
+# and to be ranked in one column here
+PAIRED_FIELDS = ("protocol", "engine", "seed", "sampler", "n_prompts", "n_images", "limit")
 
 
 @dataclass(frozen=True)
@@ -158,8 +161,6 @@ def settings_of(summary: dict[str, Any]) -> dict[str, Any]:
     """What results of a benchmark must share to be ranked in one column: the fields ``opdkit
     compare`` pairs two results on (another split is another protocol; other sampler steps, seed,
     ``--limit`` or samples per prompt are other images)."""
-    from opdkit.eval.compare import PAIRED_FIELDS  # imported here: compare reads results through this module
-
     return {key: summary.get(key) for key in PAIRED_FIELDS}
 
 
