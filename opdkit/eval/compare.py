@@ -12,13 +12,15 @@ each model's own stderr carries:
   ``diff = mean_t mean_{p in t} d_p``, ``SE = sqrt(sum_t sd_t^2 / n_t) / T``
   (a tag with a single prompt adds no variance term).
 
+The SE is :func:`opdkit.eval.uncertainty.stderr_over_prompts` of the ``d_p``, the formula each
+summary's own ``stderr`` takes over its per-prompt scores.
+
 Each difference is checked against the two summaries' own ``overall`` before it is reported, so a
 benchmark whose headline is some other function of its rows is refused, not misreported.
 """
 
 from __future__ import annotations
 
-import math
 import numbers
 import statistics
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from typing import Any
 from opdkit.errors import OpdkitError
 from opdkit.eval.leaderboard import PAIRED_FIELDS, Results, load_results, recorded_models
 from opdkit.eval.runner import summarized_rows
+from opdkit.eval.uncertainty import rows_by_prompt, stderr_over_prompts, tag_averaged
 
 
 @dataclass(frozen=True)
@@ -47,26 +50,12 @@ class Difference:
         return self.diff - 1.96 * self.stderr, self.diff + 1.96 * self.stderr
 
 
-def _per_prompt(rows: list[dict[str, Any]]) -> dict[int, tuple[str, Any, dict[int, float]]]:
-    """``{prompt_index: (tag, prompt, {sample_index: score})}``."""
-    out: dict[int, tuple[str, Any, dict[int, float]]] = {}
-    for r in rows:
-        _, _, samples = out.setdefault(int(r["prompt_index"]), (str(r.get("tag", "")), r.get("prompt"), {}))
-        samples[int(r["sample_index"])] = float(r["score"])
-    return out
-
-
-def _var(xs: list[float]) -> float:
-    """Sample variance; 0 for a single value (it adds no variance term)."""
-    return statistics.variance(xs) if len(xs) > 1 else 0.0
-
-
 def paired_difference(bench: str, a: dict[str, Any], b: dict[str, Any], rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> Difference:
     """The paired difference of two results of ``bench`` (summaries ``a``, ``b`` and their rows)."""
     for key in PAIRED_FIELDS:
         if a.get(key) != b.get(key):
             raise OpdkitError(f"{bench}: the two results differ in {key} ({a.get(key)!r} against {b.get(key)!r}); rerun one of them to pair them")
-    pa, pb = _per_prompt(rows_a), _per_prompt(rows_b)
+    pa, pb = rows_by_prompt(rows_a), rows_by_prompt(rows_b)
     if pa.keys() != pb.keys() or any(pa[p][2].keys() != pb[p][2].keys() for p in pa):
         raise OpdkitError(f"{bench}: the two results hold different images (prompt and sample indices); rerun one of them")
     if not pa:
@@ -88,15 +77,15 @@ def paired_difference(bench: str, a: dict[str, Any], b: dict[str, Any], rows_a: 
         all_b.extend(sb.values())
         ma, mb = statistics.fmean(list(sa.values())), statistics.fmean(list(sb.values()))
         by_tag.setdefault(tag, []).append((ma, mb, ma - mb))
-    if a.get("family") == "GenEval":
+    by_tags = tag_averaged(a.get("family"))
+    if by_tags:
         tags = sorted(by_tag)
         value_a = statistics.fmean([statistics.fmean([x[0] for x in by_tag[t]]) for t in tags])
         value_b = statistics.fmean([statistics.fmean([x[1] for x in by_tag[t]]) for t in tags])
-        stderr = math.sqrt(sum(_var([x[2] for x in by_tag[t]]) / len(by_tag[t]) for t in tags)) / len(tags)
     else:
-        diffs = [x[2] for xs in by_tag.values() for x in xs]
         value_a, value_b = statistics.fmean(all_a), statistics.fmean(all_b)
-        stderr = math.sqrt(_var(diffs) / len(diffs))
+    # no group of two prompts (one prompt, or one per tag): no spread to estimate, reported as 0
+    stderr = stderr_over_prompts(((t, x[2]) for t, xs in by_tag.items() for x in xs), by_tags) or 0.0
     for value, summary, name in ((value_a, a, "first"), (value_b, b, "second")):
         reported = summary.get("metrics", {}).get("overall")
         if isinstance(reported, bool) or not isinstance(reported, numbers.Real) or abs(value - float(reported)) > 1e-6:
