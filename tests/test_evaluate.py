@@ -347,3 +347,90 @@ def test_a_benchmark_name_that_is_not_a_plain_file_name_is_refused(
         run_eval(plugin_bench, str(tiny_shapes_dir), out_dir=out, name="m", bench_params={"name": name})
     assert "\n" not in str(info.value)
     assert not (tmp_path / "deep" / "escaped").exists() and not list(out.rglob("*.json*"))
+
+
+# A benchmark plug-in whose scores are set by its prompt records: prompt i scores VALUES[i] on
+# every sample ("fixed"), that plus its image's mean level, which differs from sample to sample
+# ("pixels"), or 0 ("zero"); of family GenEval, its overall is the mean over tags of each tag's mean.
+PROMPT_SCORE_BENCH = '''\
+import statistics
+
+import torch
+
+from opdkit.eval.benchmark import Benchmark
+
+TAGS = ["a", "a", "a", "b", "b"]
+VALUES = [0.1, 0.9, 0.4, 0.7, 0.2]
+
+
+def summarize(rows, family):
+    if family != "GenEval":
+        return {"overall": statistics.fmean(r["score"] for r in rows)}
+    tags = {}
+    for r in rows:
+        tags.setdefault(r["tag"], []).append(r["score"])
+    return {"overall": statistics.fmean(statistics.fmean(xs) for xs in tags.values())}
+
+
+def score(images, records, mode):
+    fixed = torch.tensor([r["value"] for r in records], dtype=torch.float64)
+    if mode == "zero":
+        return {"score": fixed * 0}
+    return {"score": fixed + images.double().mean(dim=(1, 2, 3)) if mode == "pixels" else fixed}
+
+
+def by_prompt(family: str = "Quality", mode: str = "fixed"):
+    records = [{"prompt": f"prompt {i}", "tag": t, "value": v} for i, (t, v) in enumerate(zip(TAGS, VALUES))]
+    return Benchmark(name="by-prompt", world="shapes", prompts=records, samples_per_prompt=4,
+                     score=lambda images, texts, recs: score(images, recs, mode),
+                     summarize=lambda rows: summarize(rows, family), sampler={"steps": 2, "resolution": 32},
+                     protocol="by-prompt/1", engine="values", family=family)
+'''
+PROMPT_VALUES = {"a": [0.1, 0.9, 0.4], "b": [0.7, 0.2]}
+
+
+@pytest.fixture
+def by_prompt_bench(tmp_path: Path) -> str:
+    """``FILE:by_prompt``: 5 prompts x 4 samples, scored by prompt (params ``family``, ``mode``)."""
+    path = tmp_path / "by_prompt_bench.py"
+    path.write_text(PROMPT_SCORE_BENCH)
+    return f"{path}:by_prompt"
+
+
+def test_the_summary_stderr_is_over_prompts_not_images(tiny_shapes_dir: Path, tmp_path: Path, by_prompt_bench: str) -> None:
+    """A prompt's 4 images score alike: 20 images are 5 draws, not 20, and the error says so."""
+    import statistics
+
+    summary = run_eval(by_prompt_bench, str(tiny_shapes_dir), out_dir=tmp_path, name="m")
+    prompts = PROMPT_VALUES["a"] + PROMPT_VALUES["b"]
+    images = [x for x in prompts for _ in range(4)]
+    assert summary["n_images"] == 20 and summary["stderr_unit"] == "prompt"
+    assert summary["stderr"] == pytest.approx(statistics.stdev(prompts) / 5**0.5)
+    assert summary["stderr"] > 1.5 * statistics.stdev(images) / 20**0.5  # what the summary held before
+    assert json.loads((tmp_path / "m" / "by-prompt.json").read_text())["stderr"] == summary["stderr"]
+
+
+def test_a_geneval_summary_stderr_is_by_tag_and_what_compare_pairs(
+    tiny_shapes_dir: Path, tmp_path: Path, by_prompt_bench: str
+) -> None:
+    """A GenEval-family overall weighs tags, not prompts: its error is sqrt(sum_t var_t / n_t) / T
+    over per-prompt means, the paired SE compare gives against a model scoring 0 on every image."""
+    import math
+    import statistics
+
+    from opdkit.eval.compare import compare
+
+    params = {"family": "GenEval", "mode": "pixels"}
+    summary = run_eval(by_prompt_bench, str(tiny_shapes_dir), out_dir=tmp_path, name="m", bench_params=params)
+    tags: dict[str, dict[int, list[float]]] = {}
+    for r in read_jsonl(tmp_path / "m" / "by-prompt.jsonl"):
+        tags.setdefault(r["tag"], {}).setdefault(r["prompt_index"], []).append(r["score"])
+    means = {t: [statistics.fmean(xs) for xs in per_prompt.values()] for t, per_prompt in tags.items()}
+    assert {t: len(xs) for t, xs in means.items()} == {"a": 3, "b": 2}
+    by_tag = math.sqrt(sum(statistics.variance(xs) / len(xs) for xs in means.values())) / 2
+    assert summary["stderr"] == pytest.approx(by_tag, rel=1e-12)
+    # not the error over prompts ignoring tags (tags of 3 and 2 prompts weigh alike in overall)
+    assert summary["stderr"] != pytest.approx(statistics.stdev(means["a"] + means["b"]) / 5**0.5)
+    run_eval(by_prompt_bench, str(tiny_shapes_dir), out_dir=tmp_path, name="zero", bench_params={**params, "mode": "zero"})
+    (d,) = compare(tmp_path, "m", "zero")
+    assert d.diff == pytest.approx(summary["metrics"]["overall"]) and d.stderr == pytest.approx(summary["stderr"], rel=1e-12)

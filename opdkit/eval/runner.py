@@ -4,7 +4,8 @@ Files under ``<out>/<model name>/``::
 
     <bench>.jsonl        one record per image: prompt index, sample index, seed, prompt, tag, scores
     <bench>/NNNNN_S.png  every generated image (prompt NNNNN, sample S)
-    <bench>.json         the summary: model, bench, protocol, engine, n, seed, metrics, stderr ...
+    <bench>.json         the summary: model, bench, protocol, engine, n, seed, metrics, stderr
+                         (of overall, over prompts: stderr_unit "prompt") ...
     <bench>.grid.png     a captioned grid of the first images with their scores
     <bench>.settings.json  the generation settings; a resumed eval must match them
 
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from opdkit.errors import OpdkitError, first_line
+from opdkit.eval.uncertainty import PROMPT_UNIT, prompt_means, stderr_over_prompts, tag_averaged
 from opdkit.options import check_count, check_float, check_folder_name, plain_name_problem
 from opdkit.registry import benchmarks, models
 from opdkit.rundir import (
@@ -335,7 +337,6 @@ def _run_locked(root: Path, benchmark: Benchmark, flow_model: FlowModel, model: 
                 records: list[dict[str, Any]], settings: dict[str, Any], limit: int | None, seed: int,
                 batch_size: int) -> dict[str, Any]:  # fmt: skip
     """The part of :func:`run_eval` that reads and writes ``root`` (with its lock held)."""
-    import numpy as np
     import torch
 
     remove_leftover_tmp(root)
@@ -415,7 +416,9 @@ def _run_locked(root: Path, benchmark: Benchmark, flow_model: FlowModel, model: 
 
     rows = summarized_rows(records_path, len(records), n_samples)
     metrics = _summarize(benchmark, rows, records_path)
-    main = np.array([r["score"] for r in rows], dtype=np.float64)
+    # over prompts, not images: a prompt's samples are correlated, and a GenEval overall weighs
+    # tags, not images (the error opdkit compare pairs; opdkit.eval.uncertainty)
+    stderr = stderr_over_prompts(prompt_means(rows), tag_averaged(benchmark.family))
     summary = {
         "model": model_name,
         "model_source": model,
@@ -431,7 +434,9 @@ def _run_locked(root: Path, benchmark: Benchmark, flow_model: FlowModel, model: 
         "sampler": {k: settings[k] for k in ("steps", "cfg", "resolution", "shift")},
         "metrics": metrics,
         "higher_is_better": benchmark.higher_is_better,
-        "stderr": float(main.std(ddof=1) / math.sqrt(len(main))) if len(main) > 1 else None,
+        "stderr": stderr,
+        # summaries without it (written before) hold a stderr over images; readers tell them apart
+        "stderr_unit": PROMPT_UNIT,
         "generation_seconds_this_run": round(seconds, 2),
         "images_read_this_run": len(reused),
     }
