@@ -241,6 +241,18 @@ def test_html_is_self_contained_with_grids_and_curves(results: Path) -> None:
     assert "first 8 prompts only" in page  # cell tooltip of the subset result
 
 
+def test_a_cell_tooltip_says_what_its_stderr_is_taken_over(results: Path) -> None:
+    """Summaries now record ``stderr`` over prompts (``stderr_unit``); one written before holds it
+    over images, smaller: each tooltip names which, with the value the summary stored."""
+    write_result(results, "shapes-opd", "shapes-ocr", {"overall": 0.85}, stderr=0.0446, stderr_unit="prompt")
+    write_result(results, "shapes-base", "shapes-ocr", {"overall": 0.3}, stderr=0.0282)  # written before: no unit
+    page = to_html(load_results(results), results)
+    assert page.count('title="40 images; stderr 0.045 over prompts; 20 steps') == 1
+    assert 'title="40 images; stderr 0.028 over images; 20 steps' in page
+    assert "stderr 0.010 over images" in page  # the fixture's other summaries, all without a unit
+    assert to_markdown(load_results(results)).count("0.045") == 0  # the Markdown table shows no stderr
+
+
 def test_html_without_matplotlib_skips_curves_with_a_note(results: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     page = to_html(load_results(results), results, results.parent / "runs")
@@ -281,6 +293,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
         ({"metrics": None}, "metrics: expected an object of metric values (got null)"),
         ({"stderr": "n/a"}, 'stderr: expected a number or null (got "n/a")'),
         ({"sampler": "fast"}, 'sampler: expected an object or null (got "fast")'),
+        ({"stderr_unit": "pixel"}, 'stderr_unit: expected one of "prompt", "image" (got "pixel")'),
     ):
         (tmp_path / "r" / "m" / "b.json").write_text(json.dumps({"bench": "b", "metrics": {"overall": 1.0}, **edit}))
         with pytest.raises(OpdkitError, match=f"^{re.escape(str(tmp_path / 'r' / 'm' / 'b.json') + ': ' + expected)}$"):

@@ -30,6 +30,7 @@ from typing import Any
 
 from opdkit.errors import OpdkitError
 from opdkit.eval.curves import curves_html
+from opdkit.eval.uncertainty import STDERR_UNITS, stderr_unit
 from opdkit.rundir import atomic_write_text
 
 Results = dict[str, dict[str, dict[str, Any]]]
@@ -131,6 +132,9 @@ def _check_summary(path: Path, summary: dict[str, Any]) -> None:
         value = summary.get(key)  # an absent stderr or sampler is None, as the table reads it
         if isinstance(value, bool) or not isinstance(value, types):
             raise OpdkitError(f"{path}: {key}: expected {what} (got {json.dumps(value)})")
+    unit = summary.get("stderr_unit")  # absent in summaries written before it was recorded
+    if unit is not None and unit not in STDERR_UNITS:
+        raise OpdkitError(f"{path}: stderr_unit: expected one of {', '.join(map(json.dumps, STDERR_UNITS))} (got {json.dumps(unit)})")
 
 
 def recorded_models(per_model: dict[str, dict[str, Any]], folder: str) -> list[str]:
@@ -421,7 +425,8 @@ def _cell_title(summary: dict[str, Any], col: Column) -> str:
     sampler = summary.get("sampler") or {}
     parts = [f"{summary.get('n_images', '?')} images"]
     if summary.get("stderr") is not None and col.metric == "overall":
-        parts.append(f"stderr {summary['stderr']:.3f}")
+        # older summaries hold a stderr over images, smaller than the one over prompts now written
+        parts.append(f"stderr {summary['stderr']:.3f} over {stderr_unit(summary)}s")
     if sampler:
         parts.append(f"{sampler.get('steps')} steps, CFG {sampler.get('cfg')}, {sampler.get('resolution')} px")
     if summary.get("limit") is not None:

@@ -32,6 +32,9 @@ PROMPT_UNIT = "prompt"
 IMAGE_UNIT = "image"
 """The unit of a summary without ``stderr_unit``: written before it was recorded, over images."""
 
+STDERR_UNITS = (PROMPT_UNIT, IMAGE_UNIT)
+"""The values a summary's ``stderr_unit`` may hold (absent: :data:`IMAGE_UNIT`)."""
+
 
 def tag_averaged(family: Any) -> bool:
     """Whether a benchmark of ``family`` (a summary's ``family``) averages its ``overall`` over tags."""
