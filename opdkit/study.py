@@ -762,10 +762,12 @@ def _evaluate_row(study: LoadedStudy, row: Row, echo: Callable[[str], None], lab
 
 
 def build_table(study: LoadedStudy) -> dict[str, Any]:
-    """Every row's headline value and standard error per benchmark, and every comparison's paired
-    difference (:func:`opdkit.eval.compare.compare`, as ``opdkit compare`` prints it)."""
+    """Every row's headline value and standard error per benchmark (with ``stderr_unit``:
+    ``prompt``, or ``image`` for a summary written before it was recorded), and every comparison's
+    paired difference (:func:`opdkit.eval.compare.compare`, as ``opdkit compare`` prints it)."""
     from opdkit.eval.compare import compare
     from opdkit.eval.leaderboard import load_results
+    from opdkit.eval.uncertainty import stderr_unit
 
     results = load_results(study.results_dir)
     rows = []
@@ -778,8 +780,10 @@ def build_table(study: LoadedStudy) -> dict[str, Any]:
                 raise OpdkitError(
                     f"{study.results_dir / row.name / (filed + '.json')}: missing after the eval"
                 )
+            # a summary written before stderr_unit was recorded keeps its stderr over images
             cells[bench] = {"value": summary["metrics"].get("overall"), "stderr": summary.get("stderr"),
-                            "n_prompts": summary.get("n_prompts"), "n_images": summary.get("n_images")}  # fmt: skip
+                            "stderr_unit": stderr_unit(summary), "n_prompts": summary.get("n_prompts"),
+                            "n_images": summary.get("n_images")}  # fmt: skip
         rows.append({"name": row.name, "source": _source(row), "run_dir": str(row.run_dir) if row.run_dir else None,
                      "recipe_overrides": row.loaded.overrides if row.loaded is not None else [],
                      "train_seconds": _run_seconds(row), "results": cells})  # fmt: skip
@@ -843,8 +847,16 @@ def _split_words(params: dict[str, Any]) -> str:
     return what + (f" (benchmark params {others})" if others else "")
 
 
+IMAGE_MARK = "(img)"
+"""Marks a table cell whose ± is the standard error over images, from a summary written before
+summaries recorded it over prompts (no ``stderr_unit``)."""
+
+
 def to_markdown(table: dict[str, Any]) -> str:
-    """The table (rows x benchmarks: value +- SE) and the comparisons (difference +- paired SE)."""
+    """The table (rows x benchmarks: value +- SE over prompts) and the comparisons (difference +-
+    paired SE); a cell of older results, whose SE is over images, carries :data:`IMAGE_MARK`."""
+    from opdkit.eval.uncertainty import IMAGE_UNIT
+
     benches = table["benchmarks"]
     ev = table["eval"]
     lines = [f"# {table['description'] or table['study']}", ""]
@@ -852,8 +864,15 @@ def to_markdown(table: dict[str, Any]) -> str:
         "| row | " + " | ".join(benches) + " | train wall | source |",
         "|---" * (len(benches) + 3) + "|",
     ]
+    per_image = False
     for row in table["rows"]:
-        cells = [f"{_num(row['results'][b]['value'])} ± {_num(row['results'][b]['stderr'])}" for b in benches]
+        cells = []
+        for b in benches:
+            cell = row["results"][b]
+            # a table.json cell without stderr_unit was written when every stderr was over images
+            over_images = cell.get("stderr_unit", IMAGE_UNIT) == IMAGE_UNIT and cell.get("stderr") is not None
+            per_image |= over_images
+            cells.append(f"{_num(cell['value'])} ± {_num(cell['stderr'])}" + (f" {IMAGE_MARK}" if over_images else ""))
         lines.append(
             f"| {row['name']} | "
             + " | ".join(cells)
@@ -863,7 +882,8 @@ def to_markdown(table: dict[str, Any]) -> str:
     lines += [
         "",
         f"{ev['samples_per_prompt']} samples per {_split_words(ev.get('params') or {})}{subset}, seed {ev['seed']}; "
-        "± is the standard error over images.",
+        "± is the standard error over prompts (GenEval: within tags)"
+        + (f"; {IMAGE_MARK}: over images, smaller (results evaluated before it was taken over prompts)." if per_image else "."),
     ]
     if table["comparisons"]:
         lines += [

@@ -127,6 +127,9 @@ def test_study_trains_the_missing_rows_and_writes_the_table(first_run: dict[str,
     # the Markdown table, printed and written; one progress line per row with its wall time
     markdown = (out / "table.md").read_text()
     assert all(f"| {name} |" in markdown for name in names(table)) and "SE (paired)" in markdown
+    # every summary was written now: ± over prompts, none marked as an older one over images
+    assert all(c["stderr_unit"] == "prompt" for row in table["rows"] for c in row["results"].values())
+    assert "± is the standard error over prompts (GenEval: within tags)." in markdown and "(img)" not in markdown
     for name in names(table):
         assert re.search(rf"\] {re.escape(name)}: .*\(\d+\.\d s\)", first_run["output"]), first_run["output"]
     assert "study done in" in first_run["output"]
@@ -328,6 +331,37 @@ def test_only_the_built_in_model_plugins_vouch_for_their_files(tiny_base: Path) 
 
 def _cut_to_one_row(path: Path) -> None:
     path.write_text(path.read_text().splitlines()[0] + "\n")
+
+
+def test_results_written_before_stderr_unit_are_current_and_shown_as_over_images(
+    first_run: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A summary written before ``stderr_unit`` was recorded holds its stderr over images: the study
+    finds it current (nothing evaluated again, no file rewritten), compares it as before, and shows
+    its stored stderr marked as over images."""
+    import shutil
+
+    from opdkit.study import load_study, plan_lines, run_study
+
+    out = tmp_path / "out"
+    shutil.copytree(first_run["out"], out)
+    path = out / "results" / "grpo_ocr" / "shapes-ocr.json"
+    summary = json.loads(path.read_text())
+    del summary["stderr_unit"]
+    path.write_text(json.dumps({**summary, "stderr": 0.0123}))  # as the old formula stored it
+    study = load_study(first_run["study"], out=out)
+    assert not [line for line in plan_lines(study) if "evaluate" in line]
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*") if p.is_file()}
+    _forbid(monkeypatch)
+    table = run_study(study, echo=lambda line: None)
+    assert {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*") if p.is_file()} == stamps
+    assert table["comparisons"] == first_run["table"]["comparisons"]
+    cell = {r["name"]: r for r in table["rows"]}["grpo_ocr"]["results"]["shapes-ocr"]
+    assert (cell["stderr"], cell["stderr_unit"]) == (0.0123, "image")
+    markdown = (out / "table.md").read_text()
+    row = next(line for line in markdown.splitlines() if line.startswith("| grpo_ocr |"))
+    assert row.count("(img)") == 1 and "± 0.012 (img)" in row and markdown.count("(img)") == 2  # the cell, the note
+    assert "(img): over images, smaller (results evaluated before it was taken over prompts)." in markdown
 
 
 @pytest.mark.parametrize(
