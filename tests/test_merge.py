@@ -54,6 +54,21 @@ def test_ties_trims_elects_sign_and_averages_agreeing_entries() -> None:
     torch.testing.assert_close(merged, torch.tensor([[4.0, 3.0], [-6.0, 0.0]], dtype=torch.float64))
 
 
+def test_ties_of_an_adapter_with_itself_gives_it_back_at_any_weights() -> None:
+    # The disjoint mean is weighted: dividing by the count of agreeing deltas instead shrank the
+    # default 1/K weights' merge K-fold (two copies gave half the adapter, three a third).
+    lora = random_lora(0)
+    for copies, weights in ((2, None), (3, None), (2, [2.0, 1.0])):
+        merged = merge_loras([lora] * copies, "ties", weights=weights, density=1.0, rank=lora.rank)
+        for module in lora.factors:
+            torch.testing.assert_close(merged.delta(module), lora.delta(module), rtol=1e-8, atol=1e-10)
+    d1 = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    d2 = torch.tensor([[3.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(ties_merge([d1, d2], [3.0, 1.0], density=1.0), torch.tensor([[1.5, 0.0]], dtype=torch.float64))
+    with pytest.raises(OpdkitError, match="ties weights must be positive"):
+        merge_loras([lora, lora], "ties", weights=[1.0, 0.0])
+
+
 def test_files_round_trip_and_errors(tmp_path: Path) -> None:
     paths = [write_lora(random_lora(i), tmp_path / f"t{i}.safetensors") for i in range(2)]
     out = merge_files(paths, tmp_path / "merged.safetensors", method="ties", density=0.3)

@@ -9,8 +9,9 @@ merges act on the deltas themselves:
   ``A = [A_1; ...; A_K]`` and ``B = [w_1 s_1 B_1, ..., w_K s_K B_K]`` (s_k = alpha_k / r_k) with
   rank ``sum r_k`` and scale 1; pass ``rank`` to compress it by truncated SVD instead.
 - ``ties``: TIES-merging (Yadav et al. 2023) per delta matrix: keep the ``density`` largest-
-  magnitude entries of each delta, elect a sign per entry from the sum, average the kept entries
-  that agree with it; then a truncated SVD back to LoRA factors (rank default: max r_k).
+  magnitude entries of each delta, elect a sign per entry from the weighted sum, take the weighted
+  mean of the kept entries that agree with it; then a truncated SVD back to LoRA factors (rank
+  default: max r_k).
 
 Adapters are read and written in opdkit's LoRA format (:mod:`opdkit.models.lora`).
 """
@@ -31,20 +32,27 @@ MERGE_METHODS = ("mean", "weighted", "ties")
 
 
 def ties_merge(deltas: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:
-    """TIES-merge ``(out, in)`` deltas: trim to ``density``, elect signs, disjoint weighted mean."""
+    """TIES-merge ``(out, in)`` deltas: trim to ``density``, elect signs, disjoint weighted mean.
+
+    Each entry is ``sum_k w_k d_k / sum_k w_k`` over the deltas ``k`` whose kept entry agrees with
+    the elected sign (0 where none does): a weighted mean, so merging an adapter with itself gives
+    it back at any weights (dividing by the count of agreeing deltas instead shrank the default
+    ``1/K`` weights' merge K-fold). Weights must be positive.
+    """
     import torch
 
     trimmed = []
-    for delta, weight in zip(deltas, weights, strict=True):
+    for delta in deltas:
         flat = delta.abs().flatten()
         keep = max(1, round(density * flat.numel()))
         threshold = torch.topk(flat, keep).values.min()
-        trimmed.append(weight * torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta)))
+        trimmed.append(torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta)))
     stack = torch.stack(trimmed)
-    sign = torch.sign(stack.sum(dim=0))
-    agree = (torch.sign(stack) == sign) & (stack != 0)
-    count = agree.sum(dim=0).clamp_min(1)
-    return (stack * agree).sum(dim=0) / count
+    w = torch.tensor(weights, dtype=stack.dtype, device=stack.device).reshape(-1, *([1] * (stack.ndim - 1)))
+    sign = torch.sign((w * stack).sum(dim=0))
+    agree = ((torch.sign(stack) == sign) & (stack != 0)).to(stack.dtype)
+    total = (w * agree).sum(dim=0)
+    return torch.where(total > 0, (w * agree * stack).sum(dim=0) / total.clamp_min(torch.finfo(stack.dtype).tiny), 0.0)
 
 
 def _factorize(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +92,8 @@ def merge_loras(
         raise OpdkitError(f"merge: {len(weights)} weights for {len(loras)} adapters")
     if not all(math.isfinite(w) for w in weights):  # one NaN would make every merged entry NaN
         raise OpdkitError(f"merge: weights must be finite numbers, got {weights}")
+    if method == "ties" and not all(w > 0 for w in weights):  # a weighted mean of the agreeing entries
+        raise OpdkitError(f"merge: ties weights must be positive, got {weights}")
     if rank is not None and rank < 1:
         raise OpdkitError(f"merge: rank must be >= 1, got {rank}")
     modules = set(loras[0].factors)
