@@ -69,6 +69,17 @@ def test_ties_of_an_adapter_with_itself_gives_it_back_at_any_weights() -> None:
         merge_loras([lora, lora], "ties", weights=[1.0, 0.0])
 
 
+def test_a_merge_keeps_its_inputs_base_and_refuses_two_bases() -> None:
+    import dataclasses
+
+    on_a = [dataclasses.replace(random_lora(i), base_fingerprint="base-a") for i in range(2)]
+    for method in ("mean", "ties"):
+        assert merge_loras(on_a, method).base_fingerprint == "base-a"  # refused on another base, as its inputs
+    assert merge_loras([on_a[0], random_lora(2)]).base_fingerprint == "base-a"  # an input without one says nothing
+    with pytest.raises(OpdkitError, match=r"trained on different base models \(base-a, base-b\)"):
+        merge_loras([on_a[0], dataclasses.replace(random_lora(2), base_fingerprint="base-b")])
+
+
 def test_files_round_trip_and_errors(tmp_path: Path) -> None:
     paths = [write_lora(random_lora(i), tmp_path / f"t{i}.safetensors") for i in range(2)]
     out = merge_files(paths, tmp_path / "merged.safetensors", method="ties", density=0.3)

@@ -13,7 +13,7 @@ strings) holds:
 
 * ``format``: ``"opdkit-lora/1"`` (files without it are refused);
 * ``base_fingerprint``: the base transformer the adapter was trained on (written by the model
-  adapter, absent from merged adapters; see ``FlowModel.base_fingerprint``);
+  adapter, kept by a merge of adapters of that base; see ``FlowModel.base_fingerprint``);
 * ``rank``, ``alpha``, ``dropout``: the LoRA config, written with ``str()`` of the value given;
 * ``target_modules``: the JSON list (sorted) of the module-name suffixes peft adapted.
 
@@ -50,7 +50,7 @@ class LoraFile:
             merge writes a float; read back as float).
         target_modules: the module-name suffixes adapted (peft's ``target_modules``).
         dropout: LoRA dropout the adapter was trained with.
-        base_fingerprint: the base transformer it was trained on, or None (merged adapters).
+        base_fingerprint: the base transformer it was trained on (a merge keeps its inputs'), or None.
     """
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]

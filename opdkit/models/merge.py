@@ -102,6 +102,11 @@ def merge_loras(
             raise OpdkitError("merge: adapters target different modules; they must share target modules")
     if not 0.0 < density <= 1.0:
         raise OpdkitError(f"merge: density must be in (0, 1], got {density}")
+    # adapters of different bases have deltas of different weights: their sum fits neither base
+    bases = sorted({lora.base_fingerprint for lora in loras if lora.base_fingerprint is not None})
+    if len(bases) > 1:
+        raise OpdkitError(f"merge: the adapters were trained on different base models ({', '.join(bases)})")
+    base = bases[0] if bases else None  # kept, so the merged file is refused on another base too
     targets = sorted({t for lora in loras for t in lora.target_modules})
     merged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if method != "ties" and rank is None:
@@ -110,7 +115,7 @@ def merge_loras(
             b = torch.cat([w * lora.scale * lora.factors[module][1].double() for w, lora in zip(weights, loras, strict=True)], dim=1)
             merged[module] = (a, b)
         total = sum(lora.rank for lora in loras)
-        return LoraFile(merged, total, float(total), targets)
+        return LoraFile(merged, total, float(total), targets, base_fingerprint=base)
     out_rank = rank or max(lora.rank for lora in loras)
     for module in sorted(modules):
         deltas = [lora.delta(module) for lora in loras]
@@ -119,7 +124,7 @@ def merge_loras(
         else:
             delta = sum(w * d for w, d in zip(weights, deltas, strict=True))
         merged[module] = _factorize(delta, out_rank)
-    return LoraFile(merged, out_rank, float(out_rank), targets)
+    return LoraFile(merged, out_rank, float(out_rank), targets, base_fingerprint=base)
 
 
 def merge_files(
