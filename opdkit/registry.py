@@ -17,10 +17,12 @@ Registries live at the plug-in boundary only; training loops receive already-bui
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
 import inspect
+import re
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -255,7 +257,8 @@ def load_object(spec: str, kind: str = "plug-in") -> Builder:
     """Import ``module.path:attr`` or ``./file.py:attr`` (relative to the current directory).
 
     Only what the user names is imported. A file is loaded under a private module name
-    derived from its absolute path, so two files named ``reward.py`` do not collide.
+    derived from its absolute path, so two files named ``reward.py`` (or ``a-b.py`` and
+    ``a_b.py``) do not collide.
     """
     target, _, attr = spec.rpartition(":")
     if not target or not attr:
@@ -264,7 +267,10 @@ def load_object(spec: str, kind: str = "plug-in") -> Builder:
         path = Path(target).expanduser().resolve()
         if not path.is_file():
             raise PluginError(f"{kind} {spec!r}: file {str(path)!r} does not exist")
-        module_name = "opdkit_user_" + "_".join(path.with_suffix("").parts[1:]).replace("-", "_").replace(".", "_")
+        # the path's digest tells apart files whose names differ only in '-', '.', '_' or '/'
+        # (a-b.py and a_b.py), which a name made of their parts alone would give one module
+        digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+        module_name = f"opdkit_user_{re.sub(r'[^0-9A-Za-z_]', '_', path.stem)}_{digest}"
         module = sys.modules.get(module_name)
         if module is None:
             file_spec = importlib.util.spec_from_file_location(module_name, path)

@@ -203,6 +203,20 @@ def test_explicit_file_and_module_paths(
     assert file_module.startswith("opdkit_user_")
 
 
+def test_files_whose_names_differ_only_in_punctuation_are_two_plug_ins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a-b.py and a_b.py (or sub/ocr.py and sub_ocr.py) once got one module name: the second
+    # lookup returned the first file's function, and the wrong code ran without a word
+    (tmp_path / "sub").mkdir()
+    files = {"a-b.py": "first", "a_b.py": "second", "sub/ocr.py": "third", "sub_ocr.py": "fourth"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(f"def score():\n    return {text!r}\n")
+    monkeypatch.chdir(tmp_path)
+    loaded = [load_object(f"./{name}:score") for name in files]
+    assert [f() for f in loaded] == list(files.values())
+    for f in loaded:
+        sys.modules.pop(f.__module__, None)
+
+
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
