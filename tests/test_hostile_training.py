@@ -200,3 +200,20 @@ def test_hostile_input_is_one_clean_line_and_loses_nothing(
     assert case.expected in lines[0], lines[0]
     after = snapshot(tmp_path)
     assert {k: v for k, v in after.items() if k in before} == before  # nothing present was changed
+
+
+def test_a_model_folder_with_a_broken_config_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # validate reads the model's configs to check sampler.resolution before loading anything
+    (tmp_path / "base" / "transformer").mkdir(parents=True)
+    (tmp_path / "base" / "transformer" / "config.json").write_text('{"patch_size": 4,')
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(TINY.replace(
+        "  type: shapes_new\n  params: {patch_size: 4, num_layers: 1, num_heads: 2, head_dim: 8, text_hidden_size: 32, text_heads: 2, text_projection_dim: 32}\n",
+        "  type: shapes\n  path: ./base\n",
+    ).replace("REWARD", "shapes_quality"))
+    monkeypatch.chdir(tmp_path)
+    for command in ("validate", "train"):
+        result = RUNNER.invoke(app, [command, str(recipe)])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 1 and len(lines) == 1, result.output
+        assert "config.json' is not valid JSON" in lines[0] and "Traceback" not in result.output

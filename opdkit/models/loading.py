@@ -393,7 +393,7 @@ def _grid_facts(model_type: str, params: dict[str, Any]) -> tuple[int, int, int 
         vae_file = Path(str(given)).expanduser() / "vae" / "config.json" if given is not None else None
         if vae_file is None or not vae_file.is_file():
             return None
-        vae = json.loads(vae_file.read_text(encoding="utf-8"))
+        vae = _read_json(vae_file, "model.path")
         if "temperal_downsample" in vae:  # Qwen-Image's video VAE
             factor = 2 ** len(vae["temperal_downsample"])
         else:
@@ -409,9 +409,9 @@ def _grid_facts(model_type: str, params: dict[str, Any]) -> tuple[int, int, int 
         config = folder / "transformer" / "config.json"
         if not config.is_file():
             return None  # not a local folder (a hub id, or missing: the builder says so)
-        transformer = json.loads(config.read_text(encoding="utf-8"))
+        transformer = _read_json(config, "model.path")
         vae_file = folder / "vae" / "config.json"
-        vae = json.loads(vae_file.read_text(encoding="utf-8")) if vae_file.is_file() else None
+        vae = _read_json(vae_file, "model.path") if vae_file.is_file() else None
         factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1) if vae else 1
         limit = transformer.get("pos_embed_max_size")
         return factor, int(transformer.get("patch_size", 1)), int(limit) if limit else None
