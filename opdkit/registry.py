@@ -27,7 +27,8 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from opdkit.errors import OpdkitError, PluginError, first_line
 
@@ -208,15 +209,30 @@ def check_builder_params(builder: Builder, params: dict[str, Any], what: str) ->
 def _check_choices(builder: Builder, params: dict[str, Any], what: str) -> None:
     """A parameter annotated ``Literal[...]`` takes one of its values: a misspelt value in a
     recipe fails when the recipe loads, not when the plug-in is built after hours of training."""
-    try:
-        hints = get_type_hints(builder)
-    except Exception:  # a name the builder's module cannot resolve: nothing to check by type
-        return
+    hints: dict[str, Any] = {}
+    # the parameters a builder takes from another's (with_params_of) are annotated there
+    for source in (getattr(builder, "__params_of__", None), builder):
+        try:
+            hints.update(get_type_hints(source) if source is not None else {})
+        except Exception:  # a name the builder's module cannot resolve: nothing to check by type
+            continue
     for name, value in params.items():
-        hint = hints.get(name)
-        if get_origin(hint) is Literal and value not in get_args(hint):
-            choices = ", ".join(repr(c) for c in get_args(hint))
-            raise PluginError(f"{what}: {name}={value!r} is not one of {choices}")
+        choices = _literal_choices(hints.get(name))
+        if choices is not None and value not in choices:
+            shown = ", ".join(repr(c) for c in choices)
+            raise PluginError(f"{what}: {name}={value!r} is not one of {shown}")
+
+
+def _literal_choices(hint: Any) -> tuple[Any, ...] | None:
+    """The values a ``Literal[...]`` annotation allows, also inside ``Literal[...] | None``
+    (None then among them); None where the annotation allows anything else too."""
+    if get_origin(hint) is Literal:
+        return get_args(hint)
+    members = get_args(hint) if get_origin(hint) in (Union, UnionType) else ()
+    literals = [m for m in members if get_origin(m) is Literal]
+    if not literals or any(m is not type(None) and get_origin(m) is not Literal for m in members):
+        return None
+    return tuple(v for m in literals for v in get_args(m)) + ((None,) if type(None) in members else ())
 
 
 def with_params_of(base: Builder) -> Callable[[Builder], Builder]:
@@ -248,6 +264,7 @@ def with_params_of(base: Builder) -> Callable[[Builder], Builder]:
         if clash:
             raise TypeError(f"{builder.__qualname__} and {base.__qualname__} both take {', '.join(clash)}")
         builder.__signature__ = own.replace(parameters=[*kept, *taken])  # type: ignore[attr-defined]
+        builder.__params_of__ = base  # type: ignore[attr-defined]  # whose annotations check the values
         return builder
 
     return decorator

@@ -167,6 +167,31 @@ def test_a_literal_param_takes_one_of_its_values_before_the_build() -> None:
     assert built == ["fold"]  # refused before the builder ran
 
 
+def test_literal_choices_are_checked_inside_optional_and_through_with_params_of() -> None:
+    from opdkit.registry import with_params_of
+
+    reg = Registry("reward")
+
+    def scorer(mode: Literal["fast", "exact"] = "fast") -> str:
+        return mode
+
+    @reg.register("optional")
+    def optional(split: Literal["test", "fold"] | None = None) -> str:
+        return str(split)
+
+    @reg.register("passes_on")
+    @with_params_of(scorer)
+    def passes_on(weight: float = 1.0, **params: Any) -> str:
+        return scorer(**params)
+
+    reg.check_params("optional", {"split": None})
+    reg.check_params("passes_on", {"mode": "exact"})
+    with pytest.raises(PluginError, match=r"split='flod' is not one of 'test', 'fold', None"):
+        reg.check_params("optional", {"split": "flod"})
+    with pytest.raises(PluginError, match=r"mode='zzz' is not one of 'fast', 'exact'"):
+        reg.check_params("passes_on", {"mode": "zzz"})
+
+
 def test_missing_required_param_is_reported() -> None:
     reg = Registry("teacher")
 
