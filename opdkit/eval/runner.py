@@ -451,15 +451,10 @@ def _score_batch(benchmark: Benchmark, images: torch.Tensor, records: list[dict[
     import numpy as np
     import torch
 
+    from opdkit.scoring.scorer import call_scorer
+
     what = f"benchmark {benchmark.name!r}"
-    try:
-        out = benchmark.score(images, [r["prompt"] for r in records], records)
-    except OpdkitError:
-        raise
-    except Exception as exc:  # the plug-in's own failure, named, in one line
-        raise OpdkitError(f"{what}: scoring raised {first_line(exc)}") from exc
-    if not isinstance(out, dict) or "score" not in out:
-        raise OpdkitError(f"{what} must return a dict with a 'score' tensor")
+    out = call_scorer(benchmark.score, what, images, [r["prompt"] for r in records], records)
     columns: dict[str, list[float]] = {}
     for key, value in out.items():
         try:

@@ -25,13 +25,32 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-__all__ = ["Scorer", "Scores", "WithScore", "stack_results", "to_uint8", "to_uint8_images"]
+__all__ = ["Scorer", "Scores", "WithScore", "call_scorer", "stack_results", "to_uint8", "to_uint8_images"]
 
 Scores = dict[str, "torch.Tensor"]
 """Per-image values by name: each a float32 ``(N,)`` tensor on the CPU."""
 
 Scorer = Callable[["torch.Tensor", list[str], list[dict[str, Any]]], Scores]
 """``(images (N, 3, H, W) float in [0, 1], prompts (N), records (N)) -> {name: (N,)}``."""
+
+
+def call_scorer(
+    fn: Callable[..., Any], what: str, images: torch.Tensor, prompts: list[str], records: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """``fn(images, prompts, records)`` of a plug-in (a reward's scorer, a benchmark's ``score``);
+    its own failure, or a result without ``"score"``, is one line naming ``what`` (training and
+    eval alike), not a traceback from inside the plug-in."""
+    from opdkit.errors import OpdkitError, first_line
+
+    try:
+        out = fn(images, prompts, records)
+    except OpdkitError:
+        raise
+    except Exception as exc:  # the plug-in's own failure, named, in one line
+        raise OpdkitError(f"{what}: scoring raised {first_line(exc)}") from exc
+    if not isinstance(out, dict) or "score" not in out:
+        raise OpdkitError(f"{what} must return a dict with a 'score' tensor")
+    return out
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

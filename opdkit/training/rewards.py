@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from opdkit.errors import OpdkitError, first_line, prefixed
+from opdkit.errors import OpdkitError, prefixed
+from opdkit.scoring.scorer import call_scorer
 
 # A score beyond this is a bug or a unit mistake (rewards are O(1)-O(100)); it is refused, unless
 # the reward callable declares its own ``score_range = (low, high)``.
@@ -82,17 +83,11 @@ class WeightedReward:
             if not rows:
                 parts[label] = torch.full((n,), math.nan)
                 continue
-            try:
-                if len(rows) == n:
-                    out = fn(images, prompts, records)
-                else:
-                    out = fn(images[rows], [prompts[i] for i in rows], [records[i] for i in rows])
-            except OpdkitError:
-                raise
-            except Exception as exc:  # the plug-in's own failure, named, in one line
-                raise OpdkitError(f"{place}: reward {label!r}: scoring raised {first_line(exc)}") from exc
-            if not isinstance(out, dict) or "score" not in out:
-                raise OpdkitError(f"{place}: reward {label!r} must return a dict with a 'score' tensor")
+            what = f"{place}: reward {label!r}"
+            if len(rows) == n:
+                out = call_scorer(fn, what, images, prompts, records)
+            else:
+                out = call_scorer(fn, what, images[rows], [prompts[i] for i in rows], [records[i] for i in rows])
             index = torch.tensor(rows)
             for key, value in out.items():
                 value = torch.as_tensor(value, dtype=torch.float32).detach().cpu().reshape(-1)
