@@ -241,6 +241,20 @@ def test_opd_run_with_sft_init_logs_it_and_refuses_an_empty_init(tmp_path: Path,
         load_recipe(write_recipe(tmp_path / "b", OPD + "init: {method: none}\n"))
 
 
+def test_cold_start_refuses_an_adapter_of_another_base(tmp_path: Path, teachers: tuple[Path, Path]) -> None:
+    """init.adapter and the merged teachers pass the base check load_lora makes: an adapter trained
+    on another base is refused in one line, never merged into the student's starting weights."""
+    from opdkit.registry import models
+
+    other_base = models.build("shapes_new", {**TINY, "seed": 1})
+    foreign = make_adapter(tmp_path / "foreign.safetensors", 3, model=other_base)
+    with pytest.raises(OpdkitError, match=r"init: LoRA file '.*foreign\.safetensors' was trained on another base model"):
+        run_opd(tmp_path / "adapter", OPD + f"init: {{adapter: {foreign}}}\n", teachers, ["train.max_steps=1"])
+    # a foreign teacher to merge is refused the same way when it is loaded as a teacher
+    with pytest.raises(OpdkitError, match=r"LoRA file '.*foreign\.safetensors' was trained on another base model"):
+        run_opd(tmp_path / "teachers", OPD + "init: {method: mean}\n", (teachers[0], foreign), ["train.max_steps=1"])
+
+
 def test_opd_refusals_are_one_line(tmp_path: Path, teachers: tuple[Path, Path]) -> None:
     body = OPD + "regularizers:\n  - {type: mar, weight: 0.04, params: {anchor: nobody}}\n"
     with pytest.raises(OpdkitError, match="anchors to 'nobody', which is not a teacher"):

@@ -38,15 +38,20 @@ def merge_init(model: Any, trainable: Any, loaded: dict[str, Teacher], init: Ini
     if init.method == "none":  # (InitSpec refuses method none with an adapter)
         return None  # no merge: the student adapter stays at B = 0
     if init.adapter is not None:
-        sources = [read_lora(adapter_file(Path(init.adapter).expanduser()))]
+        files = [adapter_file(Path(init.adapter).expanduser())]
         method, weights = "mean", None
     else:
         chosen = init.teachers or [n for n, t in loaded.items() if t.kind == "lora"]
         missing = [n for n in chosen if n not in loaded or loaded[n].kind != "lora"]
         if missing or not chosen:
             raise OpdkitError(f"init: cannot merge {missing or 'no teachers'}: only LoRA teachers can be merged")
-        sources = [read_lora(loaded[n].lora_path) for n in chosen]
+        files = [loaded[n].lora_path for n in chosen]
         method, weights = init.method, init.weights
+    sources = [read_lora(file) for file in files]
+    for file, source in zip(files, sources, strict=True):
+        # a delta only means something on its own base: refused as load_lora refuses it (the
+        # teachers passed that check when they were loaded; init.adapter is read here only)
+        model.check_base(source.base_fingerprint, f"init: LoRA file {str(file)!r}")
     exact = merge_loras(sources, method, weights, density=init.density) if method != "ties" else None
     if exact is not None and exact.rank == rank:
         merged = exact  # the concatenated factors fit the student's rank as they are

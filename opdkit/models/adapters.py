@@ -137,6 +137,19 @@ class LoraAdapters:
         self._base_fingerprint = _sampled_digest(self.transformer, exact=False)
         return self._base_fingerprint
 
+    def check_base(self, fingerprint: str | None, source: str) -> None:
+        """Refuse weights trained on another base, in one line naming ``source``.
+
+        ``fingerprint`` is the :meth:`base_fingerprint` the weights recorded (None: not recorded, as
+        in a merged adapter, and accepted). Every way trained weights reach this base goes through
+        here (:meth:`load_lora`, OPD's cold start, a run's checkpoint), so they refuse alike.
+        """
+        if fingerprint is not None and fingerprint != self.base_fingerprint():
+            raise OpdkitError(
+                f"{source} was trained on another base model (base fingerprint {fingerprint}, "
+                f"this base {self.base_fingerprint()}); retrain it on this base"
+            )
+
     def weights_fingerprint(self) -> str:
         """Short SHA-256 of the weights as they generate now: every tensor (adapters included), the
         same sample as :meth:`base_fingerprint` but in the tensor's own dtype, not rounded.
@@ -184,11 +197,7 @@ class LoraAdapters:
         if not file.is_file():
             raise OpdkitError(f"LoRA file {str(file)!r} does not exist")
         lora = read_lora(file, device=next(self.transformer.parameters()).device)
-        if lora.base_fingerprint is not None and lora.base_fingerprint != self.base_fingerprint():
-            raise OpdkitError(
-                f"LoRA file {str(file)!r} was trained on another base model (base fingerprint "
-                f"{lora.base_fingerprint}, this base {self.base_fingerprint()}); retrain it on this base"
-            )
+        self.check_base(lora.base_fingerprint, f"LoRA file {str(file)!r}")
         if name not in self.lora_names():
             self.add_lora(
                 name,
