@@ -92,7 +92,9 @@ def checkpoint_steps(path: str | Path) -> list[int]:
 def load_run_checkpoint(path: str | Path, step: int, *, merge: bool = True, device: str | None = None) -> FlowModel:
     """The model of a run's checkpoint at ``step`` (to pick a step among those a run kept): its
     base (from ``recipe.yaml``) plus the trained weights of that checkpoint, the EMA weights when
-    the run kept an EMA (as ``final/`` holds them), else the raw ones.
+    the run kept an EMA (as ``final/`` holds them), else the raw ones. A LoRA checkpoint is refused
+    on a base other than the one the run trained on (:func:`recorded_base`), as :func:`load_run_model`
+    refuses its final adapter.
 
     Args:
         path: the run directory.
@@ -126,6 +128,8 @@ def load_run_checkpoint(path: str | Path, step: int, *, merge: bool = True, devi
         model.to(device=device)
     _add_sources(model, root / "recipe.yaml", file)
     lora = getattr(recipe.train, "lora", None)
+    if lora is not None:  # a LoRA delta only means something on its base, as load_run_model's load_lora checks
+        model.check_base(recorded_base(root), f"checkpoint {str(file)!r}")
     # LoRA: the adapter the trainer added, under the same parameter names; full fine-tuning
     # trained every parameter (no frozen reference copy needed here)
     names = setup_trainable(model, lora).names if lora is not None else [n for n, _ in model.transformer.named_parameters()]
@@ -140,6 +144,20 @@ def load_run_checkpoint(path: str | Path, step: int, *, merge: bool = True, devi
     if lora is not None and merge:
         model.merge_lora(ADAPTER)
     return model
+
+
+def recorded_base(path: str | Path) -> str | None:
+    """The :meth:`~opdkit.models.adapters.LoraAdapters.base_fingerprint` of the base a run trained
+    on: ``run.json``'s ``base_weights`` (taken at its start; ``--resume`` refuses another base), else
+    its final adapter's; None when neither records one (a model without fingerprints)."""
+    from opdkit.models.lora import read_metadata
+    from opdkit.rundir import RunDir
+
+    base = (RunDir(path).read_info() or {}).get("base_weights")
+    if isinstance(base, str) and base != "unknown":
+        return base
+    adapter = Path(path) / FINAL / "lora.safetensors"
+    return read_metadata(adapter).get("base_fingerprint") if adapter.is_file() else None
 
 
 def _add_sources(model: FlowModel, *files: Path) -> None:

@@ -303,6 +303,26 @@ def test_kill_during_the_post_run_eval_then_resume_gives_the_same_results(
     assert len(results("killed")[0]) == 40
 
 
+def test_a_runs_checkpoint_is_refused_on_another_base(tmp_path: Path, one_thread: None) -> None:
+    """`opdkit eval --checkpoint N` checks the base as the final adapter's load does: a LoRA
+    checkpoint is a delta on the base the run trained on (run.json's base_weights)."""
+    import yaml
+
+    from opdkit.runs import load_run_checkpoint, load_run_model
+
+    recipe = write_recipe(tmp_path, RECIPE)
+    run = tmp_path / "run"
+    train(recipe, run, ["train.max_steps=1", "train.checkpoint_every=1", "train.sample_every=0"])
+    assert load_run_checkpoint(run, 1).lora_names() == []  # its own base: loaded and merged
+    resolved = yaml.safe_load((run / "recipe.yaml").read_text())
+    resolved["model"]["params"]["seed"] = 1  # the recipe's base now has other weights
+    (run / "recipe.yaml").write_text(yaml.safe_dump(resolved))
+    with pytest.raises(OpdkitError, match=r"checkpoint '.*step_000001.*' was trained on another base model"):
+        load_run_checkpoint(run, 1)
+    with pytest.raises(OpdkitError, match=r"LoRA file '.*lora\.safetensors' was trained on another base model"):
+        load_run_model(run)
+
+
 def test_accumulation_matches_one_big_batch(tmp_path: Path, one_thread: None) -> None:
     """4 images in one micro-batch vs 2 micro-batches of 2 accumulated: the same update."""
     recipe = write_recipe(tmp_path, RECIPE)
