@@ -10,6 +10,7 @@ directory's ``latest.json`` is switched only after the whole directory is writte
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,14 +106,43 @@ def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
 
 
-def load_module_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy ``{parameter name: tensor}`` into ``module``'s parameters; KeyError names unknown keys."""
+def check_tensors_fit(
+    tensors: Mapping[str, torch.Tensor],
+    expected: Mapping[str, Sequence[int]],
+    source: str | Path,
+    *,
+    target: str,
+    complete: bool = False,
+) -> None:
+    """Refuse tensors that would not fit where they are to be copied, in one line naming ``source``
+    and the first offending tensor: a name ``expected`` (``target``'s shapes) lacks, a shape other
+    than expected, or, with ``complete`` (a format that stores them all), an expected name missing.
+
+    The shape check is what ``copy_`` does not do: it broadcasts, so a ``(1, n)`` tensor would
+    overwrite every row of an ``(m, n)`` weight without a word.
+    """
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        raise OpdkitError(f"{source}: {len(unknown)} tensors are not in {target} (first: {unknown[0]})")
+    missing = sorted(set(expected) - set(tensors)) if complete else []
+    if missing:
+        raise OpdkitError(f"{source}: lacks {len(missing)} of the {len(expected)} tensors of {target} (first: {missing[0]})")
+    for key in sorted(tensors):
+        shape, wanted = tuple(tensors[key].shape), tuple(expected[key])
+        if shape != wanted:
+            raise OpdkitError(f"{source}: {key} has shape {shape}, {target} expects {wanted}")
+
+
+def load_module_state(
+    module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str | Path, *, complete: bool = False
+) -> None:
+    """Copy ``{parameter name: tensor}`` into ``module``'s parameters; unknown names, other shapes
+    and, with ``complete``, missing parameters are refused first, in one line naming ``source``
+    (:func:`check_tensors_fit`)."""
     import torch
 
     params = dict(module.named_parameters())
-    unknown = sorted(set(tensors) - set(params))
-    if unknown:
-        raise KeyError(", ".join(unknown[:5]))
+    check_tensors_fit(tensors, {k: p.shape for k, p in params.items()}, source, target="the model", complete=complete)
     with torch.no_grad():
         for key, value in tensors.items():
             params[key].copy_(value)
@@ -163,7 +193,7 @@ def load_training_state(
     """Restore modules (strictly: every saved key must exist) and optimizer; return the JSON state."""
     weights, optimizer_state, state = read_training_state(directory, modules, with_optimizer=optimizer is not None)
     for name, module in modules.items():
-        load_module_state(module, weights[name])
+        load_module_state(module, weights[name], Path(directory) / f"{name}.safetensors")
     if optimizer is not None and optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     return state

@@ -139,7 +139,7 @@ def load_run_checkpoint(path: str | Path, step: int, *, merge: bool = True, devi
         raise OpdkitError(
             f"{file}: its {len(saved)} tensors do not match the run's {len(names)} trained parameters (first: {odd[0]})"
         )
-    load_module_state(model.transformer, saved)
+    load_module_state(model.transformer, saved, file)
     model.transformer.requires_grad_(False)
     if lora is not None and merge:
         model.merge_lora(ADAPTER)
@@ -176,8 +176,7 @@ def load_run_model(path: str | Path, *, merge: bool = True, device: str | None =
             adapter named as in ``final.json``).
         device: move the model there (default: where the model builder put it).
     """
-    import torch
-
+    from opdkit.checkpoint import load_module_state
     from opdkit.registry import models
 
     root = Path(path)
@@ -198,12 +197,7 @@ def load_run_model(path: str | Path, *, merge: bool = True, device: str | None =
     file = root / FINAL / "transformer.safetensors"
     if not file.is_file():
         raise OpdkitError(f"{root}: {FINAL}/transformer.safetensors is missing")
-    saved = load_file(str(file))
-    params = dict(model.transformer.named_parameters())
-    unknown = sorted(set(saved) - set(params))
-    if unknown:
-        raise OpdkitError(f"{file}: {len(unknown)} tensors do not fit the base transformer (first: {unknown[0]})")
-    with torch.no_grad():
-        for key, value in saved.items():
-            params[key].copy_(value)
+    # full fine-tuning trains (and final/ stores) every parameter: one left out would silently
+    # stay the base's
+    load_module_state(model.transformer, load_file(str(file)), file, complete=True)
     return model

@@ -366,6 +366,19 @@ def test_full_finetuning_and_bad_micro_batch(tmp_path: Path, one_thread: None) -
     with pytest.raises(OpdkitError, match="micro_batch"):
         train(recipe, tmp_path / "bad", ["train.micro_batch=3"])
 
+    # final weights of another shape are refused, not broadcast by copy_ ((1, n) over every row of
+    # an (m, n) weight), and so is a file that leaves a parameter out (it would stay the base's)
+    from safetensors.torch import save_file
+
+    key = next(k for k, v in ema.items() if v.ndim == 2 and v.shape[0] > 1)
+    save_file({**ema, key: ema[key][:1]}, final / "transformer.safetensors")
+    wanted = rf"final/transformer\.safetensors: {key} has shape \(1, {ema[key].shape[1]}\), the model expects \({ema[key].shape[0]}, {ema[key].shape[1]}\)$"
+    with pytest.raises(OpdkitError, match=wanted):
+        load_run_model(tmp_path / "full")
+    save_file({k: v for k, v in ema.items() if k != key}, final / "transformer.safetensors")
+    with pytest.raises(OpdkitError, match=rf"lacks 1 of the {len(ema)} tensors of the model \(first: {key}\)"):
+        load_run_model(tmp_path / "full")
+
 
 def test_gradient_checkpointing_gives_the_same_update(tmp_path: Path, one_thread: None) -> None:
     """train.gradient_checkpointing recomputes activations: the same weights and metrics."""

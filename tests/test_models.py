@@ -413,6 +413,30 @@ def test_lora_refuses_another_base(tiny_pixel_dir: Path, tmp_path: Path) -> None
 
 
 
+def test_lora_of_another_shape_is_refused_in_one_line(tiny_pixel_dir: Path, tmp_path: Path) -> None:
+    """A LoRA file whose factors do not fit the layers (another model's, or another rank than the
+    adapter it is loaded into) is refused naming the file, the first tensor and both shapes, not
+    by peft's many-line RuntimeError, and leaves no half-made adapter behind."""
+    from opdkit.models.lora import read_lora, write_lora
+
+    model = load_flow_model(tiny_pixel_dir)
+    model.add_lora("policy", rank=4, alpha=8)
+    path = model.save_lora("policy", tmp_path / "policy.safetensors")
+    lora = read_lora(path)
+    module, (a, b) = sorted(lora.factors.items())[0]
+    lora.factors[module] = (torch.cat([a, a[:, :1]], dim=1), b)  # one input column too many
+    wide = write_lora(lora, tmp_path / "wide.safetensors")
+    fresh = load_flow_model(tiny_pixel_dir)
+    wanted = rf"LoRA file '.*wide\.safetensors': {module}\.lora_A\.weight has shape \(4, {a.shape[1] + 1}\), this transformer expects \(4, {a.shape[1]}\)$"
+    with pytest.raises(OpdkitError, match=wanted):
+        fresh.load_lora(wide, name="teacher")
+    assert fresh.lora_names() == []
+    fresh.add_lora("teacher", rank=2, alpha=4)  # an existing adapter of another rank
+    with pytest.raises(OpdkitError, match=r"LoRA file '.*policy\.safetensors': .*lora_A\.weight has shape \(4, \d+\), adapter 'teacher' expects \(2, \d+\)$"):
+        fresh.load_lora(path, name="teacher")
+    fresh.load_lora(path, name="other")  # the same file as a new adapter fits
+
+
 def test_weights_fingerprint_sees_what_the_rounded_one_cannot(tiny_pixel_dir: Path) -> None:
     """The fingerprint results record (``weights_fingerprint``) tells apart weights a bf16 step
     cannot, an attached adapter, and a bf16 copy (which draws other images); reloading the same

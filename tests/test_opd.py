@@ -255,6 +255,24 @@ def test_cold_start_refuses_an_adapter_of_another_base(tmp_path: Path, teachers:
         run_opd(tmp_path / "teachers", OPD + "init: {method: mean}\n", (teachers[0], foreign), ["train.max_steps=1"])
 
 
+def test_cold_start_refuses_an_adapter_that_does_not_fit_the_student(tmp_path: Path, teachers: tuple[Path, Path]) -> None:
+    """An init adapter with a factor of another shape, or on layers the student does not adapt, is
+    refused in one line naming the file and the tensor, not by a RuntimeError from copy_."""
+    from opdkit.models.lora import read_lora, write_lora
+
+    lora = read_lora(teachers[0])
+    module, (a, b) = sorted(lora.factors.items())[0]
+    lora.factors[module] = (torch.cat([a, a[:, :3]], dim=1), b)  # three input columns too many
+    wide = write_lora(lora, tmp_path / "wide.safetensors")
+    wanted = rf"init: LoRA file '.*wide\.safetensors': {module}\.lora_A\.weight has shape \(4, {a.shape[1] + 3}\), this transformer expects \(4, {a.shape[1]}\)$"
+    with pytest.raises(OpdkitError, match=wanted):
+        run_opd(tmp_path / "wide", OPD + f"init: {{adapter: {wide}}}\n", teachers, ["train.max_steps=1"])
+    narrow = OPD.replace("targets: [to_q, to_k, to_v, to_out.0]", "targets: [to_q]")  # the student adapts less
+    assert narrow != OPD
+    with pytest.raises(OpdkitError, match=r"init: LoRA file '.*a\.safetensors': \d+ tensors are not in adapter 'default' \(first: .*to_k\.lora_A\.weight\)"):
+        run_opd(tmp_path / "narrow", narrow + f"init: {{adapter: {teachers[0]}}}\n", teachers, ["train.max_steps=1"])
+
+
 def test_opd_refusals_are_one_line(tmp_path: Path, teachers: tuple[Path, Path]) -> None:
     body = OPD + "regularizers:\n  - {type: mar, weight: 0.04, params: {anchor: nobody}}\n"
     with pytest.raises(OpdkitError, match="anchors to 'nobody', which is not a teacher"):

@@ -519,6 +519,30 @@ def test_tensors_sha256_reads_the_tensors_not_the_metadata(tmp_path: Any) -> Non
         tensors_sha256(tmp_path / "junk.safetensors")
 
 
+def test_a_checkpoint_of_another_shape_is_refused_not_broadcast(tmp_path: Any) -> None:
+    """copy_ broadcasts: a (1, n) tensor would overwrite every row of an (m, n) weight. Loading a
+    checkpoint checks each shape first and names the file, the tensor and both shapes."""
+    from safetensors.torch import save_file
+
+    from opdkit.checkpoint import load_module_state, load_training_state, save_training_state
+
+    module = torch.nn.Linear(4, 3)
+    before = module.weight.detach().clone()
+    with pytest.raises(OpdkitError, match=r"^x\.safetensors: weight has shape \(1, 4\), the model expects \(3, 4\)$"):
+        load_module_state(module, {"weight": torch.ones(1, 4)}, "x.safetensors")
+    assert torch.equal(module.weight.detach(), before)
+    with pytest.raises(OpdkitError, match=r"x\.safetensors: 1 tensors are not in the model \(first: extra\)"):
+        load_module_state(module, {"extra": torch.ones(1)}, "x.safetensors")
+    with pytest.raises(OpdkitError, match=r"x\.safetensors: lacks 1 of the 2 tensors of the model \(first: bias\)"):
+        load_module_state(module, {"weight": torch.ones(3, 4)}, "x.safetensors", complete=True)
+    # a resumed run's checkpoint goes through the same check
+    save_training_state(tmp_path / "step", {"policy": module}, None, {"step": 1})
+    save_file({"weight": torch.ones(1, 4), "bias": torch.ones(3)}, tmp_path / "step" / "policy.safetensors")
+    with pytest.raises(OpdkitError, match=r"step/policy\.safetensors: weight has shape \(1, 4\), the model expects \(3, 4\)"):
+        load_training_state(tmp_path / "step", {"policy": module}, None)
+    assert torch.equal(module.weight.detach(), before)
+
+
 def test_tensors_sha256_is_remembered_only_while_the_file_is_untouched(tmp_path: Any, monkeypatch: Any) -> None:
     """A teacher is hashed once per process, and hashed again once its file was written, even in
     place with its old modification time put back (``cp -p``)."""

@@ -40,6 +40,7 @@ def merge_init(model: Any, trainable: Any, loaded: dict[str, Teacher], init: Ini
     if init.adapter is not None:
         files = [adapter_file(Path(init.adapter).expanduser())]
         method, weights = "mean", None
+        what = f"init: LoRA file {str(files[0])!r}"
     else:
         chosen = init.teachers or [n for n, t in loaded.items() if t.kind == "lora"]
         missing = [n for n in chosen if n not in loaded or loaded[n].kind != "lora"]
@@ -47,17 +48,21 @@ def merge_init(model: Any, trainable: Any, loaded: dict[str, Teacher], init: Ini
             raise OpdkitError(f"init: cannot merge {missing or 'no teachers'}: only LoRA teachers can be merged")
         files = [loaded[n].lora_path for n in chosen]
         method, weights = init.method, init.weights
+        what = f"init: the merged teachers {', '.join(chosen)}"
     sources = [read_lora(file) for file in files]
     for file, source in zip(files, sources, strict=True):
-        # a delta only means something on its own base: refused as load_lora refuses it (the
-        # teachers passed that check when they were loaded; init.adapter is read here only)
-        model.check_base(source.base_fingerprint, f"init: LoRA file {str(file)!r}")
+        # a delta only means something on its own base, and on layers of its shape: refused as
+        # load_lora refuses it (the teachers passed that check when they were loaded; init.adapter
+        # is read here only), not by a RuntimeError from copy_ below
+        model.check_lora_fits(source, f"init: LoRA file {str(file)!r}")
     exact = merge_loras(sources, method, weights, density=init.density) if method != "ties" else None
     if exact is not None and exact.rank == rank:
         merged = exact  # the concatenated factors fit the student's rank as they are
     else:  # compress (or, for TIES, factorize) to the student's rank by truncated SVD
         merged = merge_loras(sources, method, weights, rank=rank, density=init.density)
     exact = exact or merged
+    # the merged delta must land on layers the student adapts (train.lora.targets)
+    model.check_lora_fits(merged, what, ADAPTER)
     scale = alpha / rank  # the student adapter multiplies B @ A by alpha / r
     errors, norms = 0.0, 0.0
     with torch.no_grad():

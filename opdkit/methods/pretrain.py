@@ -127,7 +127,9 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | None
 
         shadow = load_file(str(directory / "ema.safetensors"))
         for key, module in modules.items():
-            load_module_state(module, {k[len(key) + 1 :]: v for k, v in shadow.items() if k.startswith(f"{key}.")})
+            load_module_state(
+                module, {k[len(key) + 1 :]: v for k, v in shadow.items() if k.startswith(f"{key}.")}, directory / "ema.safetensors"
+            )
     out = Path(out_dir)
     model.save_pretrained(out)
     return out

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from opdkit.errors import OpdkitError
-from opdkit.models.lora import LoraFile, read_lora, split_factors, write_lora
+from opdkit.models.lora import _A_SUFFIX, _B_SUFFIX, LoraFile, read_lora, split_factors, write_lora
 
 # The attention projections flow_grpo adapts on SD3 (joint attention: image and text streams).
 SD3_LORA_TARGETS: tuple[str, ...] = (
@@ -150,6 +150,39 @@ class LoraAdapters:
                 f"this base {self.base_fingerprint()}); retrain it on this base"
             )
 
+    def check_lora_fits(self, lora: LoraFile, source: str, name: str | None = None) -> None:
+        """Refuse, in one line naming ``source``, an adapter that cannot go onto this transformer:
+        one trained on another base (:meth:`check_base`), or a factor of another shape than the
+        layer it adapts takes (peft would raise a many-line RuntimeError halfway through the load).
+
+        A factor must be A ``(r, in)`` and B ``(out, r)`` for its layer's ``in``/``out`` and the
+        file's rank ``r``; into an existing adapter ``name``, exactly that adapter's factors, on the
+        layers it adapts.
+        """
+        from opdkit.checkpoint import check_tensors_fit
+
+        self.check_base(lora.base_fingerprint, source)
+        expected: dict[str, tuple[int, ...]] = {}
+        if name is not None and name in self.lora_names():
+            target = f"adapter {name!r}"
+            for path, layer in self.transformer.named_modules():
+                if name in getattr(layer, "lora_A", {}):
+                    expected[path + _A_SUFFIX] = tuple(layer.lora_A[name].weight.shape)
+                    expected[path + _B_SUFFIX] = tuple(layer.lora_B[name].weight.shape)
+        else:
+            target = "this transformer"
+            for path in lora.factors:
+                try:
+                    layer = self.transformer.get_submodule(path)
+                except AttributeError:  # not a layer of this transformer: refused as unknown below
+                    continue
+                base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+                weight = getattr(base, "weight", None)
+                if isinstance(weight, torch.Tensor) and weight.ndim == 2:  # a linear layer: (out, in)
+                    expected[path + _A_SUFFIX] = (lora.rank, weight.shape[1])
+                    expected[path + _B_SUFFIX] = (weight.shape[0], lora.rank)
+        check_tensors_fit(lora.tensors(), expected, source, target=target)
+
     def weights_fingerprint(self) -> str:
         """Short SHA-256 of the weights as they generate now: every tensor (adapters included), the
         same sample as :meth:`base_fingerprint` but in the tensor's own dtype, not rounded.
@@ -197,7 +230,7 @@ class LoraAdapters:
         if not file.is_file():
             raise OpdkitError(f"LoRA file {str(file)!r} does not exist")
         lora = read_lora(file, device=next(self.transformer.parameters()).device)
-        self.check_base(lora.base_fingerprint, f"LoRA file {str(file)!r}")
+        self.check_lora_fits(lora, f"LoRA file {str(file)!r}", name)
         if name not in self.lora_names():
             self.add_lora(
                 name,
