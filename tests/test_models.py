@@ -437,6 +437,34 @@ def test_lora_of_another_shape_is_refused_in_one_line(tiny_pixel_dir: Path, tmp_
     fresh.load_lora(path, name="other")  # the same file as a new adapter fits
 
 
+def test_lora_with_a_fractional_alpha_keeps_its_exact_scale(tiny_pixel_dir: Path, tmp_path: Path) -> None:
+    """A file's alpha 6.5 (a foreign tool's) scales B @ A by 6.5 / r, not int(6.5) / r: it draws
+    what the same delta written with alpha 13 and B halved draws. Loading into an existing adapter
+    of another alpha is refused (that adapter would keep its own scale)."""
+    from opdkit.models.lora import LoraFile, read_lora, write_lora
+
+    model = load_flow_model(tiny_pixel_dir)
+    model.add_lora("policy", rank=4, alpha=8)
+    with torch.no_grad():
+        for p in model.lora_parameters("policy"):
+            p.add_(0.1 * torch.randn_like(p))
+    lora = read_lora(model.save_lora("policy", tmp_path / "policy.safetensors"))
+    fractional = write_lora(LoraFile(lora.factors, 4, 6.5, lora.target_modules, 0.0, lora.base_fingerprint), tmp_path / "f.safetensors")
+    halved = {m: (a, b / 2) for m, (a, b) in lora.factors.items()}
+    whole = write_lora(LoraFile(halved, 4, 13, lora.target_modules, 0.0, lora.base_fingerprint), tmp_path / "w.safetensors")
+    cond = model.encode_prompts(["a red cube"])
+    x = torch.randn(1, 3, 32, 32)
+    drawn = []
+    for path in (fractional, whole):
+        fresh = load_flow_model(tiny_pixel_dir)
+        fresh.load_lora(path, name="teacher")
+        with torch.no_grad():
+            drawn.append(fresh.velocity(x, 0.5, cond))
+    torch.testing.assert_close(drawn[0], drawn[1])
+    with pytest.raises(OpdkitError, match=r"f\.safetensors' has alpha 6\.5, but adapter 'teacher' has alpha 13; load it under a new name$"):
+        fresh.load_lora(fractional, name="teacher")
+
+
 def test_weights_fingerprint_sees_what_the_rounded_one_cannot(tiny_pixel_dir: Path) -> None:
     """The fingerprint results record (``weights_fingerprint``) tells apart weights a bf16 step
     cannot, an attached adapter, and a bf16 copy (which draws other images); reloading the same

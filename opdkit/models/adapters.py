@@ -52,7 +52,7 @@ class LoraAdapters:
         name: str = "default",
         *,
         rank: int = 32,
-        alpha: int = 64,
+        alpha: float = 64,
         target_modules: Sequence[str] | None = None,
         dropout: float = 0.0,
         init_lora_weights: Any = "gaussian",
@@ -231,11 +231,20 @@ class LoraAdapters:
             raise OpdkitError(f"LoRA file {str(file)!r} does not exist")
         lora = read_lora(file, device=next(self.transformer.parameters()).device)
         self.check_lora_fits(lora, f"LoRA file {str(file)!r}", name)
+        have = self.transformer.peft_config[name].lora_alpha if name in self.lora_names() else lora.alpha
+        if have != lora.alpha:  # an existing adapter keeps its own scale alpha / r: another delta
+            raise OpdkitError(
+                f"LoRA file {str(file)!r} has alpha {lora.alpha:g}, but adapter {name!r} has alpha {have:g}; "
+                "load it under a new name"
+            )
         if name not in self.lora_names():
             self.add_lora(
                 name,
                 rank=lora.rank,
-                alpha=int(lora.alpha),
+                # exact: peft scales by lora_alpha / r with any number, and int() would turn a
+                # foreign file's alpha 6.5 into 6 (another delta); a whole one stays an int, so a
+                # re-saved file's metadata reads "16", as before
+                alpha=int(lora.alpha) if lora.alpha.is_integer() else lora.alpha,
                 dropout=0.0,
                 target_modules=lora.target_modules,
             )

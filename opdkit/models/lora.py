@@ -46,8 +46,8 @@ class LoraFile:
         factors: module path -> (A ``(r, in)``, B ``(out, r)``), any float dtype (written as
             float32).
         rank: r. An int, written as ``str(rank)``.
-        alpha: LoRA alpha, written as ``str(alpha)`` (the model adapter writes peft's int, a
-            merge writes a float; read back as float).
+        alpha: LoRA alpha, written as ``str(alpha)`` (the model adapter writes peft's value, an
+            int unless it loaded a fractional one; a merge writes a float; read back as float).
         target_modules: the module-name suffixes adapted (peft's ``target_modules``).
         dropout: LoRA dropout the adapter was trained with.
         base_fingerprint: the base transformer it was trained on (a merge keeps its inputs'), or None.
