@@ -1,4 +1,5 @@
-"""Run directories and atomic file writes.
+"""Run directories and atomic file writes (over 500 lines: what may change on --resume, the folder's
+lock and its atomic files guard one thing, a run's folder, and are read together).
 
 Layout of a run directory::
 

@@ -1,4 +1,6 @@
-"""``opdkit leaderboard``: one table of every model's results, in the terminal, Markdown or HTML.
+"""``opdkit leaderboard``: one table of every model's results, in the terminal, Markdown or HTML
+(over 500 lines: reading and checking summaries, the columns by settings and the three renderings
+share one table model).
 
 Reads ``<results>/<model>/<bench>.json`` summaries written by ``opdkit eval``. One table per world
 (SD3, shapes: a model is only ever scored on its own world's benchmarks), one row per model;

@@ -1,4 +1,6 @@
-"""``opdkit eval``: generate a benchmark's images, score them, and write results.
+"""``opdkit eval``: generate a benchmark's images, score them, and write results (over 500 lines:
+resolving the model, the settings that decide reuse, the resumable loop and the checks of a
+plug-in's output are one pipeline, read top to bottom).
 
 Files under ``<out>/<model name>/``::
 
