@@ -52,6 +52,26 @@ def read_run_recipe(path: str | Path) -> AnyRecipe:
         raise OpdkitError(f"{file}: unreadable run recipe: {first}") from None
 
 
+# What pretraining writes beside its pipeline (``<run>/model/``) when it ends: the step it reached.
+PRETRAINED = "model"
+PRETRAINED_STEP = "opdkit_run.json"
+
+
+def finished_step(path: str | Path) -> int | None:
+    """The step a run's final weights are of, or None while it has none: ``final/final.json``
+    (GRPO/OPD) or, for pretraining, ``model/opdkit_run.json`` written with its pipeline."""
+    root = Path(path)
+    if is_run_dir(root):
+        return int(final_info(root).get("step", 0))
+    record = root / PRETRAINED / PRETRAINED_STEP
+    if (root / "recipe.yaml").is_file() and (root / PRETRAINED / "model_index.json").is_file() and record.is_file():
+        try:
+            return int(json.loads(record.read_text(encoding="utf-8"))["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # an unreadable record: not known to be finished, so the run is resumed
+    return None
+
+
 def final_info(path: str | Path) -> dict[str, Any]:
     """``final/final.json`` of a run directory (what kind of weights it holds)."""
     file = Path(path) / FINAL / "final.json"

@@ -366,11 +366,12 @@ def train_state(study: LoadedStudy, row: Row) -> TrainState:
     path (the study folder moved, ``--out`` spelled another way) they are the same teachers;
     retrained since, they are others, and the student is refused.
 
-    Finished means ``final/`` is written and the run reached ``train.max_steps`` or its
+    Finished means its final weights are written (``final/``, or pretraining's ``model/`` with its
+    step record) and the run reached ``train.max_steps`` or its
     ``train.max_minutes`` (a run cut by its time budget is finished: resuming it would add a step).
     """
     from opdkit.rundir import RunDir, fixed_changes, teacher_changes
-    from opdkit.runs import final_info, is_run_dir
+    from opdkit.runs import finished_step
     from opdkit.training.teachers import teacher_weights
 
     assert row.loaded is not None and row.run_dir is not None
@@ -397,7 +398,8 @@ def train_state(study: LoadedStudy, row: Row) -> TrainState:
         )
     train = row.loaded.recipe.train
     latest = rundir.latest()
-    final_step = int(final_info(row.run_dir).get("step", 0)) if is_run_dir(row.run_dir) else 0
+    finished = finished_step(row.run_dir)
+    final_step = finished or 0
     reached = max(final_step, latest[0] if latest is not None else 0)
     if reached > train.max_steps:
         # train.max_steps may grow on --resume, but a lower one would report the longer run as this row
@@ -405,10 +407,8 @@ def train_state(study: LoadedStudy, row: Row) -> TrainState:
             f"{row.run_dir}: holds a run trained to step {reached}, past row {row.name!r}'s "
             f"train.max_steps {train.max_steps}; {_REDO}"
         )
-    if is_run_dir(row.run_dir):
-        step = final_step
-        if step >= train.max_steps or _out_of_time(latest, train.max_minutes):
-            return TrainState("finished", step)
+    if finished is not None and (finished >= train.max_steps or _out_of_time(latest, train.max_minutes)):
+        return TrainState("finished", finished)
     return TrainState("partial", latest[0] if latest is not None else 0)
 
 

@@ -195,12 +195,13 @@ def _has_work(study: LoadedStudy, row: Row) -> bool:
 def _progress(study: LoadedStudy, row: Row) -> str:
     """``grpo_ocr step 312/800``, from the run's last logged step; ``base evaluating`` otherwise."""
     from opdkit.rundir import read_jsonl
+    from opdkit.runs import finished_step
 
     if row.loaded is not None and row.run_dir is not None:
         records = read_jsonl(row.run_dir / "metrics.jsonl")
         total = row.loaded.recipe.train.max_steps
         step = int(records[-1].get("step", 0)) if records else 0
-        if step < total or not (row.run_dir / "final").is_dir():
+        if step < total or finished_step(row.run_dir) is None:
             return f"{row.name} step {step}/{total}"
     return f"{row.name} evaluating"
 

@@ -100,3 +100,30 @@ def test_object_sides_key_lists_the_renderer_modes() -> None:
     from opdkit.shapes.vocab import SIDE_MODES
 
     assert get_args(PretrainTrainSpec.model_fields["object_sides"].annotation) == SIDE_MODES
+
+
+def test_a_finished_pretrain_row_of_a_study_is_not_trained_or_evaluated_again(tmp_path: Path) -> None:
+    # Pretraining writes model/, not final/: the study took the row for a partial run, resumed it
+    # (a time-capped one by one more step each time) and evaluated it again on every invocation.
+    import yaml
+
+    from opdkit.runs import finished_step
+    from opdkit.study import load_study, plan_lines, run_study, train_state
+
+    (tmp_path / "pre.yaml").write_text(RECIPE.replace("max_steps: 6", "max_steps: 2"))
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump({
+        "description": "a pretrain row", "benchmarks": ["shapes-quality"],
+        "eval": {"samples_per_prompt": 1, "seed": 0, "limit": 2, "steps": 2, "batch_size": 8},
+        "rows": [{"name": "pre", "recipe": str(tmp_path / "pre.yaml")}], "comparisons": [],
+    }))  # fmt: skip
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_study(load_study(study_file, out=tmp_path / "out"), echo=lambda line: None)
+    finally:
+        torch.set_num_threads(before)
+    assert finished_step(tmp_path / "out" / "runs" / "pre") == 2
+    study = load_study(study_file, out=tmp_path / "out")
+    assert train_state(study, study.rows[0]).status == "finished"
+    assert plan_lines(study)[0].startswith("pre: trained") and "no eval (results present" in plan_lines(study)[0]

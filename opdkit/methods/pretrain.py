@@ -91,12 +91,18 @@ class Pretrain:
         return StepResult({"loss": value, "grad_norm": float(grad_norm)}, bar={"loss": value})
 
     def finish(self, ctx: RunContext, optim: Optimization, step: int) -> Path:
-        final = ctx.rundir.root / "model"
+        from opdkit.rundir import atomic_write_json
+        from opdkit.runs import PRETRAINED, PRETRAINED_STEP
+
+        final = ctx.rundir.root / PRETRAINED
         if ctx.main:
             import contextlib
 
             with optim.ema.applied(optim.params) if optim.ema is not None else contextlib.nullcontext():
                 ctx.model.save_pretrained(final)
+            # written last: a study knows the run finished (and at which step) only once the
+            # pipeline is whole, as final/final.json tells it for GRPO and OPD
+            atomic_write_json(final / PRETRAINED_STEP, {"step": step})
         return final
 
 
