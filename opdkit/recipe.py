@@ -552,10 +552,27 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_plug
         problems = check_recipe_plugins(recipe, where)
         if problems:
             raise RecipeError("\n".join(problems))
+    problem = schedule_problem(recipe.train)
+    if problem is not None:
+        raise RecipeError(f"{where(('train', problem[0]))}: train.{problem[0]}: {problem[1]}")
     given = data.get("train") if isinstance(data.get("train"), dict) else {}
     for key, why in keys_without_effect(recipe.train, set(given)):
         warnings.warn(f"{where(('train', key))}: train.{key} has no effect {why}; remove it", stacklevel=1)
     return LoadedRecipe(recipe, path, overrides, where)
+
+
+def schedule_problem(train: TrainSpec) -> tuple[str, str] | None:
+    """``(key, why)`` where a cosine lr would train steps at lr 0: its end at or before the warm-up's,
+    or before ``max_steps`` (a run's recorded recipe is not judged again: only a recipe being loaded)."""
+    if train.lr_decay != "cosine":
+        return None
+    end = train.lr_decay_steps or train.max_steps
+    key = "lr_decay_steps" if train.lr_decay_steps is not None else "max_steps"
+    if end <= train.warmup_steps < train.max_steps:
+        return key, f"the cosine ends at step {end}, within the {train.warmup_steps} warm-up steps: the lr would be 0 after them"
+    if end < train.max_steps:
+        return key, f"the cosine ends at step {end}, before train.max_steps {train.max_steps}: the steps after it would train at lr 0"
+    return None
 
 
 def keys_without_effect(train: Any, given: set[str]) -> list[tuple[str, str]]:

@@ -134,6 +134,10 @@ CASES = [
     Case("logprob-pool-off-the-grid", "sampler.logprob_pool: 3 does not divide the 32x32 grid of the states",
          edits=(("resolution: 32}", "resolution: 32, logprob_pool: 3}"),)),
     Case("zero-noise-level", "sampler.noise_level: Input should be greater than 0", edits=(("noise_level: 0.7", "noise_level: 0"),)),
+    Case("cosine-ends-in-the-warm-up", "train.lr_decay_steps: the cosine ends at step 2, within the 3 warm-up steps",
+         edits=(("max_steps: 2", "max_steps: 5\n  lr_decay: cosine\n  lr_decay_steps: 2\n  warmup_steps: 3"),)),
+    Case("cosine-ends-before-max-steps", "train.lr_decay_steps: the cosine ends at step 1, before train.max_steps 2",
+         edits=(("max_steps: 2", "max_steps: 2\n  lr_decay: cosine\n  lr_decay_steps: 1"),), command="validate"),
     # plug-ins
     Case("builder-raises", "reward './plugins.py:raises_in_builder': its builder raised ValueError: no weights here",
          edits=(("REWARD", "./plugins.py:raises_in_builder"),)),
