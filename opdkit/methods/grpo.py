@@ -42,6 +42,7 @@ from opdkit.training.onpolicy import (
     ratio_metrics,
     save_rollout_grid,
     sweep_updates,
+    update_members,
 )
 from opdkit.training.rewards import WeightedReward
 from opdkit.training.rollout import Rollout, transition
@@ -119,8 +120,8 @@ class Grpo:
         (the ``train.grad_accum`` micro-batches :func:`sweep_updates` sums), so that the update is the
         mean over its kept samples however ``micro_batch`` splits it."""
         chunks, accum = self.batch.chunks(), self.ctx.train.grad_accum
-        members = chunks[c - c % accum : min(c - c % accum + accum, len(chunks))]
-        start, stop = members[0].start, members[-1].stop
+        members = update_members(len(chunks), accum, c // accum)
+        start, stop = chunks[members[0]].start, chunks[members[-1]].stop
         return kept_sample_weights(self.advantages[start:stop])[rows.start - start : rows.stop - start]
 
     def finish(self, ctx: RunContext, optim: Optimization, step: int) -> Path:

@@ -114,6 +114,12 @@ class OnPolicy:
         return final
 
 
+def update_members(n_chunks: int, grad_accum: int, update: int) -> range:
+    """The micro-batches (chunk indices) that optimizer update ``update`` of a sweep accumulates:
+    ``grad_accum`` in a row, fewer in the last update."""
+    return range(update * grad_accum, min((update + 1) * grad_accum, n_chunks))
+
+
 def sweep_updates(ctx: RunContext, optim: Optimization, batch: Rollout, term_loss: TermLoss) -> dict[str, torch.Tensor]:
     """``train.inner_epochs`` passes of updates over one rollout (this rank's rows).
 
@@ -133,7 +139,7 @@ def sweep_updates(ctx: RunContext, optim: Optimization, batch: Rollout, term_los
     ctx.model.transformer.train()
     for epoch in range(train.inner_epochs):
         for u in range(updates):
-            members = list(range(u * train.grad_accum, min((u + 1) * train.grad_accum, len(chunks))))
+            members = update_members(len(chunks), train.grad_accum, u)
             weight = 1.0 / (len(members) * len(steps))
             update_ratios = []
             for c in members:
