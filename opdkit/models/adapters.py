@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from opdkit.errors import OpdkitError
-from opdkit.models.lora import _A_SUFFIX, _B_SUFFIX, LoraFile, read_lora, split_factors, write_lora
+from opdkit.models.lora import A_SUFFIX, B_SUFFIX, LoraFile, read_lora, split_factors, write_lora
 
 # The attention projections flow_grpo adapts on SD3 (joint attention: image and text streams).
 SD3_LORA_TARGETS: tuple[str, ...] = (
@@ -167,8 +167,8 @@ class LoraAdapters:
             target = f"adapter {name!r}"
             for path, layer in self.transformer.named_modules():
                 if name in getattr(layer, "lora_A", {}):
-                    expected[path + _A_SUFFIX] = tuple(layer.lora_A[name].weight.shape)
-                    expected[path + _B_SUFFIX] = tuple(layer.lora_B[name].weight.shape)
+                    expected[path + A_SUFFIX] = tuple(layer.lora_A[name].weight.shape)
+                    expected[path + B_SUFFIX] = tuple(layer.lora_B[name].weight.shape)
         else:
             target = "this transformer"
             for path in lora.factors:
@@ -179,8 +179,8 @@ class LoraAdapters:
                 base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
                 weight = getattr(base, "weight", None)
                 if isinstance(weight, torch.Tensor) and weight.ndim == 2:  # a linear layer: (out, in)
-                    expected[path + _A_SUFFIX] = (lora.rank, weight.shape[1])
-                    expected[path + _B_SUFFIX] = (weight.shape[0], lora.rank)
+                    expected[path + A_SUFFIX] = (lora.rank, weight.shape[1])
+                    expected[path + B_SUFFIX] = (weight.shape[0], lora.rank)
         check_tensors_fit(lora.tensors(), expected, source, target=target)
 
     def weights_fingerprint(self) -> str:

@@ -34,8 +34,9 @@ if TYPE_CHECKING:
     import torch
 
 LORA_FORMAT = "opdkit-lora/1"
-_A_SUFFIX = ".lora_A.weight"
-_B_SUFFIX = ".lora_B.weight"
+# tensor names of a module's factors in a file: MODULE + A_SUFFIX, MODULE + B_SUFFIX
+A_SUFFIX = ".lora_A.weight"
+B_SUFFIX = ".lora_B.weight"
 
 
 @dataclass
@@ -77,8 +78,8 @@ class LoraFile:
         """
         out: dict[str, torch.Tensor] = {}
         for module, (a, b) in self.factors.items():
-            out[module + _A_SUFFIX] = a.float()
-            out[module + _B_SUFFIX] = b.float()
+            out[module + A_SUFFIX] = a.float()
+            out[module + B_SUFFIX] = b.float()
         return out
 
     def metadata(self) -> dict[str, str]:
@@ -105,16 +106,16 @@ def split_factors(
     """
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for key in tensors:
-        if key.endswith(_A_SUFFIX):
-            module = key[: -len(_A_SUFFIX)]
-            b_key = module + _B_SUFFIX
+        if key.endswith(A_SUFFIX):
+            module = key[: -len(A_SUFFIX)]
+            b_key = module + B_SUFFIX
             if b_key not in tensors:
                 raise OpdkitError(f"{source}: {key} has no matching {b_key}")
             factors[module] = (tensors[key], tensors[b_key])
-        elif not key.endswith(_B_SUFFIX):
+        elif not key.endswith(B_SUFFIX):
             raise OpdkitError(f"{source}: {key} is not a LoRA factor (<module>.lora_A/lora_B.weight)")
-        elif key[: -len(_B_SUFFIX)] + _A_SUFFIX not in tensors:
-            raise OpdkitError(f"{source}: {key} has no matching {key[: -len(_B_SUFFIX)] + _A_SUFFIX}")
+        elif key[: -len(B_SUFFIX)] + A_SUFFIX not in tensors:
+            raise OpdkitError(f"{source}: {key} has no matching {key[: -len(B_SUFFIX)] + A_SUFFIX}")
     if not factors:
         raise OpdkitError(f"{source}: holds no lora_A/lora_B weights")
     return factors
