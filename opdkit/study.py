@@ -855,7 +855,7 @@ summaries recorded it over prompts (no ``stderr_unit``)."""
 def to_markdown(table: dict[str, Any]) -> str:
     """The table (rows x benchmarks: value +- SE over prompts) and the comparisons (difference +-
     paired SE); a cell of older results, whose SE is over images, carries :data:`IMAGE_MARK`."""
-    from opdkit.eval.uncertainty import IMAGE_UNIT
+    from opdkit.eval.uncertainty import IMAGE_UNIT, stderr_unit
 
     benches = table["benchmarks"]
     ev = table["eval"]
@@ -870,7 +870,7 @@ def to_markdown(table: dict[str, Any]) -> str:
         for b in benches:
             cell = row["results"][b]
             # a table.json cell without stderr_unit was written when every stderr was over images
-            over_images = cell.get("stderr_unit", IMAGE_UNIT) == IMAGE_UNIT and cell.get("stderr") is not None
+            over_images = stderr_unit(cell) == IMAGE_UNIT and cell.get("stderr") is not None
             per_image |= over_images
             cells.append(f"{_num(cell['value'])} ± {_num(cell['stderr'])}" + (f" {IMAGE_MARK}" if over_images else ""))
         lines.append(
