@@ -214,12 +214,10 @@ def columns_for(results: Results) -> list[Column]:
     with the benchmark's usual settings (field by field, what most folders have) keep the plain
     title; others are titled by what differs from them, ``shapes-ocr (steps=2)``.
     """
-    groups: dict[str, dict[str, dict[str, Any]]] = {}  # bench -> settings_key -> settings
     every: dict[str, list[dict[str, Any]]] = {}  # bench -> each folder's settings
     first: dict[str, dict[str, Any]] = {}
     for _, per_model in sorted(results.items()):
         for bench, summary in per_model.items():
-            groups.setdefault(bench, {})[settings_key(summary)] = settings_of(summary)
             every.setdefault(bench, []).append(settings_of(summary))
             first.setdefault(bench, summary)
 
@@ -227,13 +225,14 @@ def columns_for(results: Results) -> list[Column]:
         return (FAMILY_ORDER.get(str(first[bench].get("family", "")), 2), bench)
 
     cols: list[Column] = []
-    for bench in sorted(groups, key=order):
+    for bench in sorted(every, key=order):
         summary = first[bench]
         hib = bool(summary.get("higher_is_better", True))
         family = str(summary.get("family", ""))
         usual = _usual(every[bench])
-        for variant, found in sorted((_variant(settings, usual), key) for key, settings in groups[bench].items()):
-            key = found if len(groups[bench]) > 1 else ""  # one column takes every result: no check per cell
+        distinct = {settings_key(settings): settings for settings in every[bench]}  # a settings dict is its own settings_of
+        for variant, found in sorted((_variant(settings, usual), key) for key, settings in distinct.items()):
+            key = found if len(distinct) > 1 else ""  # one column takes every result: no check per cell
             if family == "GenEval":
                 cols += [
                     Column(bench, metric, title, hib, family, key, variant) for metric, title in GENEVAL_COLUMNS
